@@ -1,0 +1,1 @@
+"""Model families; importing registers their builders and losses."""

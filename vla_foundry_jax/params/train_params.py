@@ -1,0 +1,153 @@
+"""Training params: ``hparams``, ``ema``, ``distributed`` and the top-level ``experiment``."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from vla_foundry_jax.params.base import BaseParams, ParamsError, register_params
+from vla_foundry_jax.params.data_params import DataParams
+from vla_foundry_jax.params.model_params import ModelParams
+
+PRECISIONS = ("amp_bfloat16", "amp_bf16", "amp", "pure_bf16", "fp32", "float32")
+LR_SCHEDULERS = ("cosine", "const", "warmup_constant_decay")
+REMAT_POLICIES = ("nothing_saveable", "dots_saveable", "dots_with_no_batch_dims_saveable", "everything_saveable")
+
+
+@register_params("hparams", family="config")
+class HyperParams(BaseParams):
+    """Optimisation hyper-parameters (the original's HyperParams).
+
+    ``precision``: ``fp32``/``float32`` computes in float32; ``amp*`` keeps float32 parameters and
+    optimizer state and computes in bfloat16 (the original's FSDP mixed-precision policy, the sound one;
+    its non-FSDP path silently trains pure bf16); ``pure_bf16`` also stores parameters in bfloat16.
+    """
+
+    precision: str = "amp_bfloat16"
+    global_batch_size: int = 512
+    per_gpu_batch_size: int = 8  # per device
+    seed: int = 42
+    lr: float = 1e-4
+    lr_scheduler: str = "cosine"
+    warmup: str = "1000"  # < 1: fraction of total steps; else steps
+    decay: str = "0.3"  # warmup_constant_decay only; same convention
+    lr_cooldown_end: float = 0.0
+    force_min_lr: float = 0.0
+    optimizer: str = "adamw"
+    wd: float = 0.01
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    loss_function: str = "cross_entropy"
+    z_loss_coefficient: float = 0.0
+    grad_clip_norm: float | None = None
+    grad_checkpointing: bool = False
+    # (JAX) jax.checkpoint policy used when grad_checkpointing is on.
+    remat_policy: str = "nothing_saveable"
+
+    def validate(self) -> None:
+        for name, value, choices in (
+            ("precision", self.precision, PRECISIONS),
+            ("lr_scheduler", self.lr_scheduler, LR_SCHEDULERS),
+            ("optimizer", self.optimizer, ("adamw",)),
+            ("loss_function", self.loss_function, ("cross_entropy", "mse")),
+            ("remat_policy", self.remat_policy, REMAT_POLICIES),
+        ):
+            if value not in choices:
+                raise ParamsError(f"hparams.{name} = {value!r} is not supported; choose one of {list(choices)}.")
+        for name in ("warmup", "decay"):
+            try:
+                float(getattr(self, name))
+            except ValueError:
+                raise ParamsError(f"hparams.{name} = {getattr(self, name)!r} must be a number as a string") from None
+        if self.lr_cooldown_end > self.lr:
+            raise ParamsError(f"hparams.lr_cooldown_end = {self.lr_cooldown_end} must be <= hparams.lr = {self.lr}.")
+        if self.global_batch_size <= 0 or self.per_gpu_batch_size <= 0:
+            raise ParamsError("hparams.global_batch_size and hparams.per_gpu_batch_size must be positive.")
+
+    @property
+    def compute_dtype(self) -> str:
+        return "float32" if self.precision in ("fp32", "float32") else "bfloat16"
+
+    @property
+    def param_dtype(self) -> str:
+        return "bfloat16" if self.precision == "pure_bf16" else "float32"
+
+
+@register_params("ema", family="config")
+class EMAParams(BaseParams):
+    """Exponential moving average of the weights: ``ema`` (adaptive, diffusers-style) or ``vanilla``."""
+
+    enabled: bool = False
+    type: str = "ema"
+    alpha: float = 0.999
+    update_after_step: int = 0
+    inv_gamma: float = 1.0
+    power: float = 0.75
+    min_value: float = 0.0
+    max_value: float = 0.9999
+
+    def __post_init__(self) -> None:  # ``type`` here is the EMA kind, not a registry key
+        super().__post_init__()
+        if self.type not in ("ema", "vanilla"):
+            raise ParamsError(f"ema.type = {self.type!r}; choose 'ema' (adaptive) or 'vanilla'.")
+
+
+@register_params("distributed", family="config")
+class DistributedParams(BaseParams):
+    """Device mesh and multi-host runtime.
+
+    The mesh has axes ``data``, ``fsdp``, ``tensor``; one size may be -1 to take the remaining devices.
+    Multi-host: ``jax.distributed.initialize`` auto-detects TPU pods, SLURM and Open MPI; elsewhere set
+    ``coordinator_address``/``num_processes``/``process_id`` (or the env variables ``JAX_COORDINATOR_ADDRESS``,
+    ``JAX_NUM_PROCESSES``, ``JAX_PROCESS_ID``).
+    """
+
+    data_parallelism: int = -1
+    fsdp_parallelism: int = 1
+    tensor_parallelism: int = 1
+    # "auto": join a multi-process run when the environment describes one; "always"/"never" force it.
+    initialize: str = "auto"
+    coordinator_address: str | None = None
+    num_processes: int | None = None
+    process_id: int | None = None
+
+    def validate(self) -> None:
+        sizes = (self.data_parallelism, self.fsdp_parallelism, self.tensor_parallelism)
+        if sum(s == -1 for s in sizes) > 1 or any(s == 0 or s < -1 for s in sizes):
+            raise ParamsError(
+                f"distributed mesh sizes (data, fsdp, tensor) = {sizes}: each must be positive, and at most one -1."
+            )
+        if self.initialize not in ("auto", "always", "never"):
+            raise ParamsError(f"distributed.initialize = {self.initialize!r}; choose 'auto', 'always' or 'never'.")
+
+
+@register_params("experiment", family="config")
+class TrainExperimentParams(BaseParams):
+    """One training run. ``output_dir`` is the run directory: running again with the same one resumes."""
+
+    name: str | None = None
+    output_dir: str | None = None
+    log_every_n_steps: int = 20
+    log_level: str = "INFO"
+    total_train_samples: int | None = None
+    num_epochs: int | None = None
+    num_checkpoints: int = 5
+    max_checkpoint_limit: int | None = None
+    total_val_samples: int | None = None
+    val_every_n_checkpoints: int = 1
+    # (JAX) write checkpoints on a background thread.
+    async_checkpointing: bool = True
+    # (JAX) prompt and length of the text sample generated at the end of an LLM run (None: skip).
+    sample_prompt: str | None = None
+    sample_max_new_tokens: int = 32
+    data: DataParams | None = None
+    distributed: DistributedParams = dataclasses.field(default_factory=DistributedParams)
+    ema: EMAParams = dataclasses.field(default_factory=EMAParams)
+    hparams: HyperParams = dataclasses.field(default_factory=HyperParams)
+    model: ModelParams | None = None
+
+    def validate(self) -> None:
+        if self.num_checkpoints <= 0:
+            raise ParamsError(f"experiment.num_checkpoints must be positive, got {self.num_checkpoints}.")
+        if self.max_checkpoint_limit is not None and self.max_checkpoint_limit <= 0:
+            raise ParamsError("experiment.max_checkpoint_limit must be positive (or None to keep all).")
