@@ -1,0 +1,217 @@
+"""Random-access reading of VLA Foundry datasets: ``manifest.jsonl`` + webdataset-style tar shards.
+
+On-disk format (the original's): ``manifest.jsonl`` holds one JSON object per line,
+``{"shard": "<name without .tar>", "num_sequences": N}``; the shard file is ``<dir of manifest>/<shard>.tar``.
+Tar members are grouped webdataset-style: the sample key is the member path up to the first dot of its
+basename and the rest is the field (``000123.json.gz`` -> key ``000123``, field ``json.gz``); consecutive
+members with the same key form one sample.
+
+The original streams shards; grain wants random access. ``ShardDataSource`` therefore indexes every shard
+once (member headers only, via ``tarfile``: no member data is read) and serves sample ``i`` by reading just
+that sample's members at their recorded offsets. ``num_sequences`` is not trusted (the original never checks
+it either, and its tiny text shards claim 512 samples but hold 32): ``len()`` is the number of samples
+actually found in the tars.
+"""
+
+from __future__ import annotations
+
+import bisect
+import concurrent.futures
+import dataclasses
+import json
+import os
+import tarfile
+from collections.abc import Sequence
+
+import numpy as np
+
+
+class DataError(ValueError):
+    """A dataset on disk is missing or malformed; the message names the file and what to check."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ManifestEntry:
+    shard: str
+    num_sequences: int
+    path: str
+
+
+def read_manifest(manifest_path: str) -> list[ManifestEntry]:
+    """Parse ``manifest.jsonl``; shard paths are resolved next to the manifest."""
+    if "://" in manifest_path:
+        raise DataError(
+            f"Manifest {manifest_path!r} is a remote URL; only local paths are supported by the grain reader "
+            "(copy or mount the dataset locally and point data.dataset_manifest at it)."
+        )
+    if not os.path.isfile(manifest_path):
+        raise DataError(
+            f"Dataset manifest not found: {manifest_path!r} (cwd {os.getcwd()!r}). "
+            "Check data.dataset_manifest: each entry must be the path of a manifest.jsonl file."
+        )
+    root = os.path.dirname(os.path.abspath(manifest_path))
+    entries: list[ManifestEntry] = []
+    with open(manifest_path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                obj = json.loads(line)
+                shard = str(obj["shard"])
+                num = int(obj.get("num_sequences", 0))
+            except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+                raise DataError(
+                    f"{manifest_path}:{lineno}: expected a JSON object with a 'shard' name and 'num_sequences', "
+                    f"got {line[:200]!r} ({e})."
+                ) from e
+            entries.append(ManifestEntry(shard, num, os.path.join(root, shard + ".tar")))
+    if not entries:
+        raise DataError(f"Dataset manifest {manifest_path!r} lists no shards (empty file?).")
+    return entries
+
+
+def split_member_name(name: str) -> tuple[str, str] | None:
+    """``dir/000123.json.gz`` -> ``("dir/000123", "json.gz")``; None for names without a field (skipped)."""
+    slash = name.rfind("/") + 1
+    dot = name.find(".", slash)
+    if dot <= slash or dot == len(name) - 1:
+        return None
+    return name[:dot], name[dot + 1 :]
+
+
+@dataclasses.dataclass
+class _ShardIndex:
+    """Samples of one shard: ``keys[s]`` owns members ``starts[s]:starts[s+1]`` of the member arrays."""
+
+    keys: list[str]
+    starts: np.ndarray  # int64 [num_samples + 1]
+    fields: list[str]  # per member
+    offsets: np.ndarray  # int64 per member: byte offset of the member data
+    sizes: np.ndarray  # int64 per member
+
+
+def index_shard(path: str) -> _ShardIndex:
+    """Read the member headers of one uncompressed tar and group members into samples."""
+    keys: list[str] = []
+    starts: list[int] = []
+    fields: list[str] = []
+    offsets: list[int] = []
+    sizes: list[int] = []
+    try:
+        with tarfile.open(path, mode="r:") as tar:
+            for info in tar:  # iterating reads headers and seeks past the data
+                if not info.isfile():
+                    continue
+                split = split_member_name(info.name)
+                if split is None:
+                    continue
+                key, field = split
+                if not keys or keys[-1] != key:
+                    keys.append(key)
+                    starts.append(len(fields))
+                fields.append(field)
+                offsets.append(info.offset_data)
+                sizes.append(info.size)
+    except tarfile.ReadError as e:
+        raise DataError(f"Cannot read shard {path!r} as an uncompressed tar file: {e}") from e
+    starts.append(len(fields))
+    return _ShardIndex(
+        keys=keys,
+        starts=np.asarray(starts, np.int64),
+        fields=fields,
+        offsets=np.asarray(offsets, np.int64),
+        sizes=np.asarray(sizes, np.int64),
+    )
+
+
+class ShardDataSource:
+    """grain random-access source over one VLA Foundry manifest.
+
+    ``source[i]`` returns ``{"__key__": key, "__shard__": shard name, field: bytes, ...}`` for the i-th
+    sample in manifest order (shard order, then tar order). Reads open the shard file per call, so the
+    source holds no file handles: it pickles cheaply and is safe to use from grain's reader threads.
+    """
+
+    def __init__(self, manifest_path: str, *, index_threads: int = 8) -> None:
+        self.manifest_path = manifest_path
+        self.entries = read_manifest(manifest_path)
+        for e in self.entries:
+            if not os.path.isfile(e.path):
+                raise DataError(
+                    f"Shard {e.shard!r} listed in manifest {manifest_path!r} not found: expected file {e.path!r}."
+                )
+        workers = max(1, min(index_threads, len(self.entries)))
+        with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+            self._shards = list(pool.map(index_shard, [e.path for e in self.entries]))
+        counts = [len(s.keys) for s in self._shards]
+        self._cum = np.cumsum([0, *counts]).tolist()
+        if self._cum[-1] == 0:
+            raise DataError(f"Dataset {manifest_path!r}: its {len(self.entries)} shard(s) contain no samples.")
+
+    def __len__(self) -> int:
+        return self._cum[-1]
+
+    @property
+    def samples_per_shard(self) -> list[int]:
+        """Samples actually found in each shard (the manifest's num_sequences is not used)."""
+        return [len(s.keys) for s in self._shards]
+
+    def locate(self, index: int) -> tuple[int, int]:
+        """Global sample index -> (shard number, sample number within the shard)."""
+        n = len(self)
+        if not -n <= index < n:
+            raise IndexError(f"Sample index {index} out of range for {self.manifest_path!r} ({n} samples).")
+        index %= n
+        shard = bisect.bisect_right(self._cum, index) - 1
+        return shard, index - self._cum[shard]
+
+    def __getitem__(self, index: int) -> dict[str, bytes | str]:
+        shard, local = self.locate(int(index))
+        idx = self._shards[shard]
+        lo, hi = int(idx.starts[local]), int(idx.starts[local + 1])
+        sample: dict[str, bytes | str] = {"__key__": idx.keys[local], "__shard__": self.entries[shard].shard}
+        with open(self.entries[shard].path, "rb") as f:
+            for m in range(lo, hi):
+                f.seek(int(idx.offsets[m]))
+                sample[idx.fields[m]] = f.read(int(idx.sizes[m]))
+        return sample
+
+    def __repr__(self) -> str:
+        return f"ShardDataSource({self.manifest_path!r}, shards={len(self.entries)}, samples={len(self)})"
+
+
+def write_shards(
+    out_dir: str,
+    samples: Sequence[dict[str, bytes]],
+    *,
+    samples_per_shard: int,
+    prefix: str = "shard-",
+) -> str:
+    """Write ``samples`` (each ``{"__key__": key, field: bytes}``) as tar shards plus ``manifest.jsonl``.
+
+    Deterministic bytes (fixed mtime/owner), so regenerated assets do not churn. Returns the manifest path.
+    """
+    import io
+
+    os.makedirs(out_dir, exist_ok=True)
+    lines = []
+    for s, start in enumerate(range(0, len(samples), samples_per_shard)):
+        name = f"{prefix}{s:04d}"
+        chunk = samples[start : start + samples_per_shard]
+        with tarfile.open(os.path.join(out_dir, name + ".tar"), "w", format=tarfile.USTAR_FORMAT) as tar:
+            for sample in chunk:
+                key = sample["__key__"]
+                for field, data in sample.items():
+                    if field == "__key__":
+                        continue
+                    info = tarfile.TarInfo(f"{key}.{field}")
+                    info.size = len(data)
+                    info.mtime = 0
+                    info.mode = 0o644
+                    tar.addfile(info, io.BytesIO(data))
+        lines.append(json.dumps({"shard": name, "num_sequences": len(chunk)}))
+    manifest = os.path.join(out_dir, "manifest.jsonl")
+    with open(manifest, "w", encoding="utf-8") as f:
+        f.write("\n".join(lines) + "\n")
+    return manifest

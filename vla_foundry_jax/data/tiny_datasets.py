@@ -1,0 +1,135 @@
+"""Tiny generated datasets for the quickstart and the tests (written by ``python -m launch.make_tiny_datasets``).
+
+Everything is built offline and deterministically from a seed:
+* ``tokenizer/``: a word-level tokenizer (``tokenizers`` WordLevel, whitespace/punctuation split, lower-case)
+  wrapped in ``transformers.PreTrainedTokenizerFast``; specials ``[PAD]`` = 0, ``[UNK]`` = 1,
+  ``<|endoftext|>`` = 2 (eos). Loads with ``AutoTokenizer.from_pretrained("tiny_data/tokenizer")``.
+* ``text_untokenized/``: documents of simple English from a small grammar (fox-and-dog sentences, counting,
+  alphabet / weekday / month runs, colour copying, ...) as ``<key>.json`` raw text; lengths vary around
+  seq_len so some are padded and some truncated.
+* ``text/``: the same sentences, tokenized, each followed by eos, concatenated and cut into ``<key>.json.gz``
+  lists of ``seq_len + 1`` ids.
+A tiny LM's loss falls well below ln(vocab) within a few hundred steps on this corpus.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import random
+
+from vla_foundry_jax.data.shards import write_shards
+
+SPECIALS = ("[PAD]", "[UNK]", "<|endoftext|>")
+PAD, UNK, EOS = SPECIALS
+
+NUMBERS = (
+    "one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen "
+    "seventeen eighteen nineteen twenty"
+).split()
+LETTERS = list("abcdefghijklmnopqrstuvwxyz")
+DAYS = "monday tuesday wednesday thursday friday saturday sunday".split()
+MONTHS = "january february march april may june july august september october november december".split()
+COLORS = "red blue green yellow black white brown orange".split()
+ADJS = "quick lazy big small happy sleepy old young".split()
+ANIMALS = "fox dog cat bird horse cow duck mouse frog bear".split()
+VERBS = "jumps runs walks hops flies looks".split()
+NAMES = "anna ben carl dora emma finn gina hugo".split()
+PLACES = "park garden house forest river city".split()
+FRUITS = "apples pears plums grapes lemons cherries".split()
+THINGS = "ball hat car box cup kite".split()
+FUNCTION = "the over and has likes to play in i see is it then after comes . ,".split()
+
+VOCAB_WORDS = sorted(
+    set(NUMBERS + LETTERS + DAYS + MONTHS + COLORS + ADJS + ANIMALS + VERBS + NAMES + PLACES + FRUITS + THINGS)
+    | set(FUNCTION)
+)
+
+
+def _run(rng: random.Random, seq: list[str], lo: int, hi: int) -> list[str]:
+    n = rng.randint(lo, hi)
+    start = rng.randint(0, len(seq) - n)
+    return seq[start : start + n]
+
+
+def sentence(rng: random.Random) -> str:
+    """One sentence from the grammar (space-separated words, ending with ' .')."""
+    kind = rng.randrange(7)
+    if kind == 0:
+        w = [
+            "the", rng.choice(ADJS), rng.choice(ANIMALS), rng.choice(VERBS),
+            "over", "the", rng.choice(ADJS), rng.choice(ANIMALS),
+        ]  # fmt: skip
+    elif kind == 1:
+        w = _run(rng, NUMBERS, 4, 9)
+    elif kind == 2:
+        w = _run(rng, LETTERS, 4, 9)
+    elif kind == 3:
+        w = _run(rng, DAYS, 3, 7) if rng.random() < 0.5 else _run(rng, MONTHS, 3, 7)
+    elif kind == 4:
+        c, t = rng.choice(COLORS), rng.choice(THINGS)
+        w = ["i", "see", "a", c, t, ".", "the", t, "is", c]
+    elif kind == 5:
+        w = [rng.choice(NAMES), "has", rng.choice(NUMBERS[:10]), rng.choice(FRUITS), "and"]
+        w += [rng.choice(NUMBERS[:10]), rng.choice(FRUITS)]
+    else:
+        i = rng.randrange(len(NUMBERS) - 1)
+        w = ["after", NUMBERS[i], "comes", NUMBERS[i + 1], ",", "then", NUMBERS[min(i + 2, len(NUMBERS) - 1)]]
+        if rng.random() < 0.5:
+            w = [rng.choice(NAMES), "likes", "to", "play", "in", "the", rng.choice(PLACES)]
+    return " ".join([*w, "."])
+
+
+def documents(num_docs: int, seed: int = 0) -> list[list[str]]:
+    """``num_docs`` documents, each a list of 6..18 sentences."""
+    rng = random.Random(seed)
+    return [[sentence(rng) for _ in range(rng.randint(6, 18))] for _ in range(num_docs)]
+
+
+def build_tokenizer(out_dir: str | None = None):  # -> transformers.PreTrainedTokenizerFast
+    """The word-level tokenizer over ``VOCAB_WORDS``; saved with ``save_pretrained`` when ``out_dir`` is given."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {tok: i for i, tok in enumerate([*SPECIALS, *VOCAB_WORDS])}
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
+    core.normalizer = normalizers.Lowercase()
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    core.decoder = decoders.WordPiece(prefix="##", cleanup=True)
+    core.add_special_tokens(list(SPECIALS))
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, pad_token=PAD, unk_token=UNK, eos_token=EOS)
+    if out_dir is not None:
+        tok.save_pretrained(out_dir)
+    return tok
+
+
+def make_tiny_datasets(
+    out_dir: str,
+    *,
+    seq_len: int = 128,
+    num_docs: int = 512,
+    num_shards: int = 4,
+    seed: int = 0,
+) -> dict[str, str]:
+    """Write tokenizer/, text_untokenized/ and text/ under ``out_dir``; returns their paths (manifests)."""
+    tok = build_tokenizer(os.path.join(out_dir, "tokenizer"))
+    docs = documents(num_docs, seed)
+
+    per_shard = -(-num_docs // num_shards)
+    raw = [{"__key__": f"{i:06d}", "json": " ".join(d).encode("utf-8")} for i, d in enumerate(docs)]
+    untok = write_shards(os.path.join(out_dir, "text_untokenized"), raw, samples_per_shard=per_shard)
+
+    eos = tok.convert_tokens_to_ids(EOS)
+    stream: list[int] = []
+    for d in docs:
+        for s in d:
+            stream += tok(s, add_special_tokens=False)["input_ids"] + [eos]
+    width = seq_len + 1
+    chunks = [stream[i : i + width] for i in range(0, len(stream) - width + 1, width)]
+    packed = [
+        {"__key__": f"{i:06d}", "json.gz": gzip.compress(json.dumps(c).encode("utf-8"), mtime=0)}
+        for i, c in enumerate(chunks)
+    ]
+    text = write_shards(os.path.join(out_dir, "text"), packed, samples_per_shard=-(-len(packed) // num_shards))
+    return {"tokenizer": os.path.join(out_dir, "tokenizer"), "text_untokenized": untok, "text": text}
