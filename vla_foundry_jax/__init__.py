@@ -10,7 +10,6 @@ import flax
 # (vla_foundry_jax.parallel) instead of letting Flax shard eagerly at creation.
 flax.config.update("flax_always_shard_variable", False)
 
-from vla_foundry_jax import params  # noqa: E402,F401  (registers params classes with gin)
-from vla_foundry_jax import models  # noqa: E402,F401  (registers model builders and losses)
+from vla_foundry_jax import models, params  # noqa: E402,F401  (register model builders, params with gin)
 
 __version__ = "0.1.0"

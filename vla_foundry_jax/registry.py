@@ -91,4 +91,5 @@ def get_loss(key: str) -> Callable[..., Any]:
 
 
 def _ensure_models_imported() -> None:
-    import vla_foundry_jax.models  # noqa: F401  (registers builders and losses)
+    import vla_foundry_jax.models
+    import vla_foundry_jax.training.losses  # noqa: F401  (registers losses)

@@ -164,7 +164,7 @@ def _describe(hint: Any) -> str:
     if hint is type(None):
         return "None"
     if isinstance(hint, type):
-        return getattr(hint, "type_key", None) and f"@{hint.type_key}()" or hint.__name__
+        return (getattr(hint, "type_key", None) and f"@{hint.type_key}()") or hint.__name__
     return str(hint).replace("typing.", "")
 
 

@@ -58,9 +58,14 @@ class DataParams(BaseParams):
         allowed = COMPATIBLE_MODALITIES.get(self.type, MODALITIES)
         for m in self.dataset_modality:
             if m not in allowed:
-                raise ParamsError(f"{where}.dataset_modality entry {m!r} cannot be read by data type {self.type!r}; allowed: {list(allowed)}.")
+                raise ParamsError(
+                    f"{where}.dataset_modality entry {m!r} cannot be read by data type {self.type!r}; "
+                    f"allowed: {list(allowed)}."
+                )
         if any(w < 0 for w in self.dataset_weighting) or (self.dataset_weighting and sum(self.dataset_weighting) <= 0):
-            raise ParamsError(f"{where}.dataset_weighting must be non-negative with a positive sum, got {self.dataset_weighting}.")
+            raise ParamsError(
+                f"{where}.dataset_weighting must be non-negative with a positive sum, got {self.dataset_weighting}."
+            )
         if self.seq_len <= 0:
             raise ParamsError(f"{where}.seq_len must be positive, got {self.seq_len}.")
 
@@ -76,6 +81,9 @@ class DataParams(BaseParams):
 @register_params("text", family="data")
 class TextDataParams(DataParams):
     """Pre-tokenized text: ``<key>.json.gz`` lists of ``seq_len + 1`` token ids. No loss mask."""
+
+    # (JAX) optional: tokenizes text_untokenized manifests mixed into a text run, and decodes samples.
+    tokenizer: str | None = None
 
 
 @register_params("text_untokenized", family="data")

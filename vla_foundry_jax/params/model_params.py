@@ -136,7 +136,9 @@ class ViTParams(ModelParams):
     def validate(self) -> None:
         where = self.gin_name
         if self.hidden_dim % self.n_heads:
-            raise ParamsError(f"{where}.n_heads = {self.n_heads} does not divide {where}.hidden_dim = {self.hidden_dim}.")
+            raise ParamsError(
+                f"{where}.n_heads = {self.n_heads} does not divide {where}.hidden_dim = {self.hidden_dim}."
+            )
         if self.img_size % self.patch_size:
             raise ParamsError(
                 f"{where}.img_size = {self.img_size} is not divisible by {where}.patch_size = {self.patch_size}."

@@ -1,0 +1,194 @@
+"""Orbax checkpoints of a run: ``<output_dir>/checkpoints/<step>/`` with four items.
+
+* ``model``  - every parameter (trainable and frozen) as a flat ``{"dotted.path": array}`` tree; weights-only
+  and per-sub-model restores read just the names they need (``partial_restore``).
+* ``train``  - step, optimizer state, EMA weights, RNG and non-parameter model state: a full resume.
+* ``params`` - the resolved experiment params (JSON): a checkpoint rebuilds its model with no gin file.
+* ``data``   - the data iterator's state (JSON), so a resumed run reads exactly the batches it would have.
+
+Orbax writes each step into a temporary directory and renames it when complete, so a crash mid-save
+leaves the previous checkpoint as the latest usable one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from vla_foundry_jax.params import TrainExperimentParams, params_from_dict
+
+ITEMS = ("model", "train", "params", "data")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint path or content that cannot serve the requested restore."""
+
+
+def _handlers() -> dict[str, Any]:
+    return {
+        "model": ocp.PyTreeCheckpointHandler(),
+        "train": ocp.StandardCheckpointHandler(),
+        "params": ocp.JsonCheckpointHandler(),
+        "data": ocp.JsonCheckpointHandler(),
+    }
+
+
+def flat_params(state: Any) -> dict[str, Any]:
+    """``{"dotted.path": leaf}`` for every variable of an ``nnx.State`` (leaf: array or abstract array)."""
+    return {".".join(str(p) for p in path): var.get_value() for path, var in nnx.to_flat_state(state)}
+
+
+def set_flat_params(state: Any, values: dict[str, Any]) -> Any:
+    """A copy of ``state`` whose variables take ``values["dotted.path"]`` (absent names unchanged)."""
+    flat = nnx.to_flat_state(state)
+    leaves = []
+    for path, var in flat:
+        name = ".".join(str(p) for p in path)
+        leaves.append(var.replace(values[name]) if name in values else var)
+    return nnx.from_flat_state([(path, leaf) for (path, _), leaf in zip(flat, leaves, strict=True)])
+
+
+class RunCheckpointer:
+    """Saves and restores a run's checkpoints under ``<output_dir>/checkpoints``."""
+
+    def __init__(self, output_dir: str, *, max_to_keep: int | None = None, async_save: bool = True):
+        self.directory = os.path.abspath(os.path.join(output_dir, "checkpoints"))
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=max_to_keep, enable_async_checkpointing=async_save, create=True
+        )
+        self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=_handlers())
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def save(
+        self, step: int, state: dict[str, Any], experiment: TrainExperimentParams, data_state: dict[str, Any]
+    ) -> None:
+        model = {**flat_params(state["params"]), **flat_params(state["frozen"])}
+        train = {k: state[k] for k in ("step", "opt_state", "ema", "rng", "rest")}
+        self.manager.save(
+            step,
+            args=ocp.args.Composite(
+                model=ocp.args.PyTreeSave(model),
+                train=ocp.args.StandardSave(train),
+                params=ocp.args.JsonSave(experiment.to_dict()),
+                data=ocp.args.JsonSave(data_state),
+            ),
+        )
+
+    def restore_train(self, step: int, state: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Full resume: every array of ``state`` from ``step``; returns (state, data iterator state)."""
+        params, frozen = restore_model_weights(
+            os.path.join(self.directory, str(step)), [state["params"], state["frozen"]]
+        )
+        abstract = {k: _abstract(state[k]) for k in ("step", "opt_state", "ema", "rng", "rest")}
+        restored = self.manager.restore(
+            step, args=ocp.args.Composite(train=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore())
+        )
+        new_state = dict(state, **restored.train, params=params, frozen=frozen)
+        return new_state, restored.data
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.close()
+
+
+def _abstract(tree: Any) -> Any:
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)), tree)
+
+
+def resolve_step_dir(path: str) -> str:
+    """A run directory, its ``checkpoints/`` directory or one step directory -> the step directory."""
+    path = os.path.abspath(os.path.expanduser(path))
+    if not os.path.isdir(path):
+        raise CheckpointError(
+            f"resume_from_checkpoint: {path} does not exist; give a run directory of ours, "
+            f"its checkpoints/ directory or a checkpoints/<step> directory."
+        )
+    if os.path.isdir(os.path.join(path, "model")) and os.path.isdir(os.path.join(path, "params")):
+        return path
+    ckpt_dir = os.path.join(path, "checkpoints") if os.path.isdir(os.path.join(path, "checkpoints")) else path
+    steps = sorted(
+        int(d) for d in os.listdir(ckpt_dir) if d.isdigit() and os.path.isdir(os.path.join(ckpt_dir, d, "model"))
+    )
+    if not steps:
+        raise CheckpointError(
+            f"resume_from_checkpoint: no finished checkpoint under {ckpt_dir} (expected checkpoints/<step>/model); "
+            f"point it at a run directory that has saved at least once."
+        )
+    return os.path.join(ckpt_dir, str(steps[-1]))
+
+
+def load_experiment_params(path: str) -> TrainExperimentParams:
+    """The experiment params stored with a checkpoint (run, checkpoints or step directory)."""
+    step_dir = resolve_step_dir(path)
+    with open(os.path.join(step_dir, "params", "metadata")) as f:
+        data = json.load(f)
+    return params_from_dict(data, TrainExperimentParams, family="config")
+
+
+def stored_model_shapes(step_dir: str) -> dict[str, tuple[tuple[int, ...], Any]]:
+    meta = ocp.PyTreeCheckpointer().metadata(os.path.join(step_dir, "model"))
+    tree = getattr(meta, "item_metadata", None) or getattr(meta, "tree", None) or meta
+    return {k: (tuple(v.shape), v.dtype) for k, v in dict(tree).items()}
+
+
+def restore_model_weights(
+    path: str, states: Sequence[Any], *, target_prefix: str = "", source_prefix: str = ""
+) -> list[Any]:
+    """Restore parameters into ``states`` (the ``nnx.State`` parts of one model, possibly abstract).
+
+    Every parameter named ``target_prefix + rest`` is read from the stored name ``source_prefix + rest``;
+    others are returned unchanged. ``("", "")`` loads a whole model; ``("transformer.", "")`` starts a
+    VLM's language model from an LLM run. Strict: a wanted name missing from the checkpoint, a shape
+    mismatch, or a stored name under ``source_prefix`` that nothing consumes raises with the names listed.
+    """
+    step_dir = resolve_step_dir(path)
+    stored = stored_model_shapes(step_dir)
+    wanted: dict[str, Any] = {}  # stored name -> target leaf
+    for state in states:
+        for name, leaf in flat_params(state).items():
+            if name.startswith(target_prefix):
+                wanted[source_prefix + name[len(target_prefix) :]] = leaf
+    missing = sorted(set(wanted) - set(stored))
+    mismatched = [
+        f"{n}: checkpoint {stored[n][0]} vs model {tuple(wanted[n].shape)}"
+        for n in sorted(set(wanted) & set(stored))
+        if tuple(stored[n][0]) != tuple(wanted[n].shape)
+    ]
+    unexpected = sorted(n for n in set(stored) - set(wanted) if n.startswith(source_prefix))
+    if missing or mismatched or unexpected:
+        lines = [f"checkpoint {step_dir} does not match the model:"]
+        if mismatched:
+            lines.append(f"  shape mismatches ({len(mismatched)}): " + "; ".join(mismatched[:20]))
+        if missing:
+            lines.append(f"  missing from the checkpoint ({len(missing)}): " + ", ".join(missing[:20]))
+        if unexpected:
+            lines.append(f"  in the checkpoint but not in the model ({len(unexpected)}): " + ", ".join(unexpected[:20]))
+        lines.append("  Build the model with the params the checkpoint was trained with (its params/ item holds them).")
+        raise CheckpointError("\n".join(lines))
+    target = {n: _abstract_leaf(v) for n, v in wanted.items()}
+    values = ocp.PyTreeCheckpointer().restore(
+        os.path.join(step_dir, "model"),
+        args=ocp.args.PyTreeRestore(
+            target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True
+        ),
+    )
+    by_target = {target_prefix + n[len(source_prefix) :]: v for n, v in values.items()}
+    return [set_flat_params(state, by_target) for state in states]
+
+
+def _abstract_leaf(x: Any) -> jax.ShapeDtypeStruct:
+    sharding = getattr(x, "sharding", None)
+    if sharding is None:
+        sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    return jax.ShapeDtypeStruct(tuple(x.shape), np.dtype(x.dtype), sharding=sharding)

@@ -1,0 +1,1 @@
+"""Training: optimizer and schedules, losses, EMA, train state, the jitted step and the loop."""

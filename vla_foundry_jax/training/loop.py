@@ -1,0 +1,242 @@
+"""The training loop: budget, data, resume, the jitted step, logging and checkpoints.
+
+``train(experiment)`` runs one experiment on every process of a (possibly multi-host) run. The same
+call with the same ``output_dir`` resumes from the last checkpoint there.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import os
+import time
+from typing import Any
+
+import jax
+import numpy as np
+from absl import logging
+from jax.experimental import multihost_utils
+from tqdm import tqdm
+
+from vla_foundry_jax import checkpoint as ckpt_lib
+from vla_foundry_jax import parallel
+from vla_foundry_jax.params import ModelParams, ParamsError, TrainExperimentParams, submodel_params
+from vla_foundry_jax.params.resolve import resolve_experiment
+from vla_foundry_jax.registry import get_loss
+from vla_foundry_jax.training.metrics import MetricsWriter
+from vla_foundry_jax.training.optimizer import make_optimizer
+from vla_foundry_jax.training.state import ModelSpec, count_params, init_train_state, make_model_spec
+from vla_foundry_jax.training.step import make_train_step
+
+
+@dataclasses.dataclass
+class TrainResult:
+    """What a finished ``train`` call leaves: the last logged metrics, the state and how to rebuild the model."""
+
+    metrics: dict[str, Any]
+    state: dict[str, Any]
+    spec: ModelSpec
+    experiment: TrainExperimentParams
+
+    def model(self, *, use_ema: bool = False) -> Any:
+        params = self.state["ema"] if use_ema and self.state["ema"] is not None else self.state["params"]
+        return self.spec.merge(params, self.state["frozen"], self.state["rest"])
+
+
+@dataclasses.dataclass(frozen=True)
+class Budget:
+    total_steps: int
+    accum_steps: int
+    micro_batch_size: int  # global rows per micro-batch
+    checkpoint_steps: tuple[int, ...]
+
+
+def make_budget(exp: TrainExperimentParams, mesh: jax.sharding.Mesh) -> Budget:
+    """Steps, accumulation and checkpoint steps from the experiment (reference §1.6, §5.1)."""
+    hp = exp.hparams
+    total_steps = exp.total_train_samples // hp.global_batch_size
+    if total_steps <= 0:
+        raise ParamsError(
+            f"experiment.total_train_samples = {exp.total_train_samples} is less than one global batch "
+            f"(hparams.global_batch_size = {hp.global_batch_size})."
+        )
+    shards = parallel.num_batch_shards(mesh)
+    per_step = shards * hp.per_gpu_batch_size
+    if hp.global_batch_size % per_step:
+        raise ParamsError(
+            f"hparams.global_batch_size = {hp.global_batch_size} must be a multiple of the batch shards "
+            f"(data x fsdp = {shards}) times hparams.per_gpu_batch_size = {hp.per_gpu_batch_size} "
+            f"(= {per_step}); the quotient is the number of gradient-accumulation steps."
+        )
+    if hp.global_batch_size % jax.process_count():
+        raise ParamsError(
+            f"hparams.global_batch_size = {hp.global_batch_size} must be divisible by the number of processes "
+            f"({jax.process_count()})."
+        )
+    n = min(exp.num_checkpoints, total_steps)
+    steps = tuple(sorted({round(k * total_steps / n) for k in range(1, n + 1)}))
+    return Budget(total_steps, hp.global_batch_size // per_step, per_step, steps)
+
+
+def default_output_dir(exp: TrainExperimentParams) -> str:
+    if exp.output_dir:
+        return exp.output_dir
+    if exp.name:
+        return os.path.join("experiments", exp.name)
+    stamp = int(multihost_utils.broadcast_one_to_all(np.int64(time.time())))
+    date = datetime.datetime.fromtimestamp(stamp).strftime("%Y_%m_%d-%H_%M_%S")
+    return os.path.join(
+        "experiments", f"{date}-model_{exp.model.type}-lr_{exp.hparams.lr}-bsz_{exp.hparams.global_batch_size}"
+    )
+
+
+def nested_resumes(params: ModelParams, prefix: str = "") -> list[tuple[str, ModelParams]]:
+    """(module path prefix, params) of every sub-model whose params set ``resume_from_checkpoint``."""
+    out = []
+    for name, child in submodel_params(params).items():
+        path = f"{prefix}{name}."
+        if child.resume_from_checkpoint:
+            out.append((path, child))
+        out += nested_resumes(child, path)
+    return out
+
+
+def load_initial_weights(spec: ModelSpec, states: list[Any]) -> list[Any]:
+    """Weights-only loads requested on sub-models (e.g. ``vlm.transformer.resume_from_checkpoint``)."""
+    for path, child in nested_resumes(spec.params):
+        stored = ckpt_lib.load_experiment_params(child.resume_from_checkpoint).model
+        if stored.type != child.type:
+            raise ckpt_lib.CheckpointError(
+                f"{path[:-1]}.resume_from_checkpoint = {child.resume_from_checkpoint!r} holds a {stored.type!r} "
+                f"model but {path[:-1]} is a {child.type!r}."
+            )
+        logging.info("loading %s weights from %s", path[:-1], child.resume_from_checkpoint)
+        states = ckpt_lib.restore_model_weights(child.resume_from_checkpoint, states, target_prefix=path)
+    return states
+
+
+def write_run_files(output_dir: str, exp: TrainExperimentParams, gin_config: str | None) -> None:
+    if jax.process_index() != 0:
+        return
+    os.makedirs(output_dir, exist_ok=True)
+    if gin_config is not None:
+        with open(os.path.join(output_dir, "config.gin"), "w") as f:
+            f.write(gin_config)
+    with open(os.path.join(output_dir, "params.json"), "w") as f:
+        f.write(exp.to_json())
+
+
+def train(exp: TrainExperimentParams, *, gin_config: str | None = None) -> TrainResult:
+    """Run (or resume) the experiment; ``gin_config`` is written to ``<output_dir>/config.gin``."""
+    from vla_foundry_jax.data.pipeline import build_train_iterator
+
+    parallel.initialize_distributed(exp.distributed)
+    exp = resolve_experiment(exp)
+    mesh = parallel.make_mesh(exp.distributed)
+    budget = make_budget(exp, mesh)
+    output_dir = default_output_dir(exp)
+    exp = exp.replace(output_dir=output_dir)
+    hp = exp.hparams
+    logging.info(
+        "mesh %s on %d devices (%d processes); %d steps, %d accumulation step(s), checkpoints at %s",
+        dict(mesh.shape),
+        jax.device_count(),
+        jax.process_count(),
+        budget.total_steps,
+        budget.accum_steps,
+        list(budget.checkpoint_steps),
+    )
+
+    spec = make_model_spec(exp.model, hp, mesh)
+    optimizer = make_optimizer(hp, budget.total_steps)
+    checkpointer = ckpt_lib.RunCheckpointer(
+        output_dir, max_to_keep=exp.max_checkpoint_limit, async_save=exp.async_checkpointing
+    )
+    state = init_train_state(spec, optimizer, hp, use_ema=exp.ema.enabled)
+    state["params"], state["frozen"] = load_initial_weights(spec, [state["params"], state["frozen"]])
+    data_state = None
+    latest = checkpointer.latest_step()
+    top_resume = exp.model.resume_from_checkpoint
+    if latest is not None:
+        logging.info("resuming from %s/%d (same output_dir)", checkpointer.directory, latest)
+        state, data_state = checkpointer.restore_train(latest, state)
+    elif top_resume and exp.model.resume_weights_only:
+        logging.info("loading weights only from %s (fresh optimizer, step 0)", top_resume)
+        state["params"], state["frozen"] = ckpt_lib.restore_model_weights(
+            top_resume, [state["params"], state["frozen"]]
+        )
+    elif top_resume:
+        step_dir = ckpt_lib.resolve_step_dir(top_resume)
+        logging.info("resuming the full training state from %s", step_dir)
+        other = ckpt_lib.RunCheckpointer(os.path.dirname(os.path.dirname(step_dir)), async_save=False)
+        state, data_state = other.restore_train(int(os.path.basename(step_dir)), state)
+        other.close()
+    write_run_files(output_dir, exp, gin_config)
+    logging.info(
+        "model %s: %d trainable, %d frozen parameters",
+        exp.model.type,
+        count_params(state["params"]),
+        count_params(state["frozen"]),
+    )
+
+    state_shardings = jax.tree.map(lambda x: x.sharding, state)
+    train_step = make_train_step(
+        spec,
+        get_loss(exp.model.type),
+        optimizer,
+        hp,
+        exp.ema,
+        accum_steps=budget.accum_steps,
+        total_steps=budget.total_steps,
+        state_shardings=state_shardings,
+    )
+    iterator = build_train_iterator(
+        exp.data,
+        global_batch_size=hp.global_batch_size,
+        num_batches=budget.total_steps,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+    )
+    if data_state is not None:
+        iterator.set_state(data_state)
+
+    start = int(jax.device_get(state["step"]))
+    writer = MetricsWriter(output_dir)
+    last: dict[str, Any] = {}
+    pending: list[dict[str, Any]] = []
+    bar = tqdm(total=budget.total_steps, initial=start, disable=jax.process_index() != 0, desc="train")
+    t_last, steps_since = time.perf_counter(), 0
+    tokens_per_step = 0
+    for step in range(start, budget.total_steps):
+        host_batch = next(iterator)
+        if "input_ids" in host_batch:
+            tokens_per_step = hp.global_batch_size * (host_batch["input_ids"].shape[1] - 1)
+        state, metrics = train_step(state, parallel.host_batch_to_global(host_batch, mesh))
+        pending.append(metrics)
+        steps_since += 1
+        done = step + 1
+        if done % exp.log_every_n_steps == 0 or done == budget.total_steps or step == start:
+            fetched = jax.device_get(pending)
+            dt = time.perf_counter() - t_last
+            last = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[-1]}
+            last["lr"] = float(fetched[-1]["lr"])
+            last["samples_per_s"] = steps_since * hp.global_batch_size / dt
+            last["tokens_per_s"] = steps_since * tokens_per_step / dt
+            last["step_time_s"] = dt / steps_since
+            writer.write(done, last)
+            logging.info(
+                "step %d/%d loss %.4f lr %.3e grad_norm %.3f tokens/s %.0f",
+                done, budget.total_steps, last["loss"], last["lr"], last["grad_norm"], last["tokens_per_s"],
+            )
+            bar.set_postfix(loss=f"{last['loss']:.4f}", lr=f"{last['lr']:.2e}")
+            pending, steps_since, t_last = [], 0, time.perf_counter()
+        bar.update(1)
+        if done in budget.checkpoint_steps:
+            checkpointer.save(done, state, exp, iterator.get_state())
+    bar.close()
+    checkpointer.wait()
+    checkpointer.close()
+    writer.close()
+    if start >= budget.total_steps:
+        logging.info("nothing to do: the run in %s already finished %d steps", output_dir, budget.total_steps)
+    return TrainResult(last, state, spec, exp)
