@@ -125,8 +125,14 @@ def params_from_dict(data: dict[str, Any], cls: type | None = None, *, family: s
     for name, value in data.items():
         kwargs[name] = _from_jsonable(value, hints[name])
     for f in dataclasses.fields(cls):  # absent keys take the class default, never a live gin binding
-        if f.name not in kwargs and f.default is not dataclasses.MISSING:
+        if f.name in kwargs:
+            continue
+        if f.default is not dataclasses.MISSING:
             kwargs[f.name] = f.default
+        elif isinstance(f.default_factory, type) and issubclass(f.default_factory, BaseParams):
+            kwargs[f.name] = params_from_dict({}, f.default_factory, family=f.default_factory.family)
+        elif f.default_factory is not dataclasses.MISSING:
+            kwargs[f.name] = f.default_factory()
     return cls(**kwargs)
 
 
