@@ -72,6 +72,9 @@ class ModelSpec:
     mesh: Mesh
 
     def merge(self, trainable: Any, frozen: Any, rest: Any) -> nnx.Module:
+        # Rebuild the Variables of every part at the current trace level (inside jax.grad the frozen and
+        # non-parameter parts would otherwise keep Variables of the outer jit trace, which NNX rejects).
+        trainable, frozen, rest = jax.tree.map(lambda x: x, (trainable, frozen, rest))
         return nnx.merge(self.graphdef, trainable, frozen, rest)
 
 
