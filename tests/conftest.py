@@ -54,3 +54,40 @@ def subprocess_env(num_devices: int | None = None) -> dict[str, str]:
     if num_devices:
         env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={num_devices}"
     return env
+
+
+def tiny_train_command(out_dir: str, steps: int, bindings: list[str] = (), batch: int = 8) -> list[str]:
+    """``python -m launch.train`` for a tiny LLM on the bundled data, logging every step."""
+    data = os.path.join(TINY, "")
+    base = [
+        "transformer.vocab_size = 160",
+        "transformer.hidden_dim = 32",
+        "experiment.data = @text_untokenized()",
+        f"text_untokenized.dataset_manifest = ['{data}text_untokenized/manifest.jsonl']",
+        f"text_untokenized.tokenizer = '{data}tokenizer'",
+        "text_untokenized.seq_len = 32",
+        "text_untokenized.allow_multiple_epochs = True",
+        f"experiment.output_dir = '{out_dir}'",
+        f"experiment.total_train_samples = {steps * batch}",
+        "experiment.num_checkpoints = 2",
+        "experiment.log_every_n_steps = 1",
+        "hparams.precision = 'fp32'",
+        f"hparams.global_batch_size = {batch}",
+        f"hparams.per_gpu_batch_size = {batch}",
+        "hparams.warmup = '5'",
+        "hparams.lr = 3e-3",
+    ]
+    cmd = [sys.executable, "-m", "launch.train", "--gin_file=gin_configs/transformer_tiny.gin"]
+    return cmd + [f"--gin_bindings={b}" for b in [*base, *bindings]]
+
+
+def logged_losses(out_dir: str) -> dict[int, float]:
+    """step -> loss from metrics.jsonl (a resumed run's later lines win)."""
+    import json
+
+    out = {}
+    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+        for line in f:
+            rec = json.loads(line)
+            out[rec["step"]] = rec["loss"]
+    return out

@@ -12,7 +12,7 @@ import time
 import numpy as np
 import pytest
 
-from tests.conftest import ROOT, subprocess_env, tiny_experiment
+from tests.conftest import ROOT, logged_losses, subprocess_env, tiny_experiment, tiny_train_command
 from vla_foundry_jax import checkpoint as ckpt_lib
 from vla_foundry_jax.training.loop import train
 
@@ -138,64 +138,31 @@ def test_checkpoint_from_a_different_model_type_is_refused(trained_run):
     del bad
 
 
-def _cli(out_dir: str, steps: int) -> list[str]:
-    data = os.path.join(ROOT, "tiny_data")
-    return [
-        sys.executable, "-m", "launch.train",
-        "--gin_file=gin_configs/transformer_tiny.gin",
-        "--gin_bindings=transformer.vocab_size = 160",
-        "--gin_bindings=transformer.hidden_dim = 32",
-        "--gin_bindings=experiment.data = @text_untokenized()",
-        f"--gin_bindings=text_untokenized.dataset_manifest = ['{data}/text_untokenized/manifest.jsonl']",
-        f"--gin_bindings=text_untokenized.tokenizer = '{data}/tokenizer'",
-        "--gin_bindings=text_untokenized.seq_len = 32",
-        "--gin_bindings=text_untokenized.allow_multiple_epochs = True",
-        f"--gin_bindings=experiment.output_dir = '{out_dir}'",
-        f"--gin_bindings=experiment.total_train_samples = {steps * 8}",
-        "--gin_bindings=experiment.num_checkpoints = 2",
-        "--gin_bindings=experiment.log_every_n_steps = 1",
-        "--gin_bindings=hparams.precision = 'fp32'",
-        "--gin_bindings=hparams.global_batch_size = 8",
-        "--gin_bindings=hparams.per_gpu_batch_size = 8",
-        "--gin_bindings=hparams.warmup = '5'",
-        "--gin_bindings=hparams.lr = 3e-3",
-        "--gin_bindings=ema.enabled = True",
-    ]
-
-
-def _losses(out_dir: str) -> dict[int, float]:
-    out = {}
-    for line in open(os.path.join(out_dir, "metrics.jsonl")):
-        rec = json.loads(line)
-        out[rec["step"]] = rec["loss"]  # a resumed run rewrites steps the killed one had logged
-    return out
-
-
-def test_hard_kill_then_resume_reproduces_losses(tmp_path):
+def test_hard_kill_then_resume_reproduceslogged_losses(tmp_path):
     steps = 80
     env = subprocess_env()
     straight = str(tmp_path / "straight")
-    subprocess.run(_cli(straight, steps), cwd=ROOT, env=env, check=True, capture_output=True, timeout=300)
+    subprocess.run(tiny_train_command(straight, steps, ["ema.enabled = True"]), cwd=ROOT, env=env, check=True, capture_output=True, timeout=300)
 
     killed = str(tmp_path / "killed")
-    proc = subprocess.Popen(_cli(killed, steps), cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(tiny_train_command(killed, steps, ["ema.enabled = True"]), cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     half = os.path.join(killed, "checkpoints", str(steps // 2))
     deadline = time.time() + 240
     while time.time() < deadline:
         if os.path.isdir(half) and os.path.exists(os.path.join(killed, "metrics.jsonl")):
-            if max(_losses(killed), default=0) > steps // 2:
+            if max(logged_losses(killed), default=0) > steps // 2:
                 break
         time.sleep(0.005)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert ckpt_lib.RunCheckpointer(killed).latest_step() == steps // 2, "the run was not killed mid-way"
-    done = subprocess.run(_cli(killed, steps), cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(tiny_train_command(killed, steps, ["ema.enabled = True"]), cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "resuming from" in done.stderr
-    a, b = _losses(straight), _losses(killed)
+    a, b = logged_losses(straight), logged_losses(killed)
     assert sorted(b) == list(range(1, steps + 1))
     for step in range(1, steps + 1):
         assert abs(a[step] - b[step]) <= 1e-6, (step, a[step], b[step])
     # running the finished command again does nothing and says so
-    again = subprocess.run(_cli(killed, steps), cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    again = subprocess.run(tiny_train_command(killed, steps, ["ema.enabled = True"]), cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and "nothing to do" in again.stderr

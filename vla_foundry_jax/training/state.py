@@ -109,8 +109,16 @@ def init_train_state(
 ) -> dict[str, Any]:
     """A fresh train state; ``model_states`` (trainable, frozen, rest) replaces the random init."""
     trainable, frozen, rest = model_states or init_model_states(spec, hparams, hparams.seed)
-    opt_state = jax.jit(optimizer.init)(trainable)
     rep = parallel.replicated(spec.mesh)
+    # Moments take their parameter's sharding; counters and other scalars are replicated.
+    opt_shardings = optax.tree_map_params(
+        optimizer,
+        lambda _, p: p.sharding,
+        jax.eval_shape(optimizer.init, trainable),
+        trainable,
+        transform_non_params=lambda _: rep,
+    )
+    opt_state = jax.jit(optimizer.init, out_shardings=opt_shardings)(trainable)
     return {
         "step": jax.device_put(jnp.zeros((), jnp.int32), rep),
         "params": trainable,

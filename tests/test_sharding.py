@@ -1,0 +1,80 @@
+"""The train step on 8 simulated CPU devices (fsdp=8; data=2 x fsdp=2 x tensor=2) and on two processes
+joined by jax.distributed on loopback, each matching the single-device losses within 1e-5."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+
+import pytest
+
+from tests.conftest import ROOT, logged_losses, subprocess_env, tiny_train_command
+
+STEPS, BATCH = 6, 16
+
+
+def _run(out_dir, devices, bindings, extra_args=(), env_extra=None):
+    env = subprocess_env(devices)
+    env.update(env_extra or {})
+    cmd = tiny_train_command(out_dir, STEPS, bindings, batch=BATCH) + list(extra_args)
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _finish(proc):
+    out, _ = proc.communicate(timeout=420)
+    assert proc.returncode == 0, out[-4000:]
+    return out
+
+
+@pytest.fixture(scope="module")
+def single_device_losses(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("single"))
+    _finish(_run(out, 1, []))
+    return logged_losses(out)
+
+
+def _assert_close(a, b):
+    assert sorted(a) == sorted(b) == list(range(1, STEPS + 1))
+    for step in a:
+        assert abs(a[step] - b[step]) <= 1e-5, (step, a[step], b[step])
+
+
+@pytest.mark.parametrize(
+    "mesh",
+    [
+        {"data": 1, "fsdp": 8, "tensor": 1},
+        {"data": 2, "fsdp": 2, "tensor": 2},
+    ],
+    ids=["fsdp8", "data2_fsdp2_tensor2"],
+)
+def test_eight_devices_match_one(tmp_path, single_device_losses, mesh):
+    shards = mesh["data"] * mesh["fsdp"]
+    bindings = [
+        f"distributed.data_parallelism = {mesh['data']}",
+        f"distributed.fsdp_parallelism = {mesh['fsdp']}",
+        f"distributed.tensor_parallelism = {mesh['tensor']}",
+        f"hparams.per_gpu_batch_size = {BATCH // shards}",
+    ]
+    out = str(tmp_path / "run")
+    log = _finish(_run(out, 8, bindings))
+    assert f"'fsdp': {mesh['fsdp']}" in log
+    _assert_close(single_device_losses, logged_losses(out))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_match_one(tmp_path, single_device_losses):
+    port = _free_port()
+    out = str(tmp_path / "run")
+    bindings = ["distributed.fsdp_parallelism = -1", "distributed.data_parallelism = 1", "hparams.per_gpu_batch_size = 2"]
+    procs = [
+        _run(out, 4, bindings, [f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}"])
+        for i in range(2)
+    ]
+    logs = [_finish(p) for p in procs]
+    assert "process 0 of 2" in logs[0] and "process 1 of 2" in logs[1]
+    _assert_close(single_device_losses, logged_losses(out))
