@@ -1,1 +1,3 @@
 """Model families; importing registers their builders and losses."""
+
+from vla_foundry_jax.models import transformer  # noqa: F401

@@ -1,0 +1,87 @@
+"""Positional embeddings (reference §2.4).
+
+* ``rotary``: GPT-NeoX rotate-half RoPE, base 10000, on ``[B, S, nh, hd]`` after the head split.
+  ``inv_freq[j] = 1 / 10000^(2j/hd)`` is computed in float32 and then **rounded to the activation dtype**
+  (the original rebuilds its table with ``inv_freq.to(k.dtype)``), angles ``p * inv_freq`` are formed in
+  float32, and cos/sin are rounded to the activation dtype before the rotation. In float32 this is plain RoPE.
+  The original keeps ``inv_freq`` as a state-dict buffer; here it is a constant recomputed at trace time.
+* ``rotary_float32``: the same rotation computed entirely in float32 (inputs upcast, exact float32
+  frequencies), outputs cast back to the input dtype.
+* ``learned``: **not in the original LLM** (ours): an absolute position table ``[max_seq_len, H]``, initialised
+  N(0, 0.02), added to the token embeddings; logical axes ``("pos", "embed")``.
+* ``none``: identity.
+
+Positions are absolute: with a KV cache they start at the cache length.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+ROPE_BASE = 10000.0
+
+
+def rotary_inv_freq(head_dim: int, base: float = ROPE_BASE) -> jax.Array:
+    """``1 / base^(2j/hd)`` for ``j = 0 .. hd/2 - 1`` in float32, shape ``[hd/2]``."""
+    return 1.0 / (base ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+
+
+def rotate_half(x: jax.Array) -> jax.Array:
+    """``[x1, x2] -> [-x2, x1]`` over the halves of the last axis."""
+    x1, x2 = jnp.split(x, 2, axis=-1)
+    return jnp.concatenate([-x2, x1], axis=-1)
+
+
+def rotary_cos_sin(positions: jax.Array, head_dim: int, dtype: jnp.dtype) -> tuple[jax.Array, jax.Array]:
+    """cos/sin tables ``[..., S, 1, hd]`` in ``dtype`` for integer ``positions [..., S]``.
+
+    ``inv_freq`` is rounded to ``dtype`` before the float32 outer product, as the original does.
+    """
+    inv_freq = rotary_inv_freq(head_dim).astype(dtype).astype(jnp.float32)
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [..., S, hd/2]
+    emb = jnp.concatenate([angles, angles], axis=-1)[..., None, :]  # [..., S, 1, hd]
+    return jnp.cos(emb).astype(dtype), jnp.sin(emb).astype(dtype)
+
+
+def apply_rotary(
+    q: jax.Array, k: jax.Array, positions: jax.Array, *, float32: bool = False
+) -> tuple[jax.Array, jax.Array]:
+    """Rotate ``q [B, S, nh, hd]`` and ``k [B, S, nh, hd]`` by absolute ``positions [S]`` (or ``[B, S]``).
+
+    ``float32=True`` is ``rotary_float32``. Outputs keep the input dtypes.
+    """
+    head_dim = q.shape[-1]
+    if float32:
+        cos, sin = rotary_cos_sin(positions, head_dim, jnp.float32)
+        qf, kf = q.astype(jnp.float32), k.astype(jnp.float32)
+        return (
+            (qf * cos + rotate_half(qf) * sin).astype(q.dtype),
+            (kf * cos + rotate_half(kf) * sin).astype(k.dtype),
+        )
+    cos, sin = rotary_cos_sin(positions, head_dim, k.dtype)
+    return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+
+
+class LearnedPositionalEmbedding(nnx.Module):
+    """Absolute position table (ours, see module doc): ``positions [..., S] -> [..., S, H]``."""
+
+    def __init__(
+        self,
+        max_seq_len: int,
+        dim: int,
+        *,
+        rngs: nnx.Rngs,
+        dtype: jnp.dtype = jnp.float32,
+        param_dtype: jnp.dtype = jnp.float32,
+        std: float = 0.02,
+    ):
+        self.dtype = dtype
+        self.embedding = nnx.Param(
+            (jax.random.normal(rngs.params(), (max_seq_len, dim), jnp.float32) * std).astype(param_dtype),
+            out_sharding=("pos", "embed"),
+        )
+
+    def __call__(self, positions: jax.Array) -> jax.Array:
+        return jnp.take(self.embedding[...], positions, axis=0).astype(self.dtype)
