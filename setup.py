@@ -6,9 +6,5 @@ setup(
     description="LLM -> VLM -> VLA training in JAX/Flax NNX, configured with gin",
     packages=find_packages(include=["vla_foundry_jax", "vla_foundry_jax.*", "launch", "launch.*"]),
     python_requires=">=3.10",
-    install_requires=[
-        line.strip()
-        for line in open("requirements.txt")
-        if line.strip() and not line.startswith("#")
-    ],
+    install_requires=[line.strip() for line in open("requirements.txt") if line.strip() and not line.startswith("#")],
 )

@@ -93,7 +93,11 @@ def compile_depth(n_layers: int) -> dict:
     batch = {"input_ids": jnp.zeros((8, 257), jnp.int32), "loss_mask": jnp.ones((8, 257), bool)}
     t0 = time.perf_counter()
     step.lower(state, batch).compile()
-    return {"model": f"compile_depth_L{n_layers}", "n_layers": n_layers, "compile_s": round(time.perf_counter() - t0, 3)}
+    return {
+        "model": f"compile_depth_L{n_layers}",
+        "n_layers": n_layers,
+        "compile_s": round(time.perf_counter() - t0, 3),
+    }
 
 
 def main() -> None:

@@ -6,7 +6,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import numpy as np
@@ -125,7 +124,7 @@ def test_checkpoint_from_a_different_model_type_is_refused(trained_run):
 
     assert nested_resumes(params) == []
     bad = tiny_experiment(None).model  # a transformer run cannot fill a wrapper directly
-    with pytest.raises(ckpt_lib.CheckpointError, match="not in the model|missing from the checkpoint"):
+    with pytest.raises(ckpt_lib.CheckpointError, match=r"not in the model|missing from the checkpoint"):
         from vla_foundry_jax import parallel
         from vla_foundry_jax.params import HyperParams
         from vla_foundry_jax.training.optimizer import make_optimizer
@@ -142,10 +141,23 @@ def test_hard_kill_then_resume_reproduceslogged_losses(tmp_path):
     steps = 80
     env = subprocess_env()
     straight = str(tmp_path / "straight")
-    subprocess.run(tiny_train_command(straight, steps, ["ema.enabled = True"]), cwd=ROOT, env=env, check=True, capture_output=True, timeout=300)
+    subprocess.run(
+        tiny_train_command(straight, steps, ["ema.enabled = True"]),
+        cwd=ROOT,
+        env=env,
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
 
     killed = str(tmp_path / "killed")
-    proc = subprocess.Popen(tiny_train_command(killed, steps, ["ema.enabled = True"]), cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        tiny_train_command(killed, steps, ["ema.enabled = True"]),
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     half = os.path.join(killed, "checkpoints", str(steps // 2))
     deadline = time.time() + 240
     while time.time() < deadline:
@@ -156,7 +168,14 @@ def test_hard_kill_then_resume_reproduceslogged_losses(tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert ckpt_lib.RunCheckpointer(killed).latest_step() == steps // 2, "the run was not killed mid-way"
-    done = subprocess.run(tiny_train_command(killed, steps, ["ema.enabled = True"]), cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        tiny_train_command(killed, steps, ["ema.enabled = True"]),
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "resuming from" in done.stderr
     a, b = logged_losses(straight), logged_losses(killed)
@@ -164,5 +183,12 @@ def test_hard_kill_then_resume_reproduceslogged_losses(tmp_path):
     for step in range(1, steps + 1):
         assert abs(a[step] - b[step]) <= 1e-6, (step, a[step], b[step])
     # running the finished command again does nothing and says so
-    again = subprocess.run(tiny_train_command(killed, steps, ["ema.enabled = True"]), cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    again = subprocess.run(
+        tiny_train_command(killed, steps, ["ema.enabled = True"]),
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert again.returncode == 0 and "nothing to do" in again.stderr

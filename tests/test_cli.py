@@ -44,7 +44,9 @@ def test_mesh_that_does_not_fit_the_devices():
     with pytest.raises(parallel.MeshError, match="needs 4 devices but 1 are available"):
         parallel.mesh_shape(DistributedParams(data_parallelism=2, fsdp_parallelism=2), 1)
     assert parallel.mesh_shape(DistributedParams(data_parallelism=2, fsdp_parallelism=-1, tensor_parallelism=2), 8) == (
-        2, 2, 2,
+        2,
+        2,
+        2,
     )
 
 
@@ -55,6 +57,8 @@ def test_budget_errors_name_the_fields():
     exp = tiny_experiment(None)
     with pytest.raises(ParamsError, match="total_train_samples"):
         make_budget(exp.replace(total_train_samples=1), mesh)
-    budget = make_budget(exp.replace(hparams=exp.hparams.replace(global_batch_size=8, per_gpu_batch_size=2),
-                                     total_train_samples=80), mesh)
+    budget = make_budget(
+        exp.replace(hparams=exp.hparams.replace(global_batch_size=8, per_gpu_batch_size=2), total_train_samples=80),
+        mesh,
+    )
     assert budget.accum_steps == 4 and budget.total_steps == 10 and budget.checkpoint_steps == (5, 10)

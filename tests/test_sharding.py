@@ -70,7 +70,11 @@ def _free_port() -> int:
 def test_two_processes_match_one(tmp_path, single_device_losses):
     port = _free_port()
     out = str(tmp_path / "run")
-    bindings = ["distributed.fsdp_parallelism = -1", "distributed.data_parallelism = 1", "hparams.per_gpu_batch_size = 2"]
+    bindings = [
+        "distributed.fsdp_parallelism = -1",
+        "distributed.data_parallelism = 1",
+        "hparams.per_gpu_batch_size = 2",
+    ]
     procs = [
         _run(out, 4, bindings, [f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}"])
         for i in range(2)

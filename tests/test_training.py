@@ -52,8 +52,11 @@ def test_const_and_warmup_constant_decay():
 
 
 def test_decay_mask_by_name():
-    tree = {"layers": {"attention_norm": {"scale": 1.0}, "w12": {"kernel": 1.0}, "proj": {"bias": 1.0}},
-            "embeddings": 1.0, "QK_Norm": {"w": 1.0}}
+    tree = {
+        "layers": {"attention_norm": {"scale": 1.0}, "w12": {"kernel": 1.0}, "proj": {"bias": 1.0}},
+        "embeddings": 1.0,
+        "QK_Norm": {"w": 1.0},
+    }
     mask = decay_mask(tree)
     assert mask["layers"]["w12"]["kernel"] and mask["embeddings"]
     assert not mask["layers"]["attention_norm"]["scale"]
@@ -104,14 +107,16 @@ def test_split_micro_batches_takes_strided_rows():
 TINY_LM = TransformerParams(hidden_dim=32, n_layers=2, n_heads=2, vocab_size=50, max_seq_len=32)
 
 
-def _setup(model_params, hp, *, accum=1, ema=EMAParams()):
+def _setup(model_params, hp, *, accum=1, ema=None):
+    ema = ema or EMAParams()
     mesh = parallel.make_mesh(DistributedParams(), jax.devices()[:1])
     spec = make_model_spec(model_params, hp, mesh)
     opt = make_optimizer(hp, 100)
     state = init_train_state(spec, opt, hp, use_ema=ema.enabled)
     shardings = jax.tree.map(lambda x: x.sharding, state)
-    step = make_train_step(spec, get_loss(model_params.type), opt, hp, ema, accum_steps=accum, total_steps=100,
-                           state_shardings=shardings)
+    step = make_train_step(
+        spec, get_loss(model_params.type), opt, hp, ema, accum_steps=accum, total_steps=100, state_shardings=shardings
+    )
     return spec, state, step
 
 

@@ -226,7 +226,12 @@ def train(exp: TrainExperimentParams, *, gin_config: str | None = None) -> Train
             writer.write(done, last)
             logging.info(
                 "step %d/%d loss %.4f lr %.3e grad_norm %.3f tokens/s %.0f",
-                done, budget.total_steps, last["loss"], last["lr"], last["grad_norm"], last["tokens_per_s"],
+                done,
+                budget.total_steps,
+                last["loss"],
+                last["lr"],
+                last["grad_norm"],
+                last["tokens_per_s"],
             )
             bar.set_postfix(loss=f"{last['loss']:.4f}", lr=f"{last['lr']:.2e}")
             pending, steps_since, t_last = [], 0, time.perf_counter()
