@@ -186,3 +186,9 @@ def test_hard_kill_then_resume_reproduces_losses(tmp_path):
         timeout=300,
     )
     assert again.returncode == 0 and "nothing to do" in again.stderr
+
+
+def test_max_checkpoint_limit_keeps_the_newest(tmp_path):
+    exp = tiny_experiment(str(tmp_path / "run"), steps=3).replace(num_checkpoints=3, max_checkpoint_limit=1)
+    train(exp)
+    assert os.listdir(tmp_path / "run" / "checkpoints") == ["3"]
