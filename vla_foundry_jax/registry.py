@@ -14,6 +14,7 @@ from typing import Any
 PARAMS: dict[str, type] = {}
 BUILDERS: dict[str, Callable[..., Any]] = {}
 LOSSES: dict[str, Callable[..., Any]] = {}
+WEIGHT_LOADERS: dict[str, Callable[..., Any]] = {}
 
 
 class UnknownTypeError(ValueError):
@@ -50,6 +51,21 @@ def register_loss(key: str) -> Callable[[Callable[..., Any]], Callable[..., Any]
 
     def deco(fn: Callable[..., Any]) -> Callable[..., Any]:
         _register(LOSSES, "loss", key, fn)
+        return fn
+
+    return deco
+
+
+def register_weight_loader(key: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Decorator: ``fn(params, states, prefix) -> states`` fills a built model's weights from outside sources.
+
+    Called once after initialisation for every (sub-)model of type ``key`` (e.g. ``vit.pretrained``);
+    ``states`` are the model's ``nnx.State`` parts (trainable, frozen) and ``prefix`` is the sub-model's
+    dotted module path (``""`` at the top, ``"vit."`` inside a VLM). Returns the updated states.
+    """
+
+    def deco(fn: Callable[..., Any]) -> Callable[..., Any]:
+        _register(WEIGHT_LOADERS, "weight loader", key, fn)
         return fn
 
     return deco

@@ -22,7 +22,7 @@ from vla_foundry_jax import checkpoint as ckpt_lib
 from vla_foundry_jax import parallel
 from vla_foundry_jax.params import ModelParams, ParamsError, TrainExperimentParams, submodel_params
 from vla_foundry_jax.params.resolve import resolve_experiment
-from vla_foundry_jax.registry import get_loss
+from vla_foundry_jax.registry import WEIGHT_LOADERS, get_loss
 from vla_foundry_jax.training.metrics import MetricsWriter
 from vla_foundry_jax.training.optimizer import make_optimizer
 from vla_foundry_jax.training.state import ModelSpec, count_params, init_train_state, make_model_spec
@@ -101,8 +101,24 @@ def nested_resumes(params: ModelParams, prefix: str = "") -> list[tuple[str, Mod
     return out
 
 
+def _submodels(params: ModelParams, prefix: str = "") -> list[tuple[str, ModelParams]]:
+    """(module path prefix, params) of ``params`` and every nested sub-model, parents first."""
+    out = [(prefix, params)]
+    for name, child in submodel_params(params).items():
+        out += _submodels(child, f"{prefix}{name}.")
+    return out
+
+
 def load_initial_weights(spec: ModelSpec, states: list[Any]) -> list[Any]:
-    """Weights-only loads requested on sub-models (e.g. ``vlm.transformer.resume_from_checkpoint``)."""
+    """Outside weights a freshly built model starts from, before any checkpoint resume.
+
+    First each sub-model's registered weight loader (e.g. ``vit.pretrained``), then the weights-only loads
+    requested on sub-models (e.g. ``vlm.transformer.resume_from_checkpoint``).
+    """
+    for path, child in _submodels(spec.params):
+        loader = WEIGHT_LOADERS.get(child.type)
+        if loader is not None:
+            states = list(loader(child, states, path))
     for path, child in nested_resumes(spec.params):
         stored = ckpt_lib.load_experiment_params(child.resume_from_checkpoint).model
         if stored.type != child.type:
