@@ -142,8 +142,24 @@ def stored_model_shapes(step_dir: str) -> dict[str, tuple[tuple[int, ...], Any]]
     return {k: (tuple(v.shape), v.dtype) for k, v in dict(tree).items()}
 
 
+def _vocab_axes(states: Sequence[Any]) -> dict[str, int]:
+    """dotted name -> index of the axis carrying the logical name ``vocab`` (token tables)."""
+    out = {}
+    for state in states:
+        for path, var in nnx.to_flat_state(state):
+            names = var.get_metadata().get("out_sharding") or ()
+            if "vocab" in names:
+                out[".".join(str(p) for p in path)] = list(names).index("vocab")
+    return out
+
+
 def restore_model_weights(
-    path: str, states: Sequence[Any], *, target_prefix: str = "", source_prefix: str = ""
+    path: str,
+    states: Sequence[Any],
+    *,
+    target_prefix: str = "",
+    source_prefix: str = "",
+    grow_vocab: bool = False,
 ) -> list[Any]:
     """Restore parameters into ``states`` (the ``nnx.State`` parts of one model, possibly abstract).
 
@@ -151,19 +167,39 @@ def restore_model_weights(
     others are returned unchanged. ``("", "")`` loads a whole model; ``("transformer.", "")`` starts a
     VLM's language model from an LLM run. Strict: a wanted name missing from the checkpoint, a shape
     mismatch, or a stored name under ``source_prefix`` that nothing consumes raises with the names listed.
+
+    ``grow_vocab``: a token table (a parameter with a ``vocab`` axis) may be stored with fewer rows than
+    the model has: the stored rows are copied and the extra rows keep the model's fresh initialisation
+    (the original's ``resize_token_embeddings`` after loading an LLM into a VLM). ``states`` must then
+    hold real arrays.
     """
     step_dir = resolve_step_dir(path)
     stored = stored_model_shapes(step_dir)
+    vocab_axes = _vocab_axes(states) if grow_vocab else {}
     wanted: dict[str, Any] = {}  # stored name -> target leaf
+    axis_of: dict[str, int] = {}  # stored name -> vocab axis, for tables that may grow
     for state in states:
         for name, leaf in flat_params(state).items():
             if name.startswith(target_prefix):
-                wanted[source_prefix + name[len(target_prefix) :]] = leaf
+                src = source_prefix + name[len(target_prefix) :]
+                wanted[src] = leaf
+                if name in vocab_axes:
+                    axis_of[src] = vocab_axes[name]
+
+    def fits(n: str) -> bool:
+        have, want = tuple(stored[n][0]), tuple(wanted[n].shape)
+        if have == want:
+            return True
+        if n not in axis_of or len(have) != len(want):
+            return False
+        a = axis_of[n]
+        return have[a] <= want[a] and have[:a] + have[a + 1 :] == want[:a] + want[a + 1 :]
+
     missing = sorted(set(wanted) - set(stored))
     mismatched = [
         f"{n}: checkpoint {stored[n][0]} vs model {tuple(wanted[n].shape)}"
         for n in sorted(set(wanted) & set(stored))
-        if tuple(stored[n][0]) != tuple(wanted[n].shape)
+        if not fits(n)
     ]
     unexpected = sorted(n for n in set(stored) - set(wanted) if n.startswith(source_prefix))
     if missing or mismatched or unexpected:
@@ -176,19 +212,24 @@ def restore_model_weights(
             lines.append(f"  in the checkpoint but not in the model ({len(unexpected)}): " + ", ".join(unexpected[:20]))
         lines.append("  Build the model with the params the checkpoint was trained with (its params/ item holds them).")
         raise CheckpointError("\n".join(lines))
-    target = {n: _abstract_leaf(v) for n, v in wanted.items()}
+    target = {n: _abstract_leaf(v, shape=stored[n][0]) for n, v in wanted.items()}
     values = ocp.PyTreeCheckpointer().restore(
         os.path.join(step_dir, "model"),
         args=ocp.args.PyTreeRestore(
             target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True
         ),
     )
+    for n, v in values.items():
+        if tuple(v.shape) != tuple(wanted[n].shape):  # a grown token table: old rows over the fresh init
+            index = tuple(slice(0, d) for d in v.shape)
+            values[n] = wanted[n].at[index].set(v.astype(wanted[n].dtype))
     by_target = {target_prefix + n[len(source_prefix) :]: v for n, v in values.items()}
     return [set_flat_params(state, by_target) for state in states]
 
 
-def _abstract_leaf(x: Any) -> jax.ShapeDtypeStruct:
+def _abstract_leaf(x: Any, shape: Sequence[int] | None = None) -> jax.ShapeDtypeStruct:
+    shape = tuple(x.shape) if shape is None else tuple(shape)
     sharding = getattr(x, "sharding", None)
-    if sharding is None:
+    if sharding is None or shape != tuple(x.shape):
         sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    return jax.ShapeDtypeStruct(tuple(x.shape), np.dtype(x.dtype), sharding=sharding)
+    return jax.ShapeDtypeStruct(shape, np.dtype(x.dtype), sharding=sharding)

@@ -15,6 +15,7 @@ PARAMS: dict[str, type] = {}
 BUILDERS: dict[str, Callable[..., Any]] = {}
 LOSSES: dict[str, Callable[..., Any]] = {}
 WEIGHT_LOADERS: dict[str, Callable[..., Any]] = {}
+BATCH_CHECKS: dict[str, Callable[..., Any]] = {}
 
 
 class UnknownTypeError(ValueError):
@@ -66,6 +67,19 @@ def register_weight_loader(key: str) -> Callable[[Callable[..., Any]], Callable[
 
     def deco(fn: Callable[..., Any]) -> Callable[..., Any]:
         _register(WEIGHT_LOADERS, "weight loader", key, fn)
+        return fn
+
+    return deco
+
+
+def register_batch_check(key: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Decorator: ``fn(params, host_batch)`` raises a clear error for a batch the model cannot take.
+
+    Runs on the host before each step (data-dependent checks cannot raise inside ``jax.jit``).
+    """
+
+    def deco(fn: Callable[..., Any]) -> Callable[..., Any]:
+        _register(BATCH_CHECKS, "batch check", key, fn)
         return fn
 
     return deco

@@ -67,6 +67,7 @@ def _generate(
     attention_mask: jax.Array,
     rng: jax.Array,
     eos_token_id: jax.Array,
+    prefill_kwargs: dict[str, jax.Array],
     *,
     max_new_tokens: int,
     temperature: float,
@@ -80,7 +81,7 @@ def _generate(
     model = nnx.merge(graphdef, state)
 
     cache = model.init_cache(B, P + N - 1)
-    out = model(input_ids, attention_mask=attention_mask, cache=cache)
+    out = model(input_ids, attention_mask=attention_mask, cache=cache, **prefill_kwargs)
     rng, step_rng = jax.random.split(rng)
     token = sample(out.logits[:, -1], step_rng)
     fill = eos_token_id if use_eos else 0
@@ -119,10 +120,12 @@ def generate(
     top_p: float | None = 0.9,
     eos_token_id: int | None = None,
     rng: jax.Array | None = None,
+    pixel_values: jax.Array | None = None,
 ) -> jax.Array:
     """Sample ``max_new_tokens`` tokens after ``input_ids [B, P]`` (right-padded; ``attention_mask [B, P]``
     marks real tokens). ``model`` is a :class:`~vla_foundry_jax.models.transformer.Transformer` (any module
-    with ``init_cache`` and the same call signature). Returns ``[B, P + max_new_tokens]`` int32.
+    with ``init_cache`` and the same call signature; a VLM takes ``pixel_values`` in the prefill).
+    Returns ``[B, P + max_new_tokens]`` int32.
     """
     input_ids = jnp.asarray(input_ids, jnp.int32)
     if max_new_tokens <= 0:
@@ -139,6 +142,7 @@ def generate(
         jnp.asarray(attention_mask).astype(bool),
         rng,
         jnp.asarray(-1 if eos_token_id is None else eos_token_id, jnp.int32),
+        {} if pixel_values is None else {"pixel_values": jnp.asarray(pixel_values)},
         max_new_tokens=int(max_new_tokens),
         temperature=float(temperature),
         top_k=None if top_k is None or top_k <= 0 else int(top_k),

@@ -24,6 +24,8 @@ def resolve_experiment(exp: TrainExperimentParams) -> TrainExperimentParams:
         )
     data = exp.data.replace(seed=exp.hparams.seed)
     model = exp.model
+    if model.type == "vlm":
+        model = resolve_vlm(model, data)
     if data.type == "text_untokenized" and model.type == "transformer":
         from vla_foundry_jax.data.text import tokenizer_info
 
@@ -34,3 +36,52 @@ def resolve_experiment(exp: TrainExperimentParams) -> TrainExperimentParams:
                 f"({vocab_len} tokens with its pad token); set transformer.vocab_size >= {vocab_len}."
             )
     return exp.replace(data=data, model=model)
+
+
+TRANSFORMER_DEFAULT_VOCAB = 50432
+
+
+def resolve_vlm(model, data):
+    """The original's ``VLMParams.init_shared_attributes`` (reference §1.4), plus shape checks.
+
+    ``processor`` defaults to the data's; ``image_token_id`` comes from the processor when unset; the
+    language model's ``vocab_size`` becomes ``len(tokenizer)`` when it holds the transformer default
+    (50432, 0) as in the original. The data's ``img_num_tokens`` and ``image_size`` must agree with the ViT.
+    """
+    from vla_foundry_jax.data.processor import processor_for_data
+    from vla_foundry_jax.models.vlm import image_tokens_per_image
+
+    processor_name = model.processor or getattr(data, "processor", None)
+    if not processor_name or not hasattr(data, "img_num_tokens"):
+        if model.image_token_id is None:
+            raise ParamsError(
+                "vlm.image_token_id cannot be resolved: the data has no processor; train a VLM on "
+                "image_caption data or bind vlm.image_token_id."
+            )
+        return model
+    info = processor_for_data(data.replace(processor=processor_name))
+    transformer = model.transformer
+    if transformer.type == "transformer" and transformer.vocab_size in (0, TRANSFORMER_DEFAULT_VOCAB):
+        transformer = transformer.replace(vocab_size=info.vocab_len)
+    model = model.replace(
+        processor=processor_name,
+        transformer=transformer,
+        image_token_id=info.image_token_id if model.image_token_id is None else model.image_token_id,
+    )
+    per_image = image_tokens_per_image(model)
+    if data.img_num_tokens != per_image:
+        raise ParamsError(
+            f"{data.gin_name}.img_num_tokens = {data.img_num_tokens} but the ViT gives {per_image} tokens per image "
+            f"((vit.img_size / vit.patch_size)^2 / projector_pixel_shuffle_factor^2); set img_num_tokens = {per_image}."
+        )
+    if model.vit.type == "vit" and data.image_size != model.vit.img_size:
+        raise ParamsError(
+            f"{data.gin_name}.image_size = {data.image_size} but vit.img_size = {model.vit.img_size}; make them equal."
+        )
+    vocab = getattr(model.transformer, "vocab_size", None)
+    if model.transformer.type == "transformer" and vocab < info.vocab_len:
+        raise ParamsError(
+            f"transformer.vocab_size = {vocab} is smaller than the processor's tokenizer ({info.vocab_len} tokens "
+            f"with the image token); set transformer.vocab_size >= {info.vocab_len}."
+        )
+    return model

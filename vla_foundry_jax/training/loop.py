@@ -22,7 +22,7 @@ from vla_foundry_jax import checkpoint as ckpt_lib
 from vla_foundry_jax import parallel
 from vla_foundry_jax.params import ModelParams, ParamsError, TrainExperimentParams, submodel_params
 from vla_foundry_jax.params.resolve import resolve_experiment
-from vla_foundry_jax.registry import WEIGHT_LOADERS, get_loss
+from vla_foundry_jax.registry import BATCH_CHECKS, WEIGHT_LOADERS, get_loss
 from vla_foundry_jax.training.metrics import MetricsWriter
 from vla_foundry_jax.training.optimizer import make_optimizer
 from vla_foundry_jax.training.state import ModelSpec, count_params, init_train_state, make_model_spec
@@ -127,7 +127,9 @@ def load_initial_weights(spec: ModelSpec, states: list[Any]) -> list[Any]:
                 f"model but {path[:-1]} is a {child.type!r}."
             )
         logging.info("loading %s weights from %s", path[:-1], child.resume_from_checkpoint)
-        states = ckpt_lib.restore_model_weights(child.resume_from_checkpoint, states, target_prefix=path)
+        states = ckpt_lib.restore_model_weights(
+            child.resume_from_checkpoint, states, target_prefix=path, grow_vocab=True
+        )
     return states
 
 
@@ -223,8 +225,11 @@ def train(exp: TrainExperimentParams, *, gin_config: str | None = None) -> Train
     bar = tqdm(total=budget.total_steps, initial=start, disable=jax.process_index() != 0, desc="train")
     t_last, steps_since = time.perf_counter(), 0
     tokens_per_step = 0
+    batch_check = BATCH_CHECKS.get(exp.model.type)
     for step in range(start, budget.total_steps):
         host_batch = next(iterator)
+        if batch_check is not None:
+            batch_check(exp.model, host_batch)
         if "input_ids" in host_batch:
             tokens_per_step = hp.global_batch_size * (host_batch["input_ids"].shape[1] - 1)
         state, metrics = train_step(state, parallel.host_batch_to_global(host_batch, mesh))
