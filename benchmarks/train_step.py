@@ -14,16 +14,12 @@ import argparse
 import json
 import time
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vla_foundry_jax import parallel
-from vla_foundry_jax.params import DistributedParams, EMAParams, HyperParams, TransformerParams
-from vla_foundry_jax.registry import get_loss
-from vla_foundry_jax.training.optimizer import make_optimizer
-from vla_foundry_jax.training.state import count_params, init_train_state, make_model_spec
-from vla_foundry_jax.training.step import make_train_step
+from vla_foundry_jax.params import TransformerParams
+
+from common import build_step, time_step
 
 PRESETS = {
     "transformer_tiny": TransformerParams(hidden_dim=64, n_layers=2, n_heads=2, max_seq_len=2048),
@@ -32,47 +28,29 @@ PRESETS = {
 TORCH_TOKENS_PER_S = {"transformer_11m": 1926.0}
 
 
-def bench(name: str, params: TransformerParams, *, batch: int, seq_len: int, steps: int, precision: str) -> dict:
-    hp = HyperParams(precision=precision, global_batch_size=batch, per_gpu_batch_size=batch, warmup="10")
-    mesh = parallel.make_mesh(DistributedParams(), jax.devices()[:1])
-    spec = make_model_spec(params, hp, mesh)
-    opt = make_optimizer(hp, 1000)
-    state = init_train_state(spec, opt, hp, use_ema=False)
-    shardings = jax.tree.map(lambda x: x.sharding, state)
-    step = make_train_step(
-        spec, get_loss("transformer"), opt, hp, EMAParams(), accum_steps=1, total_steps=1000, state_shardings=shardings
-    )
+def _lm_batches(vocab: int, batch: int, seq_len: int) -> list[dict]:
     rng = np.random.default_rng(0)
-    batches = [
+    return [
         {
-            "input_ids": jnp.asarray(rng.integers(0, params.vocab_size, (batch, seq_len + 1)), jnp.int32),
+            "input_ids": jnp.asarray(rng.integers(0, vocab, (batch, seq_len + 1)), jnp.int32),
             "loss_mask": jnp.ones((batch, seq_len + 1), bool),
         }
         for _ in range(2)
     ]
-    t0 = time.perf_counter()
-    compiled = step.lower(state, batches[0]).compile()
-    compile_s = time.perf_counter() - t0
-    state, m = compiled(state, batches[0])
-    jax.block_until_ready(m)
-    times = []
-    for i in range(steps):
-        t0 = time.perf_counter()
-        state, m = compiled(state, batches[i % 2])
-        jax.block_until_ready(m["loss"])
-        times.append(time.perf_counter() - t0)
-    med = float(np.median(times))
-    n = count_params(state["params"])
+
+
+def bench(name: str, params: TransformerParams, *, batch: int, seq_len: int, steps: int, precision: str) -> dict:
+    state, step = build_step(params, batch=batch, precision=precision)
+    r = time_step(state, step, _lm_batches(params.vocab_size, batch, seq_len), steps)
+    med = r["step_s_median"]
     out = {
         "model": name,
         "precision": precision,
         "batch": batch,
         "seq_len": seq_len,
-        "params": n,
-        "compile_s": round(compile_s, 3),
-        "step_s_median": round(med, 4),
+        **r,
         "tokens_per_s": round(batch * seq_len / med, 1),
-        "model_gflop_per_s": round(6 * n * batch * seq_len / med / 1e9, 2),
+        "model_gflop_per_s": round(6 * r["params"] * batch * seq_len / med / 1e9, 2),
     }
     if name in TORCH_TOKENS_PER_S:
         out["vs_pytorch_original"] = round(out["tokens_per_s"] / TORCH_TOKENS_PER_S[name], 2)
@@ -80,24 +58,11 @@ def bench(name: str, params: TransformerParams, *, batch: int, seq_len: int, ste
 
 
 def compile_depth(n_layers: int) -> dict:
-    params = TransformerParams(hidden_dim=96, n_layers=n_layers, n_heads=4)
-    hp = HyperParams(precision="fp32", global_batch_size=8, per_gpu_batch_size=8)
-    mesh = parallel.make_mesh(DistributedParams(), jax.devices()[:1])
-    spec = make_model_spec(params, hp, mesh)
-    opt = make_optimizer(hp, 1000)
-    state = init_train_state(spec, opt, hp, use_ema=False)
-    shardings = jax.tree.map(lambda x: x.sharding, state)
-    step = make_train_step(
-        spec, get_loss("transformer"), opt, hp, EMAParams(), accum_steps=1, total_steps=1000, state_shardings=shardings
-    )
-    batch = {"input_ids": jnp.zeros((8, 257), jnp.int32), "loss_mask": jnp.ones((8, 257), bool)}
+    state, step = build_step(TransformerParams(hidden_dim=96, n_layers=n_layers, n_heads=4), batch=8)
     t0 = time.perf_counter()
-    step.lower(state, batch).compile()
-    return {
-        "model": f"compile_depth_L{n_layers}",
-        "n_layers": n_layers,
-        "compile_s": round(time.perf_counter() - t0, 3),
-    }
+    step.lower(state, _lm_batches(50432, 8, 256)[0]).compile()
+    compile_s = round(time.perf_counter() - t0, 3)
+    return {"model": f"compile_depth_L{n_layers}", "n_layers": n_layers, "compile_s": compile_s}
 
 
 def main() -> None:

@@ -82,3 +82,46 @@ def test_two_processes_match_one(tmp_path, single_device_losses):
     logs = [_finish(p) for p in procs]
     assert "process 0 of 2" in logs[0] and "process 1 of 2" in logs[1]
     _assert_close(single_device_losses, logged_losses(out))
+
+
+def _vlm_command(out_dir: str, bindings: list[str]) -> list[str]:
+    base = [
+        f"experiment.output_dir = '{out_dir}'",
+        "experiment.total_train_samples = 64",  # 4 steps of 16
+        "experiment.log_every_n_steps = 1",
+        "hparams.global_batch_size = 16",
+        "hparams.per_gpu_batch_size = 16",
+    ]
+    cmd = ["python", "-m", "launch.train", "--gin_file=gin_configs/vlm_quickstart.gin"]
+    return cmd + [f"--gin_bindings={b}" for b in [*base, *bindings]]
+
+
+def test_vlm_on_eight_devices_matches_one(tmp_path):
+    import sys
+
+    runs = {}
+    for name, devices, bindings in [
+        ("one", 1, []),
+        (
+            "fsdp4_tensor2",
+            8,
+            [
+                "distributed.data_parallelism = 1",
+                "distributed.fsdp_parallelism = 4",
+                "distributed.tensor_parallelism = 2",
+                "hparams.per_gpu_batch_size = 4",
+            ],
+        ),
+    ]:
+        out = str(tmp_path / name)
+        cmd = _vlm_command(out, bindings)
+        cmd[0] = sys.executable
+        proc = subprocess.Popen(
+            cmd, cwd=ROOT, env=subprocess_env(devices), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
+        _finish(proc)
+        runs[name] = logged_losses(out)
+    one, sharded = runs["one"], runs["fsdp4_tensor2"]
+    assert sorted(one) == sorted(sharded) == [1, 2, 3, 4]
+    for step in one:
+        assert abs(one[step] - sharded[step]) <= 1e-5, (step, one[step], sharded[step])
