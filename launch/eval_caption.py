@@ -29,7 +29,8 @@ def main(argv: list[str]) -> None:
     result = evaluate(Captioner(model, exp), manifest, batch_size=FLAGS.batch_size, limit=FLAGS.limit)
     for ex in result["examples"]:
         print(f"reference: {ex['reference']!r}  prediction: {ex['prediction']!r}")
-    print(json.dumps({"exact_match": result["exact_match"], "num_samples": result["num_samples"], "manifest": manifest}))
+    summary = {"exact_match": result["exact_match"], "num_samples": result["num_samples"], "manifest": manifest}
+    print(json.dumps(summary))
 
 
 if __name__ == "__main__":

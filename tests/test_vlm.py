@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -41,7 +40,7 @@ def _batch(params, n_images=1, text=(5, 6, 7), b=2, seed=0):
 def _shuffle_np(x, s):
     """Independent pixel shuffle: token (bi, bj) = concat over di, dj of x[(bi*s+di)*r + bj*s+dj]."""
     b, n, c = x.shape
-    r = int(round(n**0.5))
+    r = round(n**0.5)
     out = np.zeros((b, (r // s) ** 2, s * s * c), x.dtype)
     for bi in range(r // s):
         for bj in range(r // s):
@@ -68,7 +67,7 @@ def test_per_sample_image_token_count_is_checked(model):
     bad = ids.copy()
     bad[0, -1] = IMG  # sample 0 has one extra image token ...
     bad[1, 0] = 5  # ... sample 1 one fewer: the batch total still matches (the original would accept it)
-    with pytest.raises(ImageTokenError, match="sample 0 holds 5 image tokens .* give 4"):
+    with pytest.raises(ImageTokenError, match=r"sample 0 holds 5 image tokens .* give 4"):
         check_image_tokens(p, bad, px)
     with pytest.raises(ImageTokenError, match="no pixel_values"):
         check_image_tokens(p, ids, None)
@@ -113,15 +112,22 @@ def test_resolve_from_processor_and_mismatch_errors():
     from vla_foundry_jax.params.data_params import ImageCaptionDataParams
     from vla_foundry_jax.params.resolve import resolve_vlm
 
+    # the processor directory makes 32 x 32 images; a 32-pixel ViT with 8-pixel patches and shuffle 2 gives 4 tokens
     data = ImageCaptionDataParams(dataset_manifest=["x"], processor=os.path.join(TINY, "vlm_processor"),
-                                  image_size=16, img_num_tokens=4)
-    p = _params(shuffle=2).replace(image_token_id=None, transformer=_params().transformer.replace(vocab_size=50432))
-    resolved = resolve_vlm(p, data)
+                                  image_size=32, img_num_tokens=4)
+
+    def params(shuffle=2, img=32, vocab=100):
+        p = _params(shuffle=shuffle, vocab=vocab)
+        return p.replace(vit=p.vit.replace(img_size=img, patch_size=img // 4), image_token_id=None)
+
+    resolved = resolve_vlm(params(vocab=50432), data)
     assert resolved.transformer.vocab_size == 143 and resolved.image_token_id == 142
     with pytest.raises(ParamsError, match="img_num_tokens = 4 but the ViT gives 16"):
-        resolve_vlm(_params(shuffle=1).replace(image_token_id=None), data)
+        resolve_vlm(params(shuffle=1), data)
     with pytest.raises(ParamsError, match="vocab_size = 100 is smaller"):
-        resolve_vlm(_params(shuffle=2).replace(image_token_id=None), data)
+        resolve_vlm(params(), data)
+    with pytest.raises(ParamsError, match=r"makes \(32, 32\) images but vit.img_size = 16"):
+        resolve_vlm(params(img=16), data)
 
 
 def test_llm_to_vlm_transformer_weights_arrive_and_vocab_grows(tmp_path):

@@ -1,7 +1,16 @@
 """Params dataclasses for every model, data and training type; importing registers them with gin."""
 
 from vla_foundry_jax.params.base import BaseParams, ParamsError, params_from_dict, register_params
-from vla_foundry_jax.params.data_params import DataParams, TextDataParams, TextUntokenizedDataParams
+from vla_foundry_jax.params.data_params import (
+    ColorJitterParams,
+    CropParams,
+    DataAugmentationParams,
+    DataParams,
+    ImageAugmentationParams,
+    ImageCaptionDataParams,
+    TextDataParams,
+    TextUntokenizedDataParams,
+)
 from vla_foundry_jax.params.model_params import (
     BackboneParams,
     CLIP_OpenCLIPParams,
@@ -31,11 +40,16 @@ __all__ = [
     "CLIPBackboneParams",
     "CLIPHFParams",
     "CLIP_OpenCLIPParams",
+    "ColorJitterParams",
+    "CropParams",
+    "DataAugmentationParams",
     "DataParams",
     "DiffusionPolicyParams",
     "DistributedParams",
     "EMAParams",
     "HyperParams",
+    "ImageAugmentationParams",
+    "ImageCaptionDataParams",
     "ModelParams",
     "NoiseSchedulerParams",
     "ParamsError",

@@ -1,6 +1,7 @@
-"""Data params: one frozen dataclass per data ``type`` (text, text_untokenized; image_caption and
-robotics arrive with their pipelines). Field names follow the original where they mean the same in a
-grain pipeline; the webdataset-specific knobs (shuffle buffers, torch workers) have no equivalent.
+"""Data params: one frozen dataclass per data ``type`` (text, text_untokenized, image_caption; robotics
+arrives with its pipeline), and the image augmentation params. Field names follow the original where they
+mean the same in a grain pipeline; the webdataset-specific knobs (shuffle buffers, torch workers) have no
+equivalent.
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ MODALITIES = ("text", "text_untokenized", "image_caption", "robotics")
 COMPATIBLE_MODALITIES = {
     "text": ("text", "text_untokenized"),
     "text_untokenized": ("text_untokenized",),
-    "image_caption": ("image_caption",),
+    # (JAX) a VLM run may mix text manifests in (each global batch then comes from one dataset).
+    "image_caption": ("image_caption", "text", "text_untokenized"),
     "robotics": ("robotics",),
 }
 
@@ -91,3 +93,121 @@ class TextUntokenizedDataParams(DataParams):
     """Raw text tokenized in the pipeline with a Hugging Face tokenizer (hub id or local directory)."""
 
     tokenizer: str = "EleutherAI/gpt-neox-20b"
+
+
+# ---------------------------------------------------------------- augmentation (the original's DataAugmentationParams)
+
+
+@register_params("color_jitter", family="config")
+class ColorJitterParams(BaseParams):
+    """torchvision-v2 ``ColorJitter``: factors drawn uniformly from ``[max(0, 1 - x), 1 + x]`` for brightness,
+    contrast and saturation, a hue shift from ``hue = (lo, hi)`` (fractions of a turn, within [-0.5, 0.5]);
+    the four adjustments are applied in a random order."""
+
+    enabled: bool = False
+    brightness: float = 0.2
+    contrast: float = 0.4
+    saturation: float = 0.2
+    hue: tuple[float, float] = (-0.05, 0.05)
+
+    def validate(self) -> None:
+        for name in ("brightness", "contrast", "saturation"):
+            if getattr(self, name) < 0:
+                raise ParamsError(f"color_jitter.{name} must be >= 0, got {getattr(self, name)}.")
+        lo, hi = self.hue
+        if not -0.5 <= lo <= hi <= 0.5:
+            raise ParamsError(f"color_jitter.hue = {self.hue} must be (lo, hi) with -0.5 <= lo <= hi <= 0.5.")
+
+
+CROP_MODES = ("random", "center")
+
+
+@register_params("crop", family="config")
+class CropParams(BaseParams):
+    """Crop before any other augmentation. ``shape = (h, w)`` in pixels, or, when both entries are <= 1.0, a
+    ratio of the image's height and width (``int(H * h) x int(W * w)``; random mode only). ``mode``:
+    ``random`` (uniform offset) or ``center`` (fixed window)."""
+
+    enabled: bool = False
+    shape: tuple[float, float] = (224, 224)
+    mode: str = "random"
+
+    def validate(self) -> None:
+        if self.mode not in CROP_MODES:
+            raise ParamsError(f"crop.mode = {self.mode!r}; choose one of {list(CROP_MODES)}.")
+        h, w = self.shape
+        if h <= 0 or w <= 0:
+            raise ParamsError(f"crop.shape = {self.shape} must be positive.")
+        if self.is_ratio:
+            if self.mode != "random":
+                raise ParamsError(
+                    f"crop.shape = {self.shape} is a ratio crop (both entries <= 1.0), which is random only; "
+                    "set crop.mode = 'random' or give the shape in pixels."
+                )
+        elif not (float(h).is_integer() and float(w).is_integer() and h >= 1 and w >= 1):
+            raise ParamsError(
+                f"crop.shape = {self.shape}: give whole pixels (e.g. (224, 224)) or two ratios <= 1.0 "
+                "(e.g. (0.9, 0.9))."
+            )
+
+    @property
+    def is_ratio(self) -> bool:
+        return self.shape[0] <= 1.0 and self.shape[1] <= 1.0
+
+
+@register_params("image_augmentation", family="config")
+class ImageAugmentationParams(BaseParams):
+    """Image augmentations, applied crop first, then colour jitter."""
+
+    color_jitter: ColorJitterParams = dataclasses.field(default_factory=ColorJitterParams)
+    crop: CropParams = dataclasses.field(default_factory=CropParams)
+
+
+@register_params("data_augmentation", family="config")
+class DataAugmentationParams(BaseParams):
+    """Training-time augmentation; an augmentation runs when ``enabled`` and its own ``enabled`` are both set."""
+
+    enabled: bool = True
+    image: ImageAugmentationParams = dataclasses.field(default_factory=ImageAugmentationParams)
+
+
+# ---------------------------------------------------------------- image_caption
+
+
+@register_params("image_caption", family="data")
+class ImageCaptionDataParams(DataParams):
+    """Image + caption pairs (``<key>.txt`` and ``<key>.{jpg,png,jpeg,webp}``) for VLM training.
+
+    ``processor``: ``"simple_vlm"`` (tokenizer from ``tokenizer``, images resized to ``image_size`` and mapped
+    to [-1, 1]) or a Hugging Face processor: a local directory written with ``save_pretrained`` (image
+    processor config + tokenizer) or a hub id. ``tokenizer``: None = the processor's own. Each ``<image>`` of
+    the text becomes ``img_num_tokens`` image tokens. ``processor_kwargs``: see ``data.processor.load_processor``.
+    """
+
+    processor: str = "google/paligemma-3b-pt-224"
+    processor_kwargs: dict = dataclasses.field(default_factory=dict)
+    img_num_tokens: int = 256
+    image_size: int = 224
+    tokenizer: str | None = None
+    augmentation: DataAugmentationParams = dataclasses.field(default_factory=DataAugmentationParams)
+
+    def validate(self) -> None:
+        super().validate()
+        if self.img_num_tokens <= 0:
+            raise ParamsError(f"image_caption.img_num_tokens must be positive, got {self.img_num_tokens}.")
+        if self.image_size <= 0:
+            raise ParamsError(f"image_caption.image_size must be positive, got {self.image_size}.")
+
+    @property
+    def image_token_id(self) -> int:
+        """Id of ``<image>`` in the processor's tokenizer (loads the processor)."""
+        from vla_foundry_jax.data.processor import processor_for_data
+
+        return processor_for_data(self).image_token_id
+
+    @property
+    def pad_token_id(self) -> int:
+        """The processor's pad id (loads the processor)."""
+        from vla_foundry_jax.data.processor import processor_for_data
+
+        return processor_for_data(self).pad_token_id

@@ -74,9 +74,10 @@ def resolve_vlm(model, data):
             f"{data.gin_name}.img_num_tokens = {data.img_num_tokens} but the ViT gives {per_image} tokens per image "
             f"((vit.img_size / vit.patch_size)^2 / projector_pixel_shuffle_factor^2); set img_num_tokens = {per_image}."
         )
-    if model.vit.type == "vit" and data.image_size != model.vit.img_size:
+    if model.vit.type == "vit" and tuple(info.image_size) != (model.vit.img_size, model.vit.img_size):
         raise ParamsError(
-            f"{data.gin_name}.image_size = {data.image_size} but vit.img_size = {model.vit.img_size}; make them equal."
+            f"the processor {processor_name!r} makes {info.image_size} images but vit.img_size = "
+            f"{model.vit.img_size}; set {data.gin_name}.image_size (or the processor's size) equal to vit.img_size."
         )
     vocab = getattr(model.transformer, "vocab_size", None)
     if model.transformer.type == "transformer" and vocab < info.vocab_len:
