@@ -1,0 +1,399 @@
+"""``vit.pretrained``: start a ``vit`` / ``vit_backbone`` from outside weights (registered weight loader).
+
+``pretrained`` is one of
+  * a ``.safetensors`` file (or a directory holding exactly one) in the **original's** ViT naming (reference §3.4):
+    ``patch_embedding.conv.weight [H, 3, p, p]``, ``patch_embedding.conv.bias``,
+    ``patch_embedding.position_embedding [1, n_p (+1), H]``, ``patch_embedding.cls_token [1, 1, H]``,
+    ``blocks.{i}.ln1|ln2.weight/bias``, ``blocks.{i}.attn.qkv_proj|out_proj.weight [out, in]/bias``,
+    ``blocks.{i}.mlp.fc1|fc2.weight/bias``, ``layer_norm.weight/bias``. A ``module.`` / ``_orig_mod.`` wrapper
+    prefix is stripped (judged on the first key, as the original's ``unwrap_state_dict``), and a VLM state dict's
+    ``vit.`` tensors are used when the file has no bare ViT names (its other tensors are ignored);
+  * one of our runs (run, ``checkpoints/`` or step directory): a standalone ``vit`` run or any run whose model holds
+    exactly one custom ViT (e.g. a ``vlm``: its ``vit.`` weights), located through the run's stored params.
+
+Strict: every source tensor consumed, every parameter filled, shapes equal, else an error listing the missing,
+unexpected and mismatched names. The one tolerated mismatch is the position embedding's token grid: a stored grid
+``g x g`` different from the model's ``img_size / patch_size`` is resized with ``vit.interpolation_mode``
+(``bicubic`` / ``bilinear`` / ``nearest``, torch ``F.interpolate(..., align_corners=False)`` semantics, see
+:func:`torch_interpolate`); the CLS row is kept as is. Each loaded tensor is cast to the parameter's dtype and placed
+directly in the parameter's sharding.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+
+from vla_foundry_jax import checkpoint as ckpt_lib
+from vla_foundry_jax.params.model_params import ModelParams, ViTParams, submodel_params
+from vla_foundry_jax.registry import register_weight_loader
+
+INTERPOLATION_MODES = ("bicubic", "bilinear", "nearest")
+VIT_TYPES = ("vit", "vit_backbone")
+POS = "patch_embedding.position_embedding"
+CONV = "patch_embedding.conv.kernel"
+CLS = "patch_embedding.cls_token"
+BICUBIC_A = -0.75
+
+
+class WeightLoadError(ValueError):
+    """Pretrained weights that do not fit the model (names and shapes listed)."""
+
+
+# ----------------------------------------------------------------------------------------------------------
+# torch-compatible interpolation (F.interpolate, align_corners=False)
+
+
+def _cubic_weights(t: np.ndarray) -> np.ndarray:
+    """torch's ``get_cubic_upsample_coefficients`` (Keys cubic convolution, A = -0.75) -> ``[..., 4]``."""
+    A = BICUBIC_A
+
+    def near(x: np.ndarray) -> np.ndarray:  # |x| <= 1
+        return ((A + 2) * x - (A + 3)) * x * x + 1
+
+    def far(x: np.ndarray) -> np.ndarray:  # 1 < |x| < 2
+        return ((A * x - 5 * A) * x + 8 * A) * x - 4 * A
+
+    return np.stack([far(t + 1.0), near(t), near(1.0 - t), far(2.0 - t)], axis=-1)
+
+
+def interpolation_matrix(in_size: int, out_size: int, mode: str) -> np.ndarray:
+    """``[out_size, in_size]`` float64 matrix ``M`` with ``resize(v) = M @ v`` along one axis (torch semantics).
+
+    * ``bicubic``: source ``(o + 0.5) * in/out - 0.5`` (not clamped), 4 taps at ``floor - 1 .. floor + 2`` with
+      cubic-convolution weights (A = -0.75), tap indices clamped to the border (torch's bounded access);
+    * ``bilinear``: source clamped at 0, taps ``i0 = floor`` and ``min(i0 + 1, in - 1)``;
+    * ``nearest``: torch's legacy ``nearest``: ``min(floor(o * in/out), in - 1)`` in float32 arithmetic.
+    """
+    if mode not in INTERPOLATION_MODES:
+        raise WeightLoadError(
+            f"vit.interpolation_mode = {mode!r} is not supported; choose one of {list(INTERPOLATION_MODES)}."
+        )
+    m = np.zeros((out_size, in_size), np.float64)
+    rows = np.arange(out_size)
+    if in_size == out_size:
+        return np.eye(in_size)
+    if mode == "nearest":
+        if out_size == 2 * in_size:
+            src = rows >> 1
+        else:
+            scale = np.float32(in_size) / np.float32(out_size)
+            src = np.minimum(np.floor(rows.astype(np.float32) * scale).astype(np.int64), in_size - 1)
+        m[rows, src] = 1.0
+        return m
+    # Source coordinates in float32 arithmetic, as torch computes them for float tensors.
+    f32 = np.float32
+    scale = f32(in_size) / f32(out_size)
+    real = ((rows.astype(f32) + f32(0.5)) * scale - f32(0.5)).astype(np.float64)
+    if mode == "bilinear":
+        real = np.maximum(real, 0.0)
+        i0 = np.minimum(np.floor(real).astype(np.int64), in_size - 1)
+        lam = np.clip(real - i0, 0.0, 1.0)
+        i1 = np.where(i0 < in_size - 1, i0 + 1, i0)
+        np.add.at(m, (rows, i0), 1.0 - lam)
+        np.add.at(m, (rows, i1), lam)
+        return m
+    base = np.floor(real).astype(np.int64)
+    w = _cubic_weights(real - base)
+    for tap in range(4):
+        np.add.at(m, (rows, np.clip(base - 1 + tap, 0, in_size - 1)), w[:, tap])
+    return m
+
+
+def torch_interpolate(x: np.ndarray, size: tuple[int, int], mode: str) -> np.ndarray:
+    """``F.interpolate(x, size, mode, align_corners=False)`` for ``x [..., h, w]`` (NumPy, float64 math).
+
+    The 2-D resize is separable (rows, then columns), as torch's kernels are; returns ``[..., size[0], size[1]]``
+    in float64.
+    """
+    x = np.asarray(x, np.float64)
+    mh = interpolation_matrix(x.shape[-2], size[0], mode)
+    mw = interpolation_matrix(x.shape[-1], size[1], mode)
+    return np.einsum("oh,...hw,pw->...op", mh, x, mw)
+
+
+def resize_position_embedding(pos: np.ndarray, grid: int, *, cls_flag: bool, mode: str) -> np.ndarray:
+    """Resize a position table ``[(1 +) g*g, H]`` to ``[(1 +) grid*grid, H]`` on its square token grid.
+
+    The CLS row (first, when ``cls_flag``) is kept unchanged; the grid is resized with :func:`torch_interpolate`.
+    """
+    head, body = (pos[:1], pos[1:]) if cls_flag else (pos[:0], pos)
+    n, H = body.shape
+    g = math.isqrt(n)
+    if g * g != n:
+        raise WeightLoadError(f"{POS}: {n} patch positions do not form a square grid; cannot resize.")
+    img = body.reshape(g, g, H).transpose(2, 0, 1)  # [H, g, g]
+    out = torch_interpolate(img, (grid, grid), mode).transpose(1, 2, 0).reshape(grid * grid, H)
+    return np.concatenate([np.asarray(head, np.float64), out], axis=0)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Name and layout maps: ours <-> the original's state dict
+
+
+def _orig_name(name: str) -> str:
+    return name[: -len(".kernel")] + ".weight" if name.endswith(".kernel") else name
+
+
+def _orig_names(name: str, n_layers: int) -> list[str]:
+    """The original's tensor names holding our parameter ``name`` (one per layer for stacked ``blocks.*``)."""
+    orig = _orig_name(name)
+    if name.startswith("blocks."):
+        rest = orig[len("blocks.") :]
+        return [f"blocks.{i}.{rest}" for i in range(n_layers)]
+    return [orig]
+
+
+def to_original_layout(name: str, value: np.ndarray) -> np.ndarray:
+    """One (per-layer) parameter in our layout -> the original's tensor layout."""
+    if name == CONV:  # [p*p*3, H] -> [H, 3, p, p]
+        P, H = value.shape
+        p = math.isqrt(P // 3)
+        return value.reshape(p, p, 3, H).transpose(3, 2, 0, 1)
+    if name == POS:
+        return value[None]
+    if name == CLS:
+        return value.reshape(1, 1, -1)
+    if name.endswith(".kernel"):
+        return value.T
+    return value
+
+
+def from_original_layout(name: str, value: np.ndarray) -> np.ndarray:
+    """Inverse of :func:`to_original_layout`."""
+    if name == CONV:  # [H, 3, p, p] -> [p*p*3, H]
+        H = value.shape[0]
+        return value.transpose(2, 3, 1, 0).reshape(-1, H)
+    if name == POS:
+        return value.reshape(value.shape[-2], value.shape[-1])
+    if name == CLS:
+        return value.reshape(-1)
+    if name.endswith(".kernel"):
+        return value.T
+    return value
+
+
+def _orig_shape(name: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+    return tuple(to_original_layout(name, np.empty(shape, np.uint8)).shape)
+
+
+def export_original_state_dict(state: Any, n_layers: int) -> dict[str, np.ndarray]:
+    """A ViT's ``nnx.State`` (ours) -> ``{original name: array}`` in the original's layout (float32 NumPy)."""
+    out = {}
+    for name, value in ckpt_lib.flat_params(state).items():
+        value = np.asarray(jax.device_get(value), np.float32)
+        names = _orig_names(name, n_layers)
+        per_layer = [value[i] for i in range(n_layers)] if name.startswith("blocks.") else [value]
+        for orig, v in zip(names, per_layer, strict=True):
+            out[orig] = np.ascontiguousarray(to_original_layout(name, v))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Placement
+
+
+def _place(value: np.ndarray, leaf: Any) -> jax.Array:
+    """``value`` as an array with ``leaf``'s dtype and sharding (each process supplies its own shards)."""
+    value = np.asarray(value).astype(np.dtype(leaf.dtype))
+    sharding = getattr(leaf, "sharding", None)
+    if sharding is None:
+        return jax.device_put(value, jax.local_devices()[0])
+    return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
+
+
+def _host(x: Any) -> np.ndarray:
+    """A host copy of a (replicated) array, also when it spans several processes."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        x = x.addressable_data(0)
+    return np.asarray(jax.device_get(x))
+
+
+def _targets(states: Sequence[Any], prefix: str) -> dict[str, Any]:
+    """``{name relative to prefix: leaf}`` of the ViT's parameters across ``states``."""
+    out = {}
+    for state in states:
+        for name, leaf in ckpt_lib.flat_params(state).items():
+            if name.startswith(prefix):
+                out[name[len(prefix) :]] = leaf
+    if POS not in out:
+        raise WeightLoadError(f"no ViT parameters under the module path {prefix!r} (expected {prefix}{POS}).")
+    return out
+
+
+def _pos_resizable(stored: tuple[int, ...], target: tuple[int, ...], cls_flag: bool) -> bool:
+    """Same width, and the stored rows (minus the CLS row) form a square grid: a resize can fix the mismatch."""
+    if len(stored) != len(target) or stored[-1] != target[-1]:
+        return False
+    n = stored[-2] - (1 if cls_flag else 0)
+    return n > 0 and math.isqrt(n) ** 2 == n
+
+
+def _error(source: str, missing: list[str], unexpected: list[str], mismatched: list[str]) -> WeightLoadError:
+    lines = [f"vit.pretrained = {source!r} does not match the model:"]
+    if mismatched:
+        lines.append(f"  shape mismatches ({len(mismatched)}): " + "; ".join(mismatched[:20]))
+    if missing:
+        lines.append(f"  missing from the file ({len(missing)}): " + ", ".join(missing[:20]))
+    if unexpected:
+        lines.append(f"  in the file but not in the model ({len(unexpected)}): " + ", ".join(unexpected[:20]))
+    lines.append(
+        "  Set the vit.* sizes (hidden_dim, inter_dim, patch_size, n_layers, cls_flag) the weights were made with."
+    )
+    return WeightLoadError("\n".join(lines))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Sources
+
+
+def _source_prefix(keys: list[str]) -> str:
+    """The wrapper prefix of a state dict's ViT tensors (``module.``, ``_orig_mod.``, a VLM's ``vit.``)."""
+    prefix = ""
+    while keys and any(keys[0].startswith(prefix + w) for w in ("_orig_mod.", "module.")):
+        prefix += next(w for w in ("_orig_mod.", "module.") if keys[0].startswith(prefix + w))
+    names = [k[len(prefix) :] for k in keys if k.startswith(prefix)]
+    if not any(k.startswith("patch_embedding.") for k in names) and any(
+        k.startswith("vit.patch_embedding.") for k in names
+    ):
+        prefix += "vit."
+    return prefix
+
+
+def load_safetensors(path: str, params: ViTParams, states: Sequence[Any], prefix: str) -> list[Any]:
+    """Fill the ViT under ``prefix`` in ``states`` from an original-format safetensors file (see module doc)."""
+    from safetensors import safe_open
+
+    targets = _targets(states, prefix)
+    L = params.n_layers
+    with safe_open(path, framework="np") as f:
+        keys = list(f.keys())
+        src = _source_prefix(keys)
+        available = {k[len(src) :]: tuple(f.get_slice(k).get_shape()) for k in keys if k.startswith(src)}
+        expected: dict[str, tuple[str, tuple[int, ...]]] = {}  # original name -> (our name, original shape)
+        for name, leaf in targets.items():
+            shape = tuple(leaf.shape[1:]) if name.startswith("blocks.") else tuple(leaf.shape)
+            for orig in _orig_names(name, L):
+                expected[orig] = (name, _orig_shape(name, shape))
+        missing = sorted(set(expected) - set(available))
+        unexpected = sorted(set(available) - set(expected))
+        mismatched = []
+        for orig in sorted(set(expected) & set(available)):
+            name, want = expected[orig]
+            have = available[orig]
+            if have != want and not (name == POS and _pos_resizable(have, want, params.cls_flag)):
+                mismatched.append(f"{src}{orig}: file {have} vs model {want}")
+        if missing or unexpected or mismatched:
+            raise _error(path, missing, [src + k for k in unexpected], mismatched)
+
+        values = {}
+        for name, leaf in targets.items():
+            origs = _orig_names(name, L)
+            parts = [from_original_layout(name, f.get_tensor(src + orig)) for orig in origs]
+            value = np.stack(parts) if name.startswith("blocks.") else parts[0]
+            if name == POS and value.shape != tuple(leaf.shape):
+                value = _resize_pos(value, params)
+            values[prefix + name] = _place(value, leaf)
+    return [ckpt_lib.set_flat_params(state, values) for state in states]
+
+
+def _resize_pos(value: np.ndarray, params: ViTParams) -> np.ndarray:
+    grid = params.img_size // params.patch_size
+    return resize_position_embedding(
+        np.asarray(value, np.float64), grid, cls_flag=params.cls_flag, mode=params.interpolation_mode
+    )
+
+
+def _vit_paths(model: ModelParams, prefix: str = "") -> list[str]:
+    out = [prefix] if model.type in VIT_TYPES else []
+    for field, child in submodel_params(model).items():
+        out += _vit_paths(child, f"{prefix}{field}.")
+    return out
+
+
+def load_run(path: str, params: ViTParams, states: Sequence[Any], prefix: str) -> list[Any]:
+    """Fill the ViT under ``prefix`` from one of our runs (standalone ViT or a model holding one ViT)."""
+    step_dir = ckpt_lib.resolve_step_dir(path)
+    try:
+        stored_model = ckpt_lib.load_experiment_params(step_dir).model
+    except FileNotFoundError as e:
+        raise WeightLoadError(f"vit.pretrained = {path!r}: {step_dir} has no params item ({e}).") from e
+    paths = _vit_paths(stored_model)
+    if len(paths) != 1:
+        what = "no custom ViT" if not paths else f"{len(paths)} custom ViTs ({', '.join(p or '<top>' for p in paths)})"
+        raise WeightLoadError(
+            f"vit.pretrained = {path!r} holds a {stored_model.type!r} model with {what}; point it at a run whose "
+            f"model has exactly one vit / vit_backbone."
+        )
+    source_prefix = paths[0]
+    targets = _targets(states, prefix)
+    stored = ckpt_lib.stored_model_shapes(step_dir)
+    pos_leaf = targets[POS]
+    src_pos = source_prefix + POS
+    resize = (
+        src_pos in stored
+        and stored[src_pos][0] != tuple(pos_leaf.shape)
+        and _pos_resizable(stored[src_pos][0], tuple(pos_leaf.shape), params.cls_flag)
+    )
+    work = list(states)
+    if resize:  # restore the stored table at its own shape (replicated), then resize it on the host
+        sharding = getattr(pos_leaf, "sharding", None)
+        if isinstance(sharding, jax.sharding.NamedSharding):
+            sharding = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
+        else:
+            sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        stand_in = jax.ShapeDtypeStruct(stored[src_pos][0], np.dtype(pos_leaf.dtype), sharding=sharding)
+        work = [ckpt_lib.set_flat_params(s, {prefix + POS: stand_in}) for s in work]
+    try:
+        work = ckpt_lib.restore_model_weights(step_dir, work, target_prefix=prefix, source_prefix=source_prefix)
+    except ckpt_lib.CheckpointError as e:
+        raise WeightLoadError(f"vit.pretrained = {path!r} (ViT at {source_prefix or '<top>'!r}): {e}") from e
+    if resize:
+        restored = next(v for s in work for n, v in ckpt_lib.flat_params(s).items() if n == prefix + POS)
+        value = _place(_resize_pos(_host(restored), params), pos_leaf)
+        work = [ckpt_lib.set_flat_params(s, {prefix + POS: value}) for s in work]
+    return work
+
+
+def _resolve_source(path: str) -> tuple[str, Callable[..., list[Any]]]:
+    expanded = os.path.abspath(os.path.expanduser(path))
+    if os.path.isfile(expanded):
+        if expanded.endswith(".safetensors"):
+            return expanded, load_safetensors
+        raise WeightLoadError(f"vit.pretrained = {path!r} is a file but not a .safetensors file.")
+    if os.path.isdir(expanded):
+        if any(os.path.isdir(os.path.join(expanded, d)) for d in ("checkpoints", "model")) or any(
+            d.isdigit() for d in os.listdir(expanded)
+        ):
+            return expanded, load_run
+        files = sorted(f for f in os.listdir(expanded) if f.endswith(".safetensors"))
+        if len(files) == 1:
+            return os.path.join(expanded, files[0]), load_safetensors
+        raise WeightLoadError(
+            f"vit.pretrained = {path!r} is a directory with neither our checkpoints nor exactly one .safetensors "
+            f"file (found {files or 'none'})."
+        )
+    raise WeightLoadError(
+        f"vit.pretrained = {path!r} does not exist; give an original-format .safetensors file or one of our run "
+        f"directories (hub ids are not supported for the custom ViT)."
+    )
+
+
+@register_weight_loader("vit")
+@register_weight_loader("vit_backbone")
+def load_vit_weights(params: ViTParams, states: Sequence[Any], prefix: str) -> list[Any]:
+    """Weight loader for ``vit.pretrained``: ``states`` (nnx.State parts) -> updated states; no-op when unset."""
+    if params.pretrained is None:
+        return list(states)
+    if params.interpolation_mode not in INTERPOLATION_MODES:
+        raise WeightLoadError(
+            f"{params.gin_name}.interpolation_mode = {params.interpolation_mode!r} is not supported; choose one of "
+            f"{list(INTERPOLATION_MODES)}."
+        )
+    source, loader = _resolve_source(params.pretrained)
+    return loader(source, params, states, prefix)
