@@ -1,24 +1,36 @@
-"""The training input pipeline: grain over VLA Foundry manifests, mixed by weight, batched, sharded by host.
+"""The input pipelines: grain over VLA Foundry manifests, mixed by weight, batched, sharded by host.
 
 Per manifest i (grain ``MapDataset`` chain)::
 
-    source(ShardDataSource) -> shuffle(seed_i)          if data.shuffle     (global sample-level shuffle)
-                            -> repeat()                 if data.allow_multiple_epochs (reshuffled each epoch)
-                            -> random_map(modality transform, seed'_i)      (decode / window / tokenize)
+    source -> shuffle(seed_i)          if data.shuffle     (global sample-level shuffle)
+           -> repeat()                 if data.allow_multiple_epochs (reshuffled each epoch)
+           -> random_map(modality transform, seed'_i)      (decode / window / tokenize / augment + process)
 
-then ``MapDataset.mix(datasets, dataset_weighting)`` (grain's deterministic interleave: every window of
-sum(proportions) consecutive samples holds each dataset in proportion), truncated to
-``num_batches * global_batch_size`` samples. Global batch t is mixed samples ``[t*G, (t+1)*G)``; host p of P
-takes rows ``[p*b, (p+1)*b)`` of it (``b = G / P``), via ``batch(b)`` then ``slice(p::P)``. So the global
-batch never depends on the number of processes, and concatenating the hosts' batches in process order gives
-the single-process batch. Batches are computed ahead on grain's reader threads
+The source is a ``ShardDataSource`` (raw members), or for ``image_caption`` an ``ImageCaptionSource`` that
+decodes the image and skips corrupted ones (see ``data.image_caption``).
+
+Mixing. When every used manifest has the same modality, samples are mixed: ``MapDataset.mix(datasets,
+dataset_weighting)`` (grain's deterministic interleave: every window of sum(proportions) consecutive samples
+holds each dataset in proportion), truncated to ``num_batches * global_batch_size`` samples, and global batch t
+is mixed samples ``[t*G, (t+1)*G)``. When the modalities differ (e.g. image_caption + text: their batches have
+different keys), each *global batch* comes from ONE dataset, as the original's per-batch ``RandomMix``: dataset
+``d_t`` of batch t is drawn from the weights (``u_t ~ U[0, 1)`` from a generator seeded by ``data.seed``,
+``d_t = searchsorted(cumsum(w) / sum(w), u_t)``; a prefix does not depend on ``num_batches``) and batch t is
+that dataset's next ``G`` samples. ``TrainIterator.batch_datasets`` lists ``d_t``.
+
+Hosts: host p of P takes rows ``[p*b, (p+1)*b)`` of every global batch (``b = G / P``), via ``batch(b)`` then
+``slice(p::P)``. So the global batch never depends on the number of processes, and concatenating the hosts'
+batches in process order gives the single-process batch. Batches are computed ahead on grain's reader threads
 (``ReadOptions``: ``data.num_workers`` threads, ``data.prefetch_factor`` batches ahead).
 
 Where this differs from the original (webdataset): the original shuffles *shard order* per checkpoint
-window, reads samples in tar order, splits shards between ranks/workers and picks one dataset per *batch*
-(``RandomMix``), so its batches are homogeneous and rank-dependent. Here shuffling is per sample over the
-whole dataset, mixing is per sample (each batch holds the datasets in proportion) and the sequence of global
-batches is the same for any host count. Samples are seen at most once per epoch in both.
+window, reads samples in tar order and splits shards between ranks/workers, so its batches are
+rank-dependent; it also always mixes per batch. Here shuffling is per sample over the whole dataset, mixing
+is per sample for one modality, and the sequence of global batches is the same for any host count. Samples
+are seen at most once per epoch in both.
+
+Evaluation: ``build_eval_iterator`` reads held-out manifests once, in order, unshuffled, without random
+augmentation; the last batch is padded to full size (see there).
 """
 
 from __future__ import annotations
@@ -31,11 +43,12 @@ from typing import Any
 import grain
 import numpy as np
 
+from vla_foundry_jax.data.image_caption import ImageCaptionSource, ImageCaptionTransform, ProcessorTextTransform
 from vla_foundry_jax.data.shards import DataError, ShardDataSource
 from vla_foundry_jax.data.text import TextTransform, TextUntokenizedTransform, load_tokenizer, tokenizer_name
 
 STATE_VERSION = 1
-_SUPPORTED = ("text", "text_untokenized")
+_SUPPORTED = ("text", "text_untokenized", "image_caption")
 
 
 def _derive_seed(seed: int, *parts: int) -> int:
@@ -43,10 +56,29 @@ def _derive_seed(seed: int, *parts: int) -> int:
     return int(np.random.SeedSequence([seed % 2**63, *parts]).generate_state(1)[0])
 
 
-def _modality_transform(data: Any, modality: str, manifest: str) -> TextTransform | TextUntokenizedTransform:
+def _processor(data: Any, modality: str, manifest: str) -> Any:
+    if getattr(data, "type", None) != "image_caption":
+        raise DataError(
+            f"Manifest {manifest!r} is {modality} data read through a VLM processor, but data type "
+            f"{getattr(data, 'type', None)!r} has none; use the image_caption data type (image_caption.processor)."
+        )
+    from vla_foundry_jax.data.processor import processor_for_data
+
+    return processor_for_data(data)  # load (and fail) here, in the main thread, not in a reader thread
+
+
+def _source_and_transform(data: Any, modality: str, manifest: str, *, train: bool = True) -> tuple[Any, Any]:
+    """The random-access source and the per-sample transform of one manifest."""
+    if modality not in _SUPPORTED:
+        raise NotImplementedError(
+            f"Modality {modality!r} (manifest {manifest!r}) has no grain pipeline yet; supported: {list(_SUPPORTED)}."
+        )
     if modality == "text":
-        return TextTransform(data.seq_len)
+        return ShardDataSource(manifest), TextTransform(data.seq_len)
     if modality == "text_untokenized":
+        if getattr(data, "type", None) == "image_caption":
+            transform = ProcessorTextTransform(_processor(data, modality, manifest), data.seq_len)
+            return ShardDataSource(manifest), transform
         name = tokenizer_name(data)
         if name is None:
             raise DataError(
@@ -54,10 +86,42 @@ def _modality_transform(data: Any, modality: str, manifest: str) -> TextTransfor
                 "use the text_untokenized data type and set its `tokenizer`."
             )
         load_tokenizer(name)  # load (and fail) here, in the main thread, not in a reader thread
-        return TextUntokenizedTransform(data.seq_len, name)
-    raise NotImplementedError(
-        f"Modality {modality!r} (manifest {manifest!r}) has no grain pipeline yet; supported: {list(_SUPPORTED)}."
-    )
+        return ShardDataSource(manifest), TextUntokenizedTransform(data.seq_len, name)
+    processor = _processor(data, modality, manifest)
+    transform = ImageCaptionTransform(processor, data.seq_len, data.augmentation, train=train)
+    return ImageCaptionSource(ShardDataSource(manifest)), transform
+
+
+class _BatchSelect(grain.MapDataset):
+    """Global batch t = batch ``pos[t]`` of parent ``choices[t]`` (per-batch mixing of datasets)."""
+
+    def __init__(self, parents: list[grain.MapDataset], choices: np.ndarray) -> None:
+        super().__init__(parents)
+        self._choices = choices
+        self._pos = np.zeros(len(choices), np.int64)
+        for d in range(len(parents)):
+            idx = np.flatnonzero(choices == d)
+            self._pos[idx] = np.arange(len(idx))
+
+    def __len__(self) -> int:
+        return len(self._choices)
+
+    def __getitem__(self, index: Any) -> Any:
+        if isinstance(index, slice):
+            return self.slice(index)
+        d = int(self._choices[index])
+        return self.parents[d][int(self._pos[index])]
+
+    def __str__(self) -> str:
+        return f"_BatchSelect(datasets={len(self.parents)})"
+
+
+def batch_choices(weights: list[float], num_batches: int, seed: int) -> np.ndarray:
+    """Dataset of each global batch for per-batch mixing (int64 ``[num_batches]``); prefix-stable in num_batches."""
+    w = np.asarray(weights, np.float64)
+    cdf = np.cumsum(w / w.sum())
+    u = np.random.default_rng(_derive_seed(seed, 2**20, 0)).random(num_batches)
+    return np.minimum(np.searchsorted(cdf, u, side="right"), len(w) - 1).astype(np.int64)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,7 +141,8 @@ class _Fingerprint:
 
 
 class TrainIterator(Iterator[dict[str, np.ndarray]]):
-    """This host's batches ``{"input_ids": int32 [b, seq_len+1], "loss_mask": bool [b, seq_len+1]}``.
+    """This host's batches ``{"input_ids": int32 [b, seq_len+1], "loss_mask": bool [b, seq_len+1]}``, plus
+    ``"pixel_values": float32 [b, 1, H, W, 3]`` for image_caption batches.
 
     ``get_state()`` is JSON-serialisable: ``{"version": 1, "next_batch": k, "fingerprint": {...}}`` where k
     counts the batches already returned. It is a *global* position (global batch k), so it can be restored
@@ -94,6 +159,8 @@ class TrainIterator(Iterator[dict[str, np.ndarray]]):
         process_index: int,
         process_count: int,
         dataset_sizes: list[int],
+        sources: list[Any] = (),
+        batch_datasets: np.ndarray | None = None,
     ) -> None:
         self._ds = host_batches
         self._fingerprint = fingerprint
@@ -105,8 +172,16 @@ class TrainIterator(Iterator[dict[str, np.ndarray]]):
         self.process_index = process_index
         self.process_count = process_count
         self.dataset_sizes = dataset_sizes  # samples found per manifest
+        self.sources = list(sources)
+        # per-batch mixing: index (into the manifests) of the dataset of each global batch; None when mixed per sample
+        self.batch_datasets = batch_datasets
         self._next = 0
         self._it: Any = None
+
+    @property
+    def corrupt_images_skipped(self) -> int:
+        """Corrupted images replaced by their neighbour so far in this process (image_caption sources)."""
+        return sum(getattr(src, "skipped", 0) for src in self.sources)
 
     def _start(self) -> None:
         self.close()
@@ -187,6 +262,17 @@ def _read_options(num_workers: int | None, prefetch_factor: int) -> grain.ReadOp
     return grain.ReadOptions(num_threads=threads, prefetch_buffer_size=max(prefetch_factor, threads))
 
 
+def _check_hosts(global_batch_size: int, process_index: int, process_count: int) -> int:
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index {process_index} not in [0, process_count={process_count}).")
+    if global_batch_size % process_count:
+        raise ValueError(
+            f"global batch size {global_batch_size} is not divisible by the {process_count} processes; "
+            "each host must get the same number of rows."
+        )
+    return global_batch_size // process_count
+
+
 def build_train_iterator(
     data: Any,
     *,
@@ -197,32 +283,26 @@ def build_train_iterator(
 ) -> TrainIterator:
     """Build this host's iterator over ``num_batches`` global batches of ``global_batch_size`` samples.
 
-    ``data`` is a ``DataParams`` (text or text_untokenized). Raises ``DataError`` when the manifests hold too
-    few samples for ``num_batches`` without ``data.allow_multiple_epochs``.
+    ``data`` is a ``DataParams`` (text, text_untokenized or image_caption). Raises ``DataError`` when the
+    manifests hold too few samples for ``num_batches`` without ``data.allow_multiple_epochs``.
     """
     if global_batch_size <= 0 or num_batches <= 0:
         raise ValueError(f"global_batch_size ({global_batch_size}) and num_batches ({num_batches}) must be positive.")
-    if not 0 <= process_index < process_count:
-        raise ValueError(f"process_index {process_index} not in [0, process_count={process_count}).")
-    if global_batch_size % process_count:
-        raise ValueError(
-            f"global batch size {global_batch_size} is not divisible by the {process_count} processes; "
-            "each host must get the same number of rows."
-        )
+    b = _check_hosts(global_batch_size, process_index, process_count)
     if not data.dataset_manifest:
         raise DataError(f"{data.gin_name}.dataset_manifest is empty: give at least one manifest.jsonl path.")
-    b = global_batch_size // process_count
     manifests = list(data.dataset_manifest)
     weights = [float(w) for w in data.weights]
     modalities = list(data.modalities)
 
     sizes: list[int] = []
+    sources: list[Any] = []
     parts: list[grain.MapDataset] = []
-    used_weights: list[float] = []
+    used: list[int] = []
     for i, (manifest, weight, modality) in enumerate(zip(manifests, weights, modalities, strict=True)):
-        transform = _modality_transform(data, modality, manifest)
-        source = ShardDataSource(manifest)
+        source, transform = _source_and_transform(data, modality, manifest)
         sizes.append(len(source))
+        sources.append(source)
         if weight <= 0:
             logging.info("Dataset %s has weight %s: not used.", manifest, weight)
             continue
@@ -233,19 +313,37 @@ def build_train_iterator(
             ds = ds.repeat()  # each epoch reshuffled (grain folds the epoch into the shuffle seed)
         ds = ds.random_map(transform, seed=_derive_seed(data.seed, i, 1))
         parts.append(ds)
-        used_weights.append(weight)
-
-    mixed = parts[0] if len(parts) == 1 else grain.MapDataset.mix(parts, used_weights)
+        used.append(i)
+    used_weights = [weights[i] for i in used]
     needed = num_batches * global_batch_size
-    if len(mixed) < needed:
-        detail = ", ".join(f"{m}: {n}" for m, n in zip(manifests, sizes, strict=True))
-        mix_note = f" (with weights {weights} the mixture can use {len(mixed)} before one dataset runs out)"
-        raise DataError(
-            f"Not enough training data: {num_batches} batches x {global_batch_size} samples need {needed} samples, "
-            f"the data holds {sum(sizes)} ({detail}){mix_note if len(parts) > 1 else ''}. "
-            "Set data.allow_multiple_epochs = True to repeat it, or lower experiment.total_train_samples."
-        )
-    host = mixed[:needed].batch(b, drop_remainder=True)[process_index::process_count]
+    detail = ", ".join(f"{m}: {n}" for m, n in zip(manifests, sizes, strict=True))
+    advice = "Set data.allow_multiple_epochs = True to repeat it, or lower experiment.total_train_samples."
+
+    choices = None
+    if len({modalities[i] for i in used}) <= 1:  # one modality: mix per sample
+        mixed = parts[0] if len(parts) == 1 else grain.MapDataset.mix(parts, used_weights)
+        if len(mixed) < needed:
+            mix_note = f" (with weights {weights} the mixture can use {len(mixed)} before one dataset runs out)"
+            raise DataError(
+                f"Not enough training data: {num_batches} batches x {global_batch_size} samples need {needed} "
+                f"samples, the data holds {sum(sizes)} ({detail}){mix_note if len(parts) > 1 else ''}. {advice}"
+            )
+        host = mixed[:needed].batch(b, drop_remainder=True)[process_index::process_count]
+    else:  # modalities differ: one dataset per global batch
+        local = batch_choices(used_weights, num_batches, data.seed)
+        host_parts = []
+        for d, ds in enumerate(parts):
+            count = int((local == d).sum())
+            if len(ds) < count * global_batch_size:
+                raise DataError(
+                    f"Not enough training data: dataset {manifests[used[d]]!r} (weight {used_weights[d]}) is picked "
+                    f"for {count} of the {num_batches} global batches and needs {count * global_batch_size} samples, "
+                    f"it holds {len(ds)} ({detail}). {advice}"
+                )
+            sel = ds[: count * global_batch_size].batch(b, drop_remainder=True)
+            host_parts.append(sel[process_index::process_count])
+        host = _BatchSelect(host_parts, local)
+        choices = np.asarray(used, np.int64)[local]
     assert len(host) == num_batches, (len(host), num_batches)
 
     read_options = _read_options(data.num_workers, data.prefetch_factor)
@@ -266,4 +364,103 @@ def build_train_iterator(
         process_index=process_index,
         process_count=process_count,
         dataset_sizes=sizes,
+        sources=sources,
+        batch_datasets=choices,
     )
+
+
+# ---------------------------------------------------------------- evaluation
+
+
+class _PadToLength(grain.MapDataset):
+    """The parent's samples with ``"valid": True``, then padding samples (``valid`` False) up to ``length``."""
+
+    def __init__(self, parent: grain.MapDataset, length: int, pad: dict[str, np.ndarray]) -> None:
+        super().__init__(parent)
+        self._length = length
+        self._n = len(parent)
+        self._pad = pad
+
+    def __len__(self) -> int:
+        return self._length
+
+    def __getitem__(self, index: Any) -> Any:
+        if isinstance(index, slice):
+            return self.slice(index)
+        if index < self._n:
+            return {**self._parent[index], "valid": np.bool_(True)}
+        return {k: v.copy() for k, v in self._pad.items()}
+
+    def __str__(self) -> str:
+        return f"_PadToLength({self._length})"
+
+
+def _padding_sample(example: dict[str, np.ndarray], pad_token_id: int) -> dict[str, np.ndarray]:
+    pad = {k: np.zeros_like(v) for k, v in example.items()}
+    if "input_ids" in pad:
+        pad["input_ids"][...] = pad_token_id
+    pad["valid"] = np.bool_(False)
+    return pad
+
+
+class EvalIterator:
+    """One pass over held-out data: this host's rows of ``num_batches`` global batches, in dataset order.
+
+    Re-iterable: every ``iter()`` starts a fresh pass. ``num_samples`` real samples; the last global batch is
+    padded to full size with padding rows: every batch has ``"valid": bool [b]`` (False on padding rows), and
+    padding rows have ``loss_mask`` all False, ``input_ids`` = the pad id and zero ``pixel_values``, so a
+    masked loss ignores them without looking at ``valid``.
+    """
+
+    def __init__(self, host_batches: grain.MapDataset, read_options: grain.ReadOptions, num_samples: int) -> None:
+        self._ds = host_batches
+        self._read_options = read_options
+        self.num_batches = len(host_batches)
+        self.num_samples = num_samples
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+        return iter(self._ds.to_iter_dataset(self._read_options))
+
+
+def build_eval_iterator(
+    data: Any,
+    manifests: str | list[str] | tuple[str, ...] | None = None,
+    *,
+    global_batch_size: int,
+    modality: str | None = None,
+    process_index: int = 0,
+    process_count: int = 1,
+) -> EvalIterator:
+    """Iterate held-out ``manifests`` (default ``data.val_dataset_manifest``, concatenated in order) once.
+
+    All manifests are read as ``modality`` (default: the data type's own). No shuffling; image crops are centred
+    and colour jitter is off (``train=False``); ``text`` windows of long samples still use a fixed per-sample
+    seed. Host slicing as in training: host p gets rows ``[p*b, (p+1)*b)`` of each global batch.
+    """
+    if global_batch_size <= 0:
+        raise ValueError(f"global_batch_size must be positive, got {global_batch_size}.")
+    b = _check_hosts(global_batch_size, process_index, process_count)
+    if manifests is None:
+        manifests = list(data.val_dataset_manifest)
+    elif isinstance(manifests, str):
+        manifests = [manifests]
+    if not manifests:
+        raise DataError(f"No evaluation manifests: pass some or set {data.gin_name}.val_dataset_manifest.")
+    modality = modality or data.type
+    pairs = [_source_and_transform(data, modality, m, train=False) for m in manifests]
+    parts = [grain.MapDataset.source(src) for src, _ in pairs]
+    ds = parts[0] if len(parts) == 1 else grain.MapDataset.concatenate(parts)
+    ds = ds.random_map(pairs[0][1], seed=_derive_seed(data.seed, 2**20, 1))
+    n = len(ds)
+    num_batches = -(-n // global_batch_size)
+    example = ds[0]
+    transform = pairs[0][1]
+    pad_id = getattr(getattr(transform, "processor", None), "pad_token_id", None)
+    if pad_id is None:
+        pad_id = load_tokenizer(tokenizer_name(data)).pad_token_id if modality == "text_untokenized" else 0
+    padded = _PadToLength(ds, num_batches * global_batch_size, _padding_sample(example, pad_id))
+    host = padded.batch(b, drop_remainder=True)[process_index::process_count]
+    return EvalIterator(host, _read_options(data.num_workers, data.prefetch_factor), n)

@@ -10,11 +10,21 @@ Everything is built offline and deterministically from a seed:
 * ``text/``: the same sentences, tokenized, each followed by eos, concatenated and cut into ``<key>.json.gz``
   lists of ``seq_len + 1`` ids.
 A tiny LM's loss falls well below ln(vocab) within a few hundred steps on this corpus.
+
+VLM data (``make_tiny_vlm_datasets``):
+* ``shapes/train`` and ``shapes/val`` (image_caption): 48x48 PNGs of ONE filled shape (ball = circle,
+  box = square, kite = diamond, hat = triangle) in one of six colours (red, green, blue, yellow, black, orange)
+  on a plain light background, position, size and exact tints varying; caption ``"a <colour> <shape> ."`` (only
+  words of the tiny tokenizer). Train and val are independent draws (different seeds).
+* ``vlm_processor/``: a Hugging Face processor directory: ``SiglipImageProcessor`` config (32x32, bilinear,
+  mean = std = 0.5) + the tiny tokenizer with ``"<image>"`` added as a special token (id 142, 143 tokens).
+  Use it as ``image_caption.processor = 'tiny_data/vlm_processor'``.
 """
 
 from __future__ import annotations
 
 import gzip
+import io
 import json
 import os
 import random
@@ -133,3 +143,113 @@ def make_tiny_datasets(
     ]
     text = write_shards(os.path.join(out_dir, "text"), packed, samples_per_shard=-(-len(packed) // num_shards))
     return {"tokenizer": os.path.join(out_dir, "tokenizer"), "text_untokenized": untok, "text": text}
+
+
+# ---------------------------------------------------------------- VLM: coloured shapes + processor
+
+SHAPE_COLORS = {
+    "red": (215, 35, 35),
+    "green": (40, 160, 50),
+    "blue": (35, 70, 215),
+    "yellow": (235, 205, 20),
+    "black": (25, 25, 25),
+    "orange": (245, 135, 20),
+}
+SHAPE_NAMES = ("ball", "box", "kite", "hat")
+IMAGE_TOKEN = "<image>"
+
+
+def _shape_polygon(shape: str, cx: int, cy: int, r: int) -> list[tuple[int, int]] | None:
+    if shape == "kite":  # diamond
+        k = round(0.7 * r)
+        return [(cx, cy - r), (cx + k, cy), (cx, cy + r), (cx - k, cy)]
+    if shape == "hat":  # triangle
+        d = round(0.8 * r)
+        return [(cx, cy - r), (cx + r, cy + d), (cx - r, cy + d)]
+    return None
+
+
+def shape_image(rng: random.Random, colour: str, shape: str, size: int = 48):  # -> PIL.Image.Image
+    """One ``size x size`` RGB image: a ``colour`` ``shape`` on a light background (random tints and placement)."""
+    from PIL import Image, ImageDraw
+
+    base = rng.randint(215, 245)
+    background = tuple(min(255, base + rng.randint(-8, 8)) for _ in range(3))
+    fill = tuple(max(0, min(255, c + rng.randint(-15, 15))) for c in SHAPE_COLORS[colour])
+    r = rng.randint(size * 12 // 48, size * 17 // 48)
+    cx = rng.randint(r + 2, size - r - 3)
+    cy = rng.randint(r + 2, size - r - 3)
+    img = Image.new("RGB", (size, size), background)
+    draw = ImageDraw.Draw(img)
+    if shape == "ball":
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
+    elif shape == "box":
+        h = round(0.85 * r)
+        draw.rectangle([cx - h, cy - h, cx + h, cy + h], fill=fill)
+    else:
+        draw.polygon(_shape_polygon(shape, cx, cy, r), fill=fill)
+    return img
+
+
+def shape_samples(num: int, seed: int, size: int = 48) -> list[dict[str, bytes]]:
+    """``num`` image_caption samples ``{"__key__", "txt": caption, "png": image}``; caption ``a <colour> <shape> .``"""
+    rng = random.Random(seed)
+    colours = list(SHAPE_COLORS)
+    out = []
+    for i in range(num):
+        colour, shape = rng.choice(colours), rng.choice(SHAPE_NAMES)
+        buf = io.BytesIO()
+        shape_image(rng, colour, shape, size).save(buf, format="PNG")
+        out.append({"__key__": f"{i:06d}", "txt": f"a {colour} {shape} .".encode(), "png": buf.getvalue()})
+    return out
+
+
+def build_vlm_processor(out_dir: str, *, image_size: int = 32) -> str:
+    """Save a Hugging Face processor directory: SigLIP-style image processor (``image_size``, bilinear,
+    mean = std = 0.5) + the tiny tokenizer with ``"<image>"`` added as a special token."""
+    from transformers.utils import logging as hf_logging
+
+    tok = build_tokenizer()
+    tok.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # "requires torchvision, falling back to the PIL backend" is expected
+    try:
+        from transformers import SiglipImageProcessor
+
+        image = SiglipImageProcessor(
+            size={"height": image_size, "width": image_size},
+            resample=2,  # PIL bilinear
+            image_mean=[0.5, 0.5, 0.5],
+            image_std=[0.5, 0.5, 0.5],
+        )
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    image.save_pretrained(out_dir)
+    tok.save_pretrained(out_dir)
+    return out_dir
+
+
+def make_tiny_vlm_datasets(
+    out_dir: str,
+    *,
+    num_train: int = 1024,
+    num_val: int = 192,
+    image_size: int = 48,
+    processor_image_size: int = 32,
+    samples_per_shard: int = 128,
+    seed: int = 0,
+) -> dict[str, str]:
+    """Write ``shapes/train``, ``shapes/val`` (manifest.jsonl + shards) and ``vlm_processor/`` under ``out_dir``."""
+    shapes = os.path.join(out_dir, "shapes")
+    train = write_shards(
+        os.path.join(shapes, "train"),
+        shape_samples(num_train, seed * 1000 + 1, image_size),
+        samples_per_shard=samples_per_shard,
+    )
+    val = write_shards(
+        os.path.join(shapes, "val"),
+        shape_samples(num_val, seed * 1000 + 2, image_size),
+        samples_per_shard=samples_per_shard,
+    )
+    processor = build_vlm_processor(os.path.join(out_dir, "vlm_processor"), image_size=processor_image_size)
+    return {"shapes_train": train, "shapes_val": val, "vlm_processor": processor}

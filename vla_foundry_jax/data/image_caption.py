@@ -1,0 +1,206 @@
+"""The ``image_caption`` modality: ``<key>.txt`` caption + ``<key>.{jpg,png,jpeg,webp}`` image (+ optional
+``<key>.json`` metadata) -> processor outputs for a VLM.
+
+Per sample (in grain's reader threads)::
+
+    ImageCaptionSource[i]      decode: caption (UTF-8, stripped), image (PIL -> RGB uint8 [H, W, 3]), metadata
+    ImageCaptionTransform      augment (crop, colour jitter; see data.augment) with grain's per-sample rng,
+                               text = "<image> " + caption (the original's no-chat-template fallback), eos
+                               appended, processor -> input_ids int32 [seq_len + 1], loss_mask bool
+                               [seq_len + 1], pixel_values float32 [1, H, W, 3] (one image; the leading axis
+                               is the image axis, so several cameras fit later)
+
+Missing members are dataset errors: a sample without a caption or an image raises ``DataError`` naming the
+shard, the key and the fields found (the original silently drops such samples, which a random-access source
+cannot do without changing its length).
+
+Corrupted images (bytes PIL cannot decode): **skip and count**. ``ImageCaptionSource`` replaces the sample by
+the next sample of the same dataset (index + 1, + 2, ... modulo its length) that decodes, logs a warning
+naming shard and key (the first 20 distinct ones), and counts: ``skipped`` (replacements made by this process)
+and ``corrupt_keys`` (distinct ``shard/key`` seen). The replacement is deterministic, so a resumed run reads
+the same samples; the neighbour is then seen twice in that epoch. More than ``max_consecutive_corrupt``
+undecodable samples in a row raise ``DataError`` (a broken dataset, not a stray file).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import threading
+from typing import Any
+
+import numpy as np
+
+from vla_foundry_jax.data.augment import augment_images
+from vla_foundry_jax.data.processor import VLMProcessor, caption_text
+from vla_foundry_jax.data.shards import DataError, ShardDataSource
+from vla_foundry_jax.data.text import pad_or_truncate, sample_text
+from vla_foundry_jax.params.data_params import DataAugmentationParams
+
+IMAGE_FIELDS = ("jpg", "png", "jpeg", "webp")
+CAPTION_FIELD = "txt"
+METADATA_FIELD = "json"
+_MAX_LOGGED = 20
+
+
+class CorruptImageError(DataError):
+    """Image bytes that PIL cannot decode."""
+
+
+def _where(sample: dict[str, Any]) -> str:
+    return f"sample {sample.get('__key__')!r} of shard {sample.get('__shard__')!r}"
+
+
+def image_field(sample: dict[str, Any]) -> str | None:
+    """The sample's image member (first of jpg, png, jpeg, webp; case-insensitive), or None."""
+    lower = {k.lower(): k for k in sample if not k.startswith("__")}
+    for ext in IMAGE_FIELDS:
+        if ext in lower:
+            return lower[ext]
+    return None
+
+
+def decode_image(data: bytes, *, where: str = "image") -> np.ndarray:
+    """Image bytes -> RGB uint8 ``[H, W, 3]`` (PIL; palette, grey and alpha images converted to RGB)."""
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            im.load()
+            return np.asarray(im.convert("RGB"), dtype=np.uint8)
+    except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as e:
+        raise CorruptImageError(f"{where}: cannot decode the image ({type(e).__name__}: {e}).") from e
+
+
+def decode_sample(sample: dict[str, Any]) -> dict[str, Any]:
+    """Raw shard sample -> ``{"__key__", "__shard__", "caption": str, "image": uint8 [H, W, 3], "metadata"}``.
+
+    Raises ``DataError`` for a missing caption / image and ``CorruptImageError`` for undecodable image bytes.
+    """
+    where = _where(sample)
+    fields = sorted(k for k in sample if not k.startswith("__"))
+    field = image_field(sample)
+    if field is None:
+        raise DataError(
+            f"image_caption data: {where} has no image member (<key>.jpg/.png/.jpeg/.webp); fields: {fields}. "
+            "Is this manifest really image_caption data (data.dataset_modality)?"
+        )
+    if CAPTION_FIELD not in sample:
+        raise DataError(f"image_caption data: {where} has no caption member (<key>.txt); fields: {fields}.")
+    try:
+        caption = sample[CAPTION_FIELD].decode("utf-8").strip()
+    except UnicodeDecodeError as e:
+        raise DataError(f"image_caption data: the caption of {where} is not UTF-8: {e}") from e
+    metadata = None
+    if METADATA_FIELD in sample:
+        try:
+            metadata = json.loads(sample[METADATA_FIELD])
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            metadata = None  # metadata is informative only
+    image = decode_image(sample[field], where=f"image_caption data: {where}")
+    return {
+        "__key__": sample["__key__"],
+        "__shard__": sample["__shard__"],
+        "caption": caption,
+        "image": image,
+        "metadata": metadata,
+    }
+
+
+class ImageCaptionSource:
+    """Random-access source of decoded image-caption samples over a :class:`ShardDataSource`; corrupted images
+    are skipped and counted (see the module docstring)."""
+
+    def __init__(self, source: ShardDataSource, *, max_consecutive_corrupt: int = 16) -> None:
+        self.source = source
+        self.max_consecutive_corrupt = max_consecutive_corrupt
+        self._lock = threading.Lock()
+        self.skipped = 0
+        self.corrupt_keys: set[str] = set()
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        n = len(self.source)
+        index = int(index) % n
+        errors: list[str] = []
+        for k in range(min(self.max_consecutive_corrupt + 1, n)):
+            raw = self.source[(index + k) % n]
+            try:
+                return decode_sample(raw)
+            except CorruptImageError as e:
+                self._record(raw, e)
+                errors.append(str(e))
+        raise DataError(
+            f"image_caption data {self.source.manifest_path!r}: {len(errors)} consecutive samples from index {index} "
+            f"have undecodable images (the dataset looks broken); first: {errors[0]}"
+        )
+
+    def _record(self, raw: dict[str, Any], error: Exception) -> None:
+        name = f"{raw.get('__shard__')}/{raw.get('__key__')}"
+        with self._lock:
+            self.skipped += 1
+            new = name not in self.corrupt_keys
+            self.corrupt_keys.add(name)
+            log = new and len(self.corrupt_keys) <= _MAX_LOGGED
+        if log:
+            logging.warning("Skipping a corrupted image (replaced by the next sample): %s", error)
+
+    def __repr__(self) -> str:
+        return f"ImageCaptionSource({self.source!r}, skipped={self.skipped})"
+
+
+class ImageCaptionTransform:
+    """Decoded sample -> ``{"input_ids": int32 [seq_len+1], "loss_mask": bool [seq_len+1],
+    "pixel_values": float32 [1, H, W, 3]}``. Used with ``MapDataset.random_map`` (``rng`` drives the
+    augmentation); ``train=False`` centres crops and skips the colour jitter."""
+
+    def __init__(
+        self,
+        processor: VLMProcessor,
+        seq_len: int,
+        augmentation: DataAugmentationParams | None = None,
+        *,
+        train: bool = True,
+        append_eos: bool = True,
+    ) -> None:
+        self.processor = processor
+        self.seq_len = seq_len
+        self.augmentation = augmentation
+        self.train = train
+        self.append_eos = append_eos
+
+    def __call__(self, sample: dict[str, Any], rng: np.random.Generator | None = None) -> dict[str, np.ndarray]:
+        if "image" not in sample:  # a raw shard sample (not from ImageCaptionSource)
+            sample = decode_sample(sample)
+        (image,) = augment_images(
+            [sample["image"]], self.augmentation, rng, train=self.train, where=f"image_caption data: {_where(sample)}"
+        )
+        out = self.processor([image], [caption_text(sample["caption"])], self.seq_len + 1, append_eos=self.append_eos)
+        return {
+            "input_ids": out["input_ids"][0],
+            "loss_mask": out["loss_mask"][0],
+            "pixel_values": out["pixel_values"],  # [1, H, W, 3]
+        }
+
+
+class ProcessorTextTransform:
+    """``text_untokenized`` manifests inside an ``image_caption`` run: raw text tokenized with the processor's
+    tokenizer, right-padded with its pad id / truncated to ``seq_len + 1`` (same output as the text modality)."""
+
+    def __init__(self, processor: VLMProcessor, seq_len: int, field: str = "json") -> None:
+        self.processor = processor
+        self.seq_len = seq_len
+        self.field = field
+
+    def __call__(self, sample: dict[str, Any], rng: np.random.Generator | None = None) -> dict[str, np.ndarray]:
+        del rng
+        if self.field not in sample:
+            raise DataError(
+                f"text_untokenized data: {_where(sample)} has no {self.field!r} member (fields: {sorted(sample)})."
+            )
+        text = sample_text(sample[self.field], where=_where(sample))
+        ids = np.asarray(self.processor.token_ids(text), dtype=np.int64)
+        return pad_or_truncate(ids, self.seq_len + 1, self.processor.pad_token_id)
