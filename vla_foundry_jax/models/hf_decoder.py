@@ -1,0 +1,481 @@
+"""``transformer_hf``: the Hugging Face decoder-only LM families in Flax NNX, stacked and scanned.
+
+Supported ``config.model_type`` values (:data:`SUPPORTED_ARCHITECTURES`): ``llama`` (covers SmolLM2), ``qwen2``
+(q/k/v biases), ``qwen3`` (per-head q/k RMSNorm), ``mistral`` (sliding window), ``gemma`` (embeddings scaled by
+``sqrt(H)``, ``1 + w`` norms, gelu-tanh MLP), ``gemma2`` (Gemma plus attention / final logit soft-capping, alternating
+sliding / global layers, post-attention and pre/post-FFN norms, ``query_pre_attn_scalar``). Only the default RoPE
+(``rope_type = "default"``) is implemented.
+
+Parameters keep the HF module names (``L`` stacked on a leading ``layers`` axis; kernels stored ``[in, out]``):
+
+| parameter                                      | shape             | logical axes                     |
+|------------------------------------------------|-------------------|----------------------------------|
+| ``embed_tokens``                               | ``[V, H]``        | ``("vocab", "embed")``           |
+| ``layers.input_layernorm.scale``               | ``[L, H]``        | ``("layers", "norm")``           |
+| ``layers.self_attn.{q,k,v}_proj.kernel``       | ``[L, H, n*hd]``  | ``("layers", "embed", "qkv")``   |
+| ``layers.self_attn.{q,k,v}_proj.bias``         | ``[L, n*hd]``     | ``("layers", "qkv")``            |
+| ``layers.self_attn.o_proj.kernel`` (+ bias)    | ``[L, nh*hd, H]`` | ``("layers", "heads", "embed")`` |
+| ``layers.self_attn.{q,k}_norm.scale`` (qwen3)  | ``[L, hd]``       | ``("layers", "norm")``           |
+| ``layers.post_attention_layernorm.scale``      | ``[L, H]``        | ``("layers", "norm")``           |
+| ``layers.{pre,post}_feedforward_layernorm.scale`` (gemma2) | ``[L, H]`` | ``("layers", "norm")``        |
+| ``layers.mlp.{gate,up}_proj.kernel``           | ``[L, H, F]``     | ``("layers", "embed", "mlp")``   |
+| ``layers.mlp.down_proj.kernel``                | ``[L, F, H]``     | ``("layers", "mlp", "embed")``   |
+| ``norm.scale``                                 | ``[H]``           | ``("norm",)``                    |
+| ``lm_head`` (absent when tied)                 | ``[H, V]``        | ``("embed", "vocab")``           |
+
+RMSNorms compute ``x * rsqrt(mean(x^2) + eps) * scale`` in float32; Gemma's ``1 + w`` is folded into ``scale`` by
+the weight loader (:mod:`vla_foundry_jax.convert.hf_decoder_maps`), so a freshly built model has ``scale = 1``
+everywhere. The builder makes random parameters; the registered ``transformer_hf`` weight loader then fills them.
+
+Block (``llama``/``qwen*``/``mistral``/``gemma``): ``h = x + attn(in_norm(x)); out = h + mlp(post_attn_norm(h))``.
+``gemma2``: ``h = x + post_attn_norm(attn(in_norm(x))); out = h + post_ffn_norm(mlp(pre_ffn_norm(h)))``.
+Attention: grouped-query (``num_key_value_heads`` divides ``num_attention_heads``; 1 = MQA), scale ``hd**-0.5`` (gemma2:
+``query_pre_attn_scalar**-0.5``), optional ``tanh`` soft-cap of the scores, softmax in float32. Sliding-window layers
+let query ``i`` see keys ``j`` with ``i - window < j <= i`` (HF's ``kv_idx > q_idx - sliding_window``).
+
+``hidden_states`` follow the **HF convention**: ``L + 1`` entries ``[B, S, H]``: the embeddings entering layer 0
+(after Gemma's scaling), the outputs of layers ``0 .. L-2``, and last the output of the final norm (HF replaces the
+last layer's raw output by the normed one). Note the from-scratch ``transformer`` returns ``L`` pre-norm entries.
+
+KV cache (:meth:`HFDecoder.init_cache`): ``{"k", "v": [L, B, T, n_kv, hd] (post-RoPE keys), "mask": [B, T] bool,
+"length": int32 []}``; positions are ``cache length + arange(S)`` (as ``transformer``; HF ``generate`` derives
+positions from the attention mask instead, which differs only for left-padded prompts).
+
+``attention_mask [B, S]`` (1 = token) masks padded keys, with or without a cache (HF semantics). A query whose keys
+are all masked (a left-padding position) attends uniformly instead of producing NaN. Logits are float32.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from vla_foundry_jax.layers.feed_forward import trunc_normal
+from vla_foundry_jax.models.transformer import LAYERS_AXIS, REMAT_POLICIES, TransformerOutput
+from vla_foundry_jax.registry import register_builder, register_loss
+
+SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3", "mistral", "gemma", "gemma2")
+ACTIVATIONS = {
+    "silu": jax.nn.silu,
+    "swish": jax.nn.silu,
+    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+}
+FULL_WINDOW = 2**30  # "no sliding window"
+Cache = dict[str, jax.Array]
+
+
+class UnsupportedArchitectureError(ValueError):
+    """An HF config whose ``model_type`` (or an option of it) ``transformer_hf`` does not implement."""
+
+
+@dataclasses.dataclass(frozen=True)
+class HFDecoderConfig:
+    """The architecture facts the Flax module needs, read from an HF ``PretrainedConfig``."""
+
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    qkv_bias: bool
+    o_bias: bool
+    mlp_bias: bool
+    qk_norm: bool
+    norm_offset: bool  # Gemma: HF norms multiply by (1 + w)
+    embed_scale: float | None
+    activation: str
+    attn_scale: float
+    attn_softcap: float | None
+    final_softcap: float | None
+    sandwich_norms: bool  # Gemma2's post-attention / pre- and post-FFN norms
+    windows: tuple[int, ...]  # per-layer sliding window (FULL_WINDOW = global attention)
+
+    @classmethod
+    def from_hf(cls, config: Any) -> HFDecoderConfig:
+        mt = getattr(config, "model_type", None)
+        if mt not in SUPPORTED_ARCHITECTURES:
+            raise UnsupportedArchitectureError(
+                f"transformer_hf does not support HF model_type {mt!r}; "
+                f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}."
+            )
+        rope = dict(getattr(config, "rope_parameters", None) or {})
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type != "default" or rope.get("partial_rotary_factor", 1.0) != 1.0:
+            raise UnsupportedArchitectureError(
+                f"transformer_hf implements only the default RoPE; this {mt} config has rope_parameters = {rope}."
+            )
+        theta = rope.get("rope_theta", getattr(config, "rope_theta", 10000.0))
+        H, nh = config.hidden_size, config.num_attention_heads
+        hd = getattr(config, "head_dim", None) or H // nh
+        nkv = getattr(config, "num_key_value_heads", None) or nh
+        if nh % nkv:
+            raise UnsupportedArchitectureError(
+                f"num_key_value_heads = {nkv} does not divide num_attention_heads = {nh}."
+            )
+        L = config.num_hidden_layers
+        window = getattr(config, "sliding_window", None)
+        layer_types = getattr(config, "layer_types", None)
+        if layer_types is not None and window is not None:
+            windows = tuple(window if t == "sliding_attention" else FULL_WINDOW for t in layer_types)
+        elif mt == "mistral" and window is not None:
+            windows = (window,) * L
+        else:
+            windows = (FULL_WINDOW,) * L
+        attention_bias = bool(getattr(config, "attention_bias", False))
+        gemma = mt in ("gemma", "gemma2")
+        act = getattr(config, "hidden_activation", None) if mt == "gemma2" else None
+        act = act or getattr(config, "hidden_act", "silu")
+        if act not in ACTIVATIONS:
+            raise UnsupportedArchitectureError(
+                f"hidden activation {act!r} is not supported; choose {list(ACTIVATIONS)}."
+            )
+        return cls(
+            model_type=mt,
+            vocab_size=config.vocab_size,
+            hidden_size=H,
+            intermediate_size=config.intermediate_size,
+            num_layers=L,
+            num_heads=nh,
+            num_kv_heads=nkv,
+            head_dim=hd,
+            rms_norm_eps=float(config.rms_norm_eps),
+            rope_theta=float(theta),
+            max_position_embeddings=int(getattr(config, "max_position_embeddings", 2048)),
+            tie_word_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
+            qkv_bias=True if mt == "qwen2" else (attention_bias and mt != "mistral"),
+            o_bias=attention_bias and mt not in ("qwen2", "mistral"),
+            mlp_bias=bool(getattr(config, "mlp_bias", False)) and mt == "llama",
+            qk_norm=mt == "qwen3",
+            norm_offset=gemma,
+            embed_scale=float(H) ** 0.5 if gemma else None,
+            activation=act,
+            attn_scale=float(config.query_pre_attn_scalar) ** -0.5 if mt == "gemma2" else float(hd) ** -0.5,
+            attn_softcap=getattr(config, "attn_logit_softcapping", None) if mt == "gemma2" else None,
+            final_softcap=getattr(config, "final_logit_softcapping", None) if mt == "gemma2" else None,
+            sandwich_norms=mt == "gemma2",
+            windows=tuple(int(w) for w in windows),
+        )
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Layers
+
+
+class Dense(nnx.Module):
+    """``x [..., in] -> [..., out]``; kernel ``[in, out]`` (trunc-normal ``in**-0.5``), optional bias (zeros)."""
+
+    def __init__(self, n_in: int, n_out: int, *, bias: bool, names: tuple[str, str], rngs, dtype, param_dtype):
+        self.dtype = dtype
+        self.kernel = nnx.Param(trunc_normal(rngs.params(), (n_in, n_out), n_in**-0.5, param_dtype), out_sharding=names)
+        self.bias = nnx.Param(jnp.zeros((n_out,), param_dtype), out_sharding=(names[1],)) if bias else None
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+        return y if self.bias is None else y + self.bias[...].astype(self.dtype)
+
+
+class RMSNorm(nnx.Module):
+    """``x * rsqrt(mean(x^2) + eps) * scale`` in float32, returned in ``x``'s dtype."""
+
+    def __init__(self, dim: int, eps: float, *, param_dtype):
+        self.eps = eps
+        self.scale = nnx.Param(jnp.ones((dim,), param_dtype), out_sharding=("norm",))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        xf = x.astype(jnp.float32)
+        y = xf * jax.lax.rsqrt(jnp.mean(jnp.square(xf), axis=-1, keepdims=True) + self.eps)
+        return (y * self.scale[...].astype(jnp.float32)).astype(x.dtype)
+
+
+def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+    """HF rotary embedding (``rotate_half`` layout) of ``x [B, S, n, hd]`` at ``positions [S]``, float32 maths."""
+    hd = x.shape[-1]
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, hd, 2, dtype=jnp.float32) / hd))
+    freqs = positions.astype(jnp.float32)[:, None] * inv_freq[None, :]
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    cos, sin = jnp.cos(emb)[None, :, None, :], jnp.sin(emb)[None, :, None, :]
+    xf = x.astype(jnp.float32)
+    x1, x2 = xf[..., : hd // 2], xf[..., hd // 2 :]
+    rotated = jnp.concatenate([-x2, x1], axis=-1)
+    return (xf * cos + rotated * sin).astype(x.dtype)
+
+
+class Attention(nnx.Module):
+    def __init__(self, c: HFDecoderConfig, *, rngs, dtype, param_dtype):
+        self.c = c
+        H, hd = c.hidden_size, c.head_dim
+        kw = {"rngs": rngs, "dtype": dtype, "param_dtype": param_dtype}
+        self.q_proj = Dense(H, c.num_heads * hd, bias=c.qkv_bias, names=("embed", "qkv"), **kw)
+        self.k_proj = Dense(H, c.num_kv_heads * hd, bias=c.qkv_bias, names=("embed", "qkv"), **kw)
+        self.v_proj = Dense(H, c.num_kv_heads * hd, bias=c.qkv_bias, names=("embed", "qkv"), **kw)
+        self.o_proj = Dense(c.num_heads * hd, H, bias=c.o_bias, names=("heads", "embed"), **kw)
+        if c.qk_norm:
+            self.q_norm = RMSNorm(hd, c.rms_norm_eps, param_dtype=param_dtype)
+            self.k_norm = RMSNorm(hd, c.rms_norm_eps, param_dtype=param_dtype)
+        else:
+            self.q_norm = self.k_norm = None
+
+    def __call__(self, x: jax.Array, kv: Any, window: jax.Array, ctx: dict[str, Any]) -> tuple[jax.Array, Any]:
+        c = self.c
+        B, S, _ = x.shape
+        nkv, g, hd = c.num_kv_heads, c.num_heads // c.num_kv_heads, c.head_dim
+        q = self.q_proj(x).reshape(B, S, c.num_heads, hd)
+        k = self.k_proj(x).reshape(B, S, nkv, hd)
+        v = self.v_proj(x).reshape(B, S, nkv, hd)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = rope(q, ctx["positions"], c.rope_theta), rope(k, ctx["positions"], c.rope_theta)
+        if kv is None:
+            keys, values, new_kv = k, v, None
+        else:
+            off = ctx["offset"]
+            keys = jax.lax.dynamic_update_slice(kv[0], k.astype(kv[0].dtype), (0, off, 0, 0))
+            values = jax.lax.dynamic_update_slice(kv[1], v.astype(kv[1].dtype), (0, off, 0, 0))
+            new_kv = (keys, values)
+        qg = q.reshape(B, S, nkv, g, hd).astype(jnp.float32)
+        scores = jnp.einsum("bsngd,btnd->bngst", qg, keys.astype(jnp.float32)) * c.attn_scale
+        if c.attn_softcap is not None:
+            scores = jnp.tanh(scores / c.attn_softcap) * c.attn_softcap
+        allowed = ctx["allowed"] & (ctx["distance"] < window)[None]  # [B, S, T]
+        # A query with no visible key attends uniformly (HF's eager path does the same with its min-value mask).
+        scores = jnp.where(allowed[:, None, None], scores, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(scores, axis=-1)
+        out = jnp.einsum("bngst,btnd->bsngd", probs, values.astype(jnp.float32)).astype(x.dtype)
+        return self.o_proj(out.reshape(B, S, c.num_heads * hd)), new_kv
+
+
+class MLP(nnx.Module):
+    def __init__(self, c: HFDecoderConfig, *, rngs, dtype, param_dtype):
+        kw = {"rngs": rngs, "dtype": dtype, "param_dtype": param_dtype, "bias": c.mlp_bias}
+        H, F = c.hidden_size, c.intermediate_size
+        self.act = ACTIVATIONS[c.activation]
+        self.gate_proj = Dense(H, F, names=("embed", "mlp"), **kw)
+        self.up_proj = Dense(H, F, names=("embed", "mlp"), **kw)
+        self.down_proj = Dense(F, H, names=("mlp", "embed"), **kw)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nnx.Module):
+    def __init__(self, c: HFDecoderConfig, *, rngs, dtype, param_dtype):
+        self.sandwich = c.sandwich_norms
+        H, eps = c.hidden_size, c.rms_norm_eps
+        kw = {"rngs": rngs, "dtype": dtype, "param_dtype": param_dtype}
+        self.input_layernorm = RMSNorm(H, eps, param_dtype=param_dtype)
+        self.self_attn = Attention(c, **kw)
+        self.post_attention_layernorm = RMSNorm(H, eps, param_dtype=param_dtype)
+        if self.sandwich:
+            self.pre_feedforward_layernorm = RMSNorm(H, eps, param_dtype=param_dtype)
+            self.post_feedforward_layernorm = RMSNorm(H, eps, param_dtype=param_dtype)
+        self.mlp = MLP(c, **kw)
+
+    def __call__(self, x: jax.Array, kv: Any, window: jax.Array, ctx: dict[str, Any]) -> tuple[jax.Array, Any]:
+        attn, new_kv = self.self_attn(self.input_layernorm(x), kv, window, ctx)
+        if self.sandwich:
+            h = x + self.post_attention_layernorm(attn)
+            return h + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(h))), new_kv
+        h = x + attn
+        return h + self.mlp(self.post_attention_layernorm(h)), new_kv
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Model
+
+
+class HFDecoder(nnx.Module):
+    """Decoder-only LM of an HF family (``type = "transformer_hf"``); same call contract as ``Transformer``.
+
+    Args:
+      config: :class:`HFDecoderConfig` (``HFDecoderConfig.from_hf(transformers_config)``).
+      rngs: parameter initialisation keys.
+      dtype: compute dtype; param_dtype: storage dtype; remat_policy: None or a name in ``REMAT_POLICIES``.
+    """
+
+    def __init__(
+        self,
+        config: HFDecoderConfig,
+        *,
+        rngs: nnx.Rngs,
+        dtype: jnp.dtype = jnp.float32,
+        param_dtype: jnp.dtype = jnp.float32,
+        remat_policy: str | None = None,
+    ):
+        if remat_policy is not None and remat_policy not in REMAT_POLICIES:
+            raise ValueError(
+                f"remat_policy = {remat_policy!r} is not supported; choose None or one of {REMAT_POLICIES}."
+            )
+        c = self.config = config
+        self.dtype, self.param_dtype, self.remat_policy = dtype, param_dtype, remat_policy
+        self.vocab_size = c.vocab_size
+        H = c.hidden_size
+        self.embed_tokens = nnx.Param(
+            trunc_normal(rngs.params(), (c.vocab_size, H), H**-0.5, param_dtype), out_sharding=("vocab", "embed")
+        )
+
+        @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: LAYERS_AXIS})
+        def make_layers(key: jax.Array) -> DecoderLayer:
+            return DecoderLayer(c, rngs=nnx.Rngs(params=key), dtype=dtype, param_dtype=param_dtype)
+
+        self.layers = make_layers(jax.random.split(rngs.params(), c.num_layers))
+        self.norm = RMSNorm(H, c.rms_norm_eps, param_dtype=param_dtype)
+        self.lm_head = (
+            None
+            if c.tie_word_embeddings
+            else nnx.Param(
+                trunc_normal(rngs.params(), (H, c.vocab_size), H**-0.5, param_dtype), out_sharding=("embed", "vocab")
+            )
+        )
+
+    @property
+    def hidden_dim(self) -> int:
+        return self.config.hidden_size
+
+    @property
+    def num_hidden_layers(self) -> int:
+        return self.config.num_layers
+
+    def embed(self, input_ids: jax.Array) -> jax.Array:
+        """Token embeddings ``[B, S] -> [B, S, H]`` in the compute dtype (Gemma: times ``sqrt(H)``, as HF's)."""
+        x = jnp.take(self.embed_tokens[...], input_ids, axis=0).astype(self.dtype)
+        if self.config.embed_scale is not None:
+            x = x * jnp.asarray(self.config.embed_scale, self.dtype)
+        return x
+
+    def init_cache(self, batch_size: int, max_len: int, dtype: jnp.dtype | None = None) -> Cache:
+        """An empty KV cache of capacity ``max_len`` tokens (layout in the module doc)."""
+        c = self.config
+        if max_len > c.max_position_embeddings:
+            raise ValueError(
+                f"KV cache of {max_len} tokens exceeds the HF config's max_position_embeddings = "
+                f"{c.max_position_embeddings}."
+            )
+        shape = (c.num_layers, batch_size, max_len, c.num_kv_heads, c.head_dim)
+        dtype = dtype or self.dtype
+        return {
+            "k": jnp.zeros(shape, dtype),
+            "v": jnp.zeros(shape, dtype),
+            "mask": jnp.zeros((batch_size, max_len), bool),
+            "length": jnp.zeros((), jnp.int32),
+        }
+
+    def __call__(
+        self,
+        input_ids: jax.Array | None = None,
+        *,
+        inputs_embeds: jax.Array | None = None,
+        attention_mask: jax.Array | None = None,
+        cache: Cache | None = None,
+        output_hidden_states: bool = False,
+        is_causal: bool | None = None,
+    ) -> TransformerOutput:
+        """Forward pass (always causal; ``is_causal`` is accepted for interface parity).
+
+        Args:
+          input_ids: ``[B, S]`` token ids, or inputs_embeds ``[B, S, H]`` (used as is: no Gemma scaling).
+          attention_mask: ``[B, S]`` (1 = token, 0 = padding) of the S new tokens; masks padded keys.
+          cache: a KV cache from :meth:`init_cache`; positions start at its length.
+          output_hidden_states: also return the ``L + 1`` HF-convention hidden states (module doc).
+
+        Returns:
+          :class:`TransformerOutput` (``logits [B, S, V]`` float32, updated cache or None, hidden states or None).
+        """
+        del is_causal
+        c = self.config
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Pass exactly one of input_ids and inputs_embeds.")
+        x = self.embed(input_ids) if input_ids is not None else inputs_embeds.astype(self.dtype)
+        B, S, _ = x.shape
+        new_mask = jnp.ones((B, S), bool) if attention_mask is None else attention_mask.astype(bool)
+        if cache is None:
+            if S > c.max_position_embeddings:
+                raise ValueError(f"Sequence length {S} exceeds max_position_embeddings = {c.max_position_embeddings}.")
+            offset, kv, key_mask, T = 0, None, new_mask, S
+        else:
+            T = cache["k"].shape[2]
+            offset = cache["length"]
+            if S > T or (not isinstance(offset, jax.core.Tracer) and int(offset) + S > T):
+                raise ValueError(f"{S} new tokens do not fit in the KV cache of capacity {T}.")
+            key_mask = jax.lax.dynamic_update_slice(cache["mask"], new_mask, (0, offset))
+            kv = (cache["k"], cache["v"])
+        positions = offset + jnp.arange(S, dtype=jnp.int32)
+        k_pos = jnp.arange(T, dtype=jnp.int32)
+        distance = positions[:, None] - k_pos[None, :]  # [S, T]
+        allowed = (distance >= 0)[None] & key_mask[:, None, :]  # causal & padding (& cache validity via causality)
+        ctx = {"positions": positions, "offset": offset, "allowed": allowed, "distance": distance}
+        windows = jnp.asarray(c.windows, jnp.int32)
+
+        def apply_layer(layer: DecoderLayer, x: jax.Array, kv: Any, window: jax.Array, ctx: dict[str, Any]) -> Any:
+            return layer(x, kv, window, ctx)
+
+        if self.remat_policy is not None:
+            apply_layer = nnx.remat(apply_layer, policy=getattr(jax.checkpoint_policies, self.remat_policy))
+
+        @nnx.scan(
+            in_axes=(0, nnx.Carry, 0, 0, None),
+            out_axes=(nnx.Carry, 0),
+            transform_metadata={nnx.PARTITION_NAME: LAYERS_AXIS},
+        )
+        def run_layers(layer: DecoderLayer, x: jax.Array, kv: Any, window: jax.Array, ctx: dict[str, Any]) -> Any:
+            y, new_kv = apply_layer(layer, x, kv, window, ctx)
+            return y, (y if output_hidden_states else None, new_kv)
+
+        x0 = x
+        x, (hidden, new_kv) = run_layers(self.layers, x, kv, windows, ctx)
+        x = self.norm(x)
+        head = self.embed_tokens[...].T if self.lm_head is None else self.lm_head[...]
+        logits = jnp.dot(x, head.astype(self.dtype)).astype(jnp.float32)
+        if c.final_softcap is not None:
+            logits = jnp.tanh(logits / c.final_softcap) * c.final_softcap
+
+        new_cache = None
+        if cache is not None:
+            new_cache = {"k": new_kv[0], "v": new_kv[1], "mask": key_mask, "length": cache["length"] + S}
+        hidden_states = None
+        if output_hidden_states:
+            hidden_states = (x0, *(hidden[i] for i in range(c.num_layers - 1)), x)
+        return TransformerOutput(logits=logits, cache=new_cache, hidden_states=hidden_states)
+
+
+def hf_decoder_config(params: Any) -> HFDecoderConfig:
+    """The :class:`HFDecoderConfig` of a ``TransformerHFParams`` (config read from ``hf_pretrained``)."""
+    from vla_foundry_jax.convert.hf_loader import load_hf_config
+
+    return HFDecoderConfig.from_hf(load_hf_config(params.hf_pretrained))
+
+
+@register_builder("transformer_hf")
+def build_transformer_hf(
+    params: Any,
+    *,
+    rngs: nnx.Rngs,
+    dtype: jnp.dtype = jnp.float32,
+    param_dtype: jnp.dtype = jnp.float32,
+    remat_policy: str | None = None,
+) -> HFDecoder:
+    """Registry builder for ``type = "transformer_hf"`` (random parameters; the weight loader fills them)."""
+    return HFDecoder(
+        hf_decoder_config(params), rngs=rngs, dtype=dtype, param_dtype=param_dtype, remat_policy=remat_policy
+    )
+
+
+def _register_loss() -> None:
+    from vla_foundry_jax.training.losses import next_token_loss
+
+    register_loss("transformer_hf")(next_token_loss)
+
+
+_register_loss()
