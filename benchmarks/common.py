@@ -16,10 +16,10 @@ from vla_foundry_jax.training.state import count_params, init_train_state, make_
 from vla_foundry_jax.training.step import make_train_step
 
 
-def build_step(params: ModelParams, *, batch: int, precision: str = "fp32") -> tuple[Any, Any]:
-    """(state, jitted train step) of ``params`` on the first device."""
-    hp = HyperParams(precision=precision, global_batch_size=batch, per_gpu_batch_size=batch, warmup="10")
-    mesh = parallel.make_mesh(DistributedParams(), jax.devices()[:1])
+def build_step(params: ModelParams, *, batch: int, precision: str = "fp32", devices: int = 1) -> tuple[Any, Any]:
+    """(state, jitted train step) of ``params``, data-parallel over the first ``devices`` devices."""
+    hp = HyperParams(precision=precision, global_batch_size=batch, per_gpu_batch_size=batch // devices, warmup="10")
+    mesh = parallel.make_mesh(DistributedParams(), jax.devices()[:devices])
     spec = make_model_spec(params, hp, mesh)
     opt = make_optimizer(hp, 1000)
     state = init_train_state(spec, opt, hp, use_ema=False)

@@ -39,13 +39,16 @@ def _lm_batches(vocab: int, batch: int, seq_len: int) -> list[dict]:
     ]
 
 
-def bench(name: str, params: TransformerParams, *, batch: int, seq_len: int, steps: int, precision: str) -> dict:
-    state, step = build_step(params, batch=batch, precision=precision)
+def bench(
+    name: str, params: TransformerParams, *, batch: int, seq_len: int, steps: int, precision: str, devices: int = 1
+) -> dict:
+    state, step = build_step(params, batch=batch, precision=precision, devices=devices)
     r = time_step(state, step, _lm_batches(params.vocab_size, batch, seq_len), steps)
     med = r["step_s_median"]
     out = {
         "model": name,
         "precision": precision,
+        "devices": devices,
         "batch": batch,
         "seq_len": seq_len,
         **r,
@@ -72,10 +75,25 @@ def main() -> None:
     ap.add_argument("--seq_len", type=int, default=256)
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--precision", default="fp32")
+    ap.add_argument(
+        "--devices",
+        type=int,
+        default=1,
+        help="data-parallel over this many devices (on CPU: XLA_FLAGS=--xla_force_host_platform_device_count=N "
+        "splits the cores into N devices, which runs XLA:CPU's single-threaded reductions in parallel)",
+    )
     args = ap.parse_args()
     for name, params in PRESETS.items():
         if args.only in (None, name):
-            r = bench(name, params, batch=args.batch, seq_len=args.seq_len, steps=args.steps, precision=args.precision)
+            r = bench(
+                name,
+                params,
+                batch=args.batch,
+                seq_len=args.seq_len,
+                steps=args.steps,
+                precision=args.precision,
+                devices=args.devices,
+            )
             print(json.dumps(r), flush=True)
     if args.only in (None, "compile_depth"):
         for n in (2, 24):
