@@ -101,3 +101,16 @@ def dot_product_attention(
         return jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation=implementation)
     allowed = attention_mask(q_len, k_len, causal=causal, mask=mask, q_offset=q_offset, kv_length=kv_length)
     return jax.nn.dot_product_attention(q, k, v, mask=allowed, implementation=None)
+
+
+def empty_kv_cache(
+    num_layers: int, batch_size: int, max_len: int, num_kv_heads: int, head_dim: int, dtype: jnp.dtype
+) -> dict[str, jax.Array]:
+    """A KV cache for stacked layers: ``k``/``v`` ``[L, B, T, n_kv, hd]``, key ``mask`` ``[B, T]`` and ``length``."""
+    shape = (num_layers, batch_size, max_len, num_kv_heads, head_dim)
+    return {
+        "k": jnp.zeros(shape, dtype),
+        "v": jnp.zeros(shape, dtype),
+        "mask": jnp.zeros((batch_size, max_len), bool),
+        "length": jnp.zeros((), jnp.int32),
+    }

@@ -54,6 +54,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from vla_foundry_jax.layers.attention import empty_kv_cache
 from vla_foundry_jax.layers.feed_forward import trunc_normal
 from vla_foundry_jax.models.transformer import LAYERS_AXIS, REMAT_POLICIES, TransformerOutput
 from vla_foundry_jax.registry import register_builder, register_loss
@@ -363,14 +364,7 @@ class HFDecoder(nnx.Module):
                 f"KV cache of {max_len} tokens exceeds the HF config's max_position_embeddings = "
                 f"{c.max_position_embeddings}."
             )
-        shape = (c.num_layers, batch_size, max_len, c.num_kv_heads, c.head_dim)
-        dtype = dtype or self.dtype
-        return {
-            "k": jnp.zeros(shape, dtype),
-            "v": jnp.zeros(shape, dtype),
-            "mask": jnp.zeros((batch_size, max_len), bool),
-            "length": jnp.zeros((), jnp.int32),
-        }
+        return empty_kv_cache(c.num_layers, batch_size, max_len, c.num_kv_heads, c.head_dim, dtype or self.dtype)
 
     def __call__(
         self,

@@ -42,7 +42,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from vla_foundry_jax.layers.attention import dot_product_attention
+from vla_foundry_jax.layers.attention import dot_product_attention, empty_kv_cache
 from vla_foundry_jax.layers.feed_forward import FeedForward, Linear, trunc_normal
 from vla_foundry_jax.layers.norms import make_norm
 from vla_foundry_jax.layers.positional import LearnedPositionalEmbedding, apply_rotary
@@ -247,14 +247,8 @@ class Transformer(nnx.Module):
                 f"raise transformer.max_seq_len or generate fewer tokens."
             )
         p = self.params
-        shape = (p.n_layers, batch_size, max_len, p.n_heads, p.hidden_dim // p.n_heads)
-        dtype = dtype or self.dtype
-        return {
-            "k": jnp.zeros(shape, dtype),
-            "v": jnp.zeros(shape, dtype),
-            "mask": jnp.zeros((batch_size, max_len), bool),
-            "length": jnp.zeros((), jnp.int32),
-        }
+        head_dim = p.hidden_dim // p.n_heads
+        return empty_kv_cache(p.n_layers, batch_size, max_len, p.n_heads, head_dim, dtype or self.dtype)
 
     def __call__(
         self,
