@@ -56,7 +56,7 @@ from flax import nnx
 
 from vla_foundry_jax.layers.attention import empty_kv_cache
 from vla_foundry_jax.layers.feed_forward import trunc_normal
-from vla_foundry_jax.models.transformer import LAYERS_AXIS, REMAT_POLICIES, TransformerOutput
+from vla_foundry_jax.models.transformer import LAYERS_AXIS, TransformerOutput, check_remat_policy
 from vla_foundry_jax.registry import register_builder, register_loss
 
 SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3", "mistral", "gemma", "gemma2")
@@ -315,10 +315,7 @@ class HFDecoder(nnx.Module):
         param_dtype: jnp.dtype = jnp.float32,
         remat_policy: str | None = None,
     ):
-        if remat_policy is not None and remat_policy not in REMAT_POLICIES:
-            raise ValueError(
-                f"remat_policy = {remat_policy!r} is not supported; choose None or one of {REMAT_POLICIES}."
-            )
+        check_remat_policy(remat_policy)
         c = self.config = config
         self.dtype, self.param_dtype, self.remat_policy = dtype, param_dtype, remat_policy
         self.vocab_size = c.vocab_size

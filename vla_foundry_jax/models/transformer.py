@@ -59,6 +59,14 @@ REMAT_POLICIES = (
     "checkpoint_dots_with_no_batch_dims",
 )
 LAYERS_AXIS = "layers"
+
+
+def check_remat_policy(remat_policy: str | None) -> None:
+    """Raise unless ``remat_policy`` is None (no remat) or one of :data:`REMAT_POLICIES`."""
+    if remat_policy is not None and remat_policy not in REMAT_POLICIES:
+        raise ValueError(f"remat_policy = {remat_policy!r} is not supported; choose None or one of {REMAT_POLICIES}.")
+
+
 Cache = dict[str, jax.Array]
 
 
@@ -190,10 +198,7 @@ class Transformer(nnx.Module):
         param_dtype: jnp.dtype = jnp.float32,
         remat_policy: str | None = None,
     ):
-        if remat_policy is not None and remat_policy not in REMAT_POLICIES:
-            raise ValueError(
-                f"remat_policy = {remat_policy!r} is not supported; choose None or one of {REMAT_POLICIES}."
-            )
+        check_remat_policy(remat_policy)
         self.params = params
         self.dtype = dtype
         self.param_dtype = param_dtype

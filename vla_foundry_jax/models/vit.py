@@ -50,18 +50,10 @@ from flax import nnx
 
 from vla_foundry_jax.layers.attention import dot_product_attention
 from vla_foundry_jax.layers.norms import make_norm
+from vla_foundry_jax.models.transformer import LAYERS_AXIS, check_remat_policy
 from vla_foundry_jax.params.model_params import ViTBackboneParams, ViTParams
 from vla_foundry_jax.registry import register_builder
 
-REMAT_POLICIES = (
-    "nothing_saveable",
-    "dots_saveable",
-    "dots_with_no_batch_dims_saveable",
-    "everything_saveable",
-    "checkpoint_dots",
-    "checkpoint_dots_with_no_batch_dims",
-)
-LAYERS_AXIS = "layers"
 INIT_STD = 0.02
 
 
@@ -256,10 +248,7 @@ class ViT(nnx.Module):
         param_dtype: jnp.dtype = jnp.float32,
         remat_policy: str | None = None,
     ):
-        if remat_policy is not None and remat_policy not in REMAT_POLICIES:
-            raise ValueError(
-                f"remat_policy = {remat_policy!r} is not supported; choose None or one of {REMAT_POLICIES}."
-            )
+        check_remat_policy(remat_policy)
         where = params.gin_name
         if not 0.0 <= params.dropout <= 1.0:
             raise ValueError(f"{where}.dropout = {params.dropout} must lie in [0, 1].")
