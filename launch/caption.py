@@ -17,8 +17,9 @@ def main(argv: list[str]) -> None:
     from vla_foundry_jax.sampling import load_model
 
     model, exp = load_model(FLAGS.run_dir)
-    for path, caption in zip(paths, Captioner(model, exp, max_new_tokens=FLAGS.max_new_tokens).caption_files(paths),
-                             strict=True):
+    for path, caption in zip(
+        paths, Captioner(model, exp, max_new_tokens=FLAGS.max_new_tokens).caption_files(paths), strict=True
+    ):
         print(f"{path}\t{caption}")
 
 

@@ -19,8 +19,15 @@ IMG = 99  # image token id
 
 
 def _params(shuffle: int = 1, vocab: int = 100) -> VLMParams:
-    vit = ViTParams(img_size=16, patch_size=4, hidden_dim=16, inter_dim=32, n_heads=2, n_layers=1,
-                    projector_pixel_shuffle_factor=shuffle)
+    vit = ViTParams(
+        img_size=16,
+        patch_size=4,
+        hidden_dim=16,
+        inter_dim=32,
+        n_heads=2,
+        n_layers=1,
+        projector_pixel_shuffle_factor=shuffle,
+    )
     lm = TransformerParams(hidden_dim=32, n_layers=2, n_heads=2, vocab_size=vocab, max_seq_len=64)
     return VLMParams(vit=vit, transformer=lm, image_token_id=IMG)
 
@@ -113,8 +120,9 @@ def test_resolve_from_processor_and_mismatch_errors():
     from vla_foundry_jax.params.resolve import resolve_vlm
 
     # the processor directory makes 32 x 32 images; a 32-pixel ViT with 8-pixel patches and shuffle 2 gives 4 tokens
-    data = ImageCaptionDataParams(dataset_manifest=["x"], processor=os.path.join(TINY, "vlm_processor"),
-                                  image_size=32, img_num_tokens=4)
+    data = ImageCaptionDataParams(
+        dataset_manifest=["x"], processor=os.path.join(TINY, "vlm_processor"), image_size=32, img_num_tokens=4
+    )
 
     def params(shuffle=2, img=32, vocab=100):
         p = _params(shuffle=shuffle, vocab=vocab)
