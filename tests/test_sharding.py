@@ -82,6 +82,14 @@ def test_two_processes_match_one(tmp_path, single_device_losses):
     logs = [_finish(p) for p in procs]
     assert "process 0 of 2" in logs[0] and "process 1 of 2" in logs[1]
     _assert_close(single_device_losses, logged_losses(out))
+    # the same command again: both processes restore the last checkpoint together and find nothing to do
+    port = _free_port()
+    procs = [
+        _run(out, 4, bindings, [f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}"])
+        for i in range(2)
+    ]
+    logs = [_finish(p) for p in procs]
+    assert all("resuming from" in log and "nothing to do" in log for log in logs)
 
 
 def _vlm_command(out_dir: str, bindings: list[str]) -> list[str]:
