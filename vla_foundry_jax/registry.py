@@ -16,6 +16,7 @@ BUILDERS: dict[str, Callable[..., Any]] = {}
 LOSSES: dict[str, Callable[..., Any]] = {}
 WEIGHT_LOADERS: dict[str, Callable[..., Any]] = {}
 BATCH_CHECKS: dict[str, Callable[..., Any]] = {}
+FROZEN_PATHS: dict[str, Callable[..., Any]] = {}
 
 
 class UnknownTypeError(ValueError):
@@ -80,6 +81,17 @@ def register_batch_check(key: str) -> Callable[[Callable[..., Any]], Callable[..
 
     def deco(fn: Callable[..., Any]) -> Callable[..., Any]:
         _register(BATCH_CHECKS, "batch check", key, fn)
+        return fn
+
+    return deco
+
+
+def register_frozen_paths(key: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Decorator: ``fn(params) -> [module path tuple, ...]`` that a model of type ``key`` freezes by its own
+    flags (e.g. CLIP's ``freeze_text_encoder`` -> ``("text_model",)``), besides ``freeze=True`` sub-models."""
+
+    def deco(fn: Callable[..., Any]) -> Callable[..., Any]:
+        _register(FROZEN_PATHS, "frozen-paths hook", key, fn)
         return fn
 
     return deco

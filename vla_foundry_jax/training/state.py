@@ -16,7 +16,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh
 
-from vla_foundry_jax import parallel
+from vla_foundry_jax import parallel, registry
 from vla_foundry_jax.params import HyperParams, ModelParams, submodel_params
 from vla_foundry_jax.registry import build_model
 from vla_foundry_jax.training.ema import ema_init
@@ -26,10 +26,13 @@ def frozen_prefixes(params: ModelParams, prefix: tuple[str, ...] = ()) -> list[t
     """Module paths (attribute names) of every sub-model whose params set ``freeze=True``.
 
     Convention: a sub-model lives at the attribute named like its params field (``vlm.vit`` -> ``model.vit``).
+    A model type may also freeze module paths by its own flags (``registry.register_frozen_paths``, e.g.
+    CLIP's ``freeze_text_encoder`` -> ``("text_model",)``).
     """
     if params.freeze:
         return [prefix]
-    out = []
+    hook = registry.FROZEN_PATHS.get(params.type)
+    out = [(*prefix, *path) for path in hook(params)] if hook else []
     for name, child in submodel_params(params).items():
         out += frozen_prefixes(child, (*prefix, name))
     return out

@@ -1,0 +1,377 @@
+"""``vit_hf``: Hugging Face SigLIP and CLIP vision towers in Flax NNX, stacked and scanned.
+
+The original builds ``vit_hf`` with ``timm`` and returns the first element of ``forward_intermediates`` (reference
+§3.4): the final *normed* token sequence. Here the tower is built from an HF config (``hf_pretrained``'s
+``config.json``) whose ``model_type`` is one of :data:`SUPPORTED_MODEL_TYPES` (``siglip`` / ``clip`` take their
+``vision_config``); the ``vit_hf`` weight loader (:mod:`vla_foundry_jax.convert.hf_vision_maps`) then fills it
+from the checkpoint's safetensors.
+
+Images are **channels-last**: ``[B, img, img, 3]`` or multi-camera ``[B, N, img, img, 3]`` (HF takes
+``[B, 3, h, w]``); pixel normalisation is the processor's job. Forward:
+
+1. patch embedding (HF's ``Conv2d(3, D, kernel=stride=patch)``; SigLIP with bias, CLIP without) computed as a
+   reshape into non-overlapping patches flattened in (row, col, channel) order and one matmul, tokens row-major;
+   CLIP prepends ``class_embedding``; learned position embedding added;
+2. CLIP only: ``pre_layrnorm`` (HF's spelling);
+3. ``L`` pre-norm encoder layers ``x += out_proj(MHA(layer_norm1(x)))``, ``x += fc2(act(fc1(layer_norm2(x))))``
+   with separate biased q / k / v projections, bidirectional attention; ``act`` is the config's ``hidden_act``
+   (SigLIP ``gelu_pytorch_tanh``, CLIP ``quick_gelu``);
+4. ``post_layernorm`` on **every** token.
+
+Returned tensor: ``post_layernorm(encoder output)`` ``[B, T, D]`` (``[B, N, T, D]`` for 5-D input), ``T = n_p``
+(SigLIP) or ``1 + n_p`` (CLIP, the class token first). HF equivalents: SigLIP's ``last_hidden_state`` (HF applies
+``post_layernorm`` to the whole sequence); for CLIP, HF's ``last_hidden_state`` is the encoder output *before*
+``post_layernorm`` (HF norms only the pooled class token), so ours equals
+``vision_model.post_layernorm(last_hidden_state)``, and ``out[:, 0]`` equals HF's ``pooler_output``. SigLIP's
+attention-pooling ``head`` is not built (timm's ``forward_intermediates`` does not use it either).
+
+Parameters keep HF's module names (``L`` stacked on a leading ``layers`` axis; kernels ``[in, out]``):
+
+| parameter                                        | shape               | logical axes                     |
+|--------------------------------------------------|---------------------|----------------------------------|
+| ``embeddings.patch_embedding.kernel`` (+ bias)   | ``[p*p*3, D]``      | ``("patch", "embed")``           |
+| ``embeddings.class_embedding`` (CLIP)            | ``[D]``             | ``("embed",)``                   |
+| ``embeddings.position_embedding``                | ``[T, D]``          | ``("pos", "embed")``             |
+| ``pre_layrnorm.weight/bias`` (CLIP)              | ``[D]``             | ``("norm",)``                    |
+| ``encoder.layers.layer_norm{1,2}.weight/bias``   | ``[L, D]``          | ``("layers", "norm")``           |
+| ``encoder.layers.self_attn.{q,k,v}_proj.kernel`` | ``[L, D, D]``       | ``("layers", "embed", "qkv")``   |
+| ``encoder.layers.self_attn.out_proj.kernel``     | ``[L, D, D]``       | ``("layers", "heads", "embed")`` |
+| ``encoder.layers.mlp.fc1.kernel``                | ``[L, D, F]``       | ``("layers", "embed", "mlp")``   |
+| ``encoder.layers.mlp.fc2.kernel``                | ``[L, F, D]``       | ``("layers", "mlp", "embed")``   |
+| ``post_layernorm.weight/bias``                   | ``[D]``             | ``("norm",)``                    |
+
+(every projection also has a bias ``[L, out]``). The :class:`Encoder` is shared with the CLIP text tower
+(:mod:`vla_foundry_jax.models.clip`). Attention scores and LayerNorm statistics are float32.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from vla_foundry_jax.layers.norms import make_norm
+from vla_foundry_jax.models.hf_decoder import ACTIVATIONS as DECODER_ACTIVATIONS
+from vla_foundry_jax.models.hf_decoder import Dense, UnsupportedArchitectureError
+from vla_foundry_jax.models.transformer import LAYERS_AXIS, check_remat_policy
+from vla_foundry_jax.models.vit import head_major_attention
+from vla_foundry_jax.registry import register_builder
+
+SUPPORTED_MODEL_TYPES = ("siglip_vision_model", "siglip", "clip_vision_model", "clip")
+ACTIVATIONS = {**DECODER_ACTIVATIONS, "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x)}
+INIT_STD = 0.02
+
+
+@dataclasses.dataclass(frozen=True)
+class EncoderConfig:
+    """The facts a stack of HF CLIP/SigLIP encoder layers needs."""
+
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    layer_norm_eps: float
+    activation: str
+
+    @staticmethod
+    def fields_from_hf(config: Any) -> dict[str, Any]:
+        act = getattr(config, "hidden_act", "gelu_pytorch_tanh")
+        if act not in ACTIVATIONS:
+            raise UnsupportedArchitectureError(f"hidden_act {act!r} is not supported; choose {list(ACTIVATIONS)}.")
+        if config.hidden_size % config.num_attention_heads:
+            raise UnsupportedArchitectureError(
+                f"num_attention_heads = {config.num_attention_heads} does not divide hidden_size = "
+                f"{config.hidden_size}."
+            )
+        return {
+            "hidden_size": int(config.hidden_size),
+            "intermediate_size": int(config.intermediate_size),
+            "num_layers": int(config.num_hidden_layers),
+            "num_heads": int(config.num_attention_heads),
+            "layer_norm_eps": float(config.layer_norm_eps),
+            "activation": act,
+        }
+
+
+@dataclasses.dataclass(frozen=True)
+class HFVisionConfig(EncoderConfig):
+    """A SigLIP (``family = "siglip"``) or CLIP (``"clip"``) vision tower's architecture."""
+
+    family: str = "siglip"
+    image_size: int = 224
+    patch_size: int = 16
+
+    @property
+    def cls_token(self) -> bool:
+        return self.family == "clip"
+
+    @property
+    def num_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+    @property
+    def num_tokens(self) -> int:
+        return self.num_patches + (1 if self.cls_token else 0)
+
+    @classmethod
+    def from_hf(cls, config: Any) -> HFVisionConfig:
+        mt = getattr(config, "model_type", None)
+        if mt not in SUPPORTED_MODEL_TYPES:
+            raise UnsupportedArchitectureError(
+                f"vit_hf does not support HF model_type {mt!r}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}."
+            )
+        if mt in ("siglip", "clip"):
+            config = config.vision_config
+        if getattr(config, "num_channels", 3) != 3:
+            raise UnsupportedArchitectureError(f"vit_hf expects 3-channel images; config has {config.num_channels}.")
+        if config.image_size % config.patch_size:
+            raise UnsupportedArchitectureError(
+                f"patch_size = {config.patch_size} does not divide image_size = {config.image_size}."
+            )
+        return cls(
+            **cls.fields_from_hf(config),
+            family="clip" if mt.startswith("clip") else "siglip",
+            image_size=int(config.image_size),
+            patch_size=int(config.patch_size),
+        )
+
+
+def _normal(rngs: nnx.Rngs, shape: tuple[int, ...], param_dtype: Any) -> jax.Array:
+    return (jax.random.normal(rngs.params(), shape, jnp.float32) * INIT_STD).astype(param_dtype)
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array | None) -> jax.Array:
+    """``softmax(q k^T + bias) v`` on ``[b, T, nh, hd]`` (``q`` pre-scaled); ``bias [b, 1, T, T]`` float32."""
+    if bias is None:
+        out = head_major_attention(*(t.transpose(0, 2, 1, 3) for t in (q, k, v)))
+        return out.transpose(0, 2, 1, 3)
+    scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) + bias
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    return jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+
+
+class SelfAttention(nnx.Module):
+    """Multi-head attention ``[b, T, D] -> [b, T, D]`` with biased q / k / v / out projections."""
+
+    def __init__(self, c: EncoderConfig, *, rngs: nnx.Rngs, dtype: Any, param_dtype: Any):
+        D = c.hidden_size
+        self.num_heads = c.num_heads
+        self.head_dim = D // c.num_heads
+        kw = {"bias": True, "rngs": rngs, "dtype": dtype, "param_dtype": param_dtype}
+        self.q_proj = Dense(D, D, names=("embed", "qkv"), **kw)
+        self.k_proj = Dense(D, D, names=("embed", "qkv"), **kw)
+        self.v_proj = Dense(D, D, names=("embed", "qkv"), **kw)
+        self.out_proj = Dense(D, D, names=("heads", "embed"), **kw)
+
+    def __call__(self, x: jax.Array, bias: jax.Array | None) -> jax.Array:
+        b, T, D = x.shape
+        split = (b, T, self.num_heads, self.head_dim)
+        q = (self.q_proj(x) * jnp.asarray(self.head_dim**-0.5, x.dtype)).reshape(split)
+        out = attention(q, self.k_proj(x).reshape(split), self.v_proj(x).reshape(split), bias)
+        return self.out_proj(out.reshape(b, T, D))
+
+
+class MLP(nnx.Module):
+    def __init__(self, c: EncoderConfig, *, rngs: nnx.Rngs, dtype: Any, param_dtype: Any):
+        kw = {"bias": True, "rngs": rngs, "dtype": dtype, "param_dtype": param_dtype}
+        self.act = ACTIVATIONS[c.activation]
+        self.fc1 = Dense(c.hidden_size, c.intermediate_size, names=("embed", "mlp"), **kw)
+        self.fc2 = Dense(c.intermediate_size, c.hidden_size, names=("mlp", "embed"), **kw)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class EncoderLayer(nnx.Module):
+    """``x += self_attn(layer_norm1(x)); x += mlp(layer_norm2(x))``."""
+
+    def __init__(self, c: EncoderConfig, *, rngs: nnx.Rngs, dtype: Any, param_dtype: Any):
+        kw = {"dtype": dtype, "param_dtype": param_dtype}
+        self.layer_norm1 = make_norm("default_layer_norm", c.hidden_size, c.layer_norm_eps, **kw)
+        self.self_attn = SelfAttention(c, rngs=rngs, **kw)
+        self.layer_norm2 = make_norm("default_layer_norm", c.hidden_size, c.layer_norm_eps, **kw)
+        self.mlp = MLP(c, rngs=rngs, **kw)
+
+    def __call__(self, x: jax.Array, bias: jax.Array | None) -> jax.Array:
+        x = x + self.self_attn(self.layer_norm1(x), bias)
+        return x + self.mlp(self.layer_norm2(x))
+
+
+class Encoder(nnx.Module):
+    """``L`` stacked :class:`EncoderLayer` (at ``layers``), run with ``nnx.scan``; optional remat per layer."""
+
+    def __init__(
+        self, c: EncoderConfig, *, rngs: nnx.Rngs, dtype: Any, param_dtype: Any, remat_policy: str | None = None
+    ):
+        check_remat_policy(remat_policy)
+        self.remat_policy = remat_policy
+
+        @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: LAYERS_AXIS})
+        def make_layers(key: jax.Array) -> EncoderLayer:
+            return EncoderLayer(c, rngs=nnx.Rngs(params=key), dtype=dtype, param_dtype=param_dtype)
+
+        self.layers = make_layers(jax.random.split(rngs.params(), c.num_layers))
+
+    def __call__(self, x: jax.Array, bias: jax.Array | None = None) -> jax.Array:
+        def apply_layer(layer: EncoderLayer, x: jax.Array, bias: Any) -> jax.Array:
+            return layer(x, bias)
+
+        if self.remat_policy is not None:
+            apply_layer = nnx.remat(apply_layer, policy=getattr(jax.checkpoint_policies, self.remat_policy))
+
+        @nnx.scan(
+            in_axes=(0, nnx.Carry, None), out_axes=nnx.Carry, transform_metadata={nnx.PARTITION_NAME: LAYERS_AXIS}
+        )
+        def run_layers(layer: EncoderLayer, x: jax.Array, bias: Any) -> jax.Array:
+            return apply_layer(layer, x, bias)
+
+        return run_layers(self.layers, x, bias)
+
+
+class VisionEmbeddings(nnx.Module):
+    """``patches [b, n_p, p*p*3] -> [b, T, D]``: patch projection, (CLIP) class token, position embedding."""
+
+    def __init__(self, c: HFVisionConfig, *, rngs: nnx.Rngs, dtype: Any, param_dtype: Any):
+        D, p = c.hidden_size, c.patch_size
+        self.dtype = dtype
+        self.patch_embedding = Dense(
+            p * p * 3,
+            D,
+            bias=not c.cls_token,
+            names=("patch", "embed"),
+            rngs=rngs,
+            dtype=dtype,
+            param_dtype=param_dtype,
+        )
+        self.class_embedding = (
+            nnx.Param(_normal(rngs, (D,), param_dtype), out_sharding=("embed",)) if c.cls_token else None
+        )
+        self.position_embedding = nnx.Param(
+            _normal(rngs, (c.num_tokens, D), param_dtype), out_sharding=("pos", "embed")
+        )
+
+    def __call__(self, patches: jax.Array) -> jax.Array:
+        x = self.patch_embedding(patches)
+        if self.class_embedding is not None:
+            cls = jnp.broadcast_to(self.class_embedding[...].astype(self.dtype), (x.shape[0], 1, x.shape[-1]))
+            x = jnp.concatenate([cls, x], axis=1)
+        return x + self.position_embedding[...].astype(self.dtype)
+
+
+class HFVisionTower(nnx.Module):
+    """SigLIP / CLIP vision tower (``type = "vit_hf"``; also ``clip_hf``'s ``vision_model``).
+
+    ``__call__(images)``: channels-last ``[B, img, img, 3]`` or ``[B, N, img, img, 3]`` -> the ``post_layernorm``-ed
+    token sequence ``[B, T, D]`` / ``[B, N, T, D]`` in the compute dtype (see the module docstring for the exact HF
+    correspondence).
+    """
+
+    def __init__(
+        self,
+        c: HFVisionConfig,
+        *,
+        rngs: nnx.Rngs,
+        dtype: Any = jnp.float32,
+        param_dtype: Any = jnp.float32,
+        remat_policy: str | None = None,
+        where: str = "vit_hf",
+    ):
+        self.config = c
+        self.where = where
+        self.dtype = dtype
+        kw = {"dtype": dtype, "param_dtype": param_dtype}
+        self.embeddings = VisionEmbeddings(c, rngs=rngs, **kw)
+        self.pre_layrnorm = (
+            make_norm("default_layer_norm", c.hidden_size, c.layer_norm_eps, **kw) if c.cls_token else None
+        )
+        self.encoder = Encoder(c, rngs=rngs, remat_policy=remat_policy, **kw)
+        self.post_layernorm = make_norm("default_layer_norm", c.hidden_size, c.layer_norm_eps, **kw)
+
+    @property
+    def hidden_dim(self) -> int:
+        return self.config.hidden_size
+
+    @property
+    def num_hidden_layers(self) -> int:
+        return self.config.num_layers
+
+    @property
+    def num_patches(self) -> int:
+        return self.config.num_patches
+
+    @property
+    def num_tokens(self) -> int:
+        """Tokens per image in the output: ``num_patches`` (+ 1 class token for CLIP)."""
+        return self.config.num_tokens
+
+    def check_images(self, images: Any) -> None:
+        s = self.config.image_size
+        shape = tuple(images.shape)
+        if len(shape) not in (4, 5):
+            raise ValueError(
+                f"{self.where} expects channels-last images [B, {s}, {s}, 3] or [B, N, {s}, {s}, 3], got shape {shape}."
+            )
+        if shape[-1] != 3:
+            hint = " (this looks channels-first; transpose to channels-last)" if shape[-3] == 3 else ""
+            raise ValueError(f"{self.where} expects 3 channels in the last axis, got shape {shape}{hint}.")
+        if shape[-3:-1] != (s, s):
+            raise ValueError(
+                f"{self.where} expects {s}x{s} images (the checkpoint's image_size = {s}) but got "
+                f"{shape[-3]}x{shape[-2]} (shape {shape}); resize the images."
+            )
+
+    def patchify(self, images: jax.Array) -> jax.Array:
+        """``[b, img, img, 3] -> [b, n_p, p*p*3]``: patches row-major, (row, col, channel) inside."""
+        b, h, w, c = images.shape
+        p = self.config.patch_size
+        x = images.reshape(b, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5)
+        return x.reshape(b, (h // p) * (w // p), p * p * c)
+
+    def __call__(self, images: jax.Array) -> jax.Array:
+        self.check_images(images)
+        lead = images.shape[:-3]
+        x = images.reshape(-1, *images.shape[-3:]).astype(self.dtype)
+        x = self.embeddings(self.patchify(x))
+        if self.pre_layrnorm is not None:
+            x = self.pre_layrnorm(x)
+        x = self.post_layernorm(self.encoder(x))
+        return x.reshape(*lead, *x.shape[1:])
+
+
+def hf_vision_config(params: Any) -> HFVisionConfig:
+    """The :class:`HFVisionConfig` of a ``ViTHFParams`` (config read from ``hf_pretrained``); checks ``hidden_dim``."""
+    from vla_foundry_jax.convert.hf_loader import load_hf_config
+
+    where = params.gin_name
+    if not params.hf_pretrained:
+        raise ValueError(f"{where}.hf_pretrained is not set; give a hub id or a local checkpoint directory.")
+    c = HFVisionConfig.from_hf(load_hf_config(params.hf_pretrained))
+    if params.hidden_dim != c.hidden_size:
+        raise ValueError(
+            f"{where}.hidden_dim = {params.hidden_dim} but {params.hf_pretrained!r} has hidden_size = "
+            f"{c.hidden_size}; set {where}.hidden_dim = {c.hidden_size}."
+        )
+    return c
+
+
+@register_builder("vit_hf")
+def build_vit_hf(
+    params: Any,
+    *,
+    rngs: nnx.Rngs,
+    dtype: Any = jnp.float32,
+    param_dtype: Any = jnp.float32,
+    remat_policy: str | None = None,
+) -> HFVisionTower:
+    """Registry builder for ``type = "vit_hf"`` (random parameters; the ``vit_hf`` weight loader fills them)."""
+    return HFVisionTower(
+        hf_vision_config(params),
+        rngs=rngs,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        remat_policy=remat_policy,
+        where=params.gin_name,
+    )
