@@ -29,8 +29,9 @@ backbone wrapper, which can build them from ``text_pooled``. Here the outputs ar
 
 Freezing: ``freeze_text_encoder`` / ``freeze_image_encoder`` put ``text_model`` / ``vision_model`` outside the
 optimizer (:func:`frozen_paths`, registered with ``registry.register_frozen_paths``); projections and
-``logit_scale`` stay trainable. Loss (:func:`clip_contrastive_loss`, registered for ``clip_hf``): the original has no CLIP loss; this is
-the standard symmetric InfoNCE (mean of the image->text and text->image cross-entropies over the in-batch pairs).
+``logit_scale`` stay trainable. Loss (:func:`clip_contrastive_loss`, registered for ``clip_hf``): the original
+has no CLIP loss; this is the standard symmetric InfoNCE (mean of the image->text and text->image
+cross-entropies over the in-batch pairs).
 """
 
 from __future__ import annotations
