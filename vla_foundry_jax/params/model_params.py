@@ -87,9 +87,9 @@ class TransformerParams(ModelParams):
 
 @functools.lru_cache(maxsize=32)
 def _hf_config(hf_pretrained: str):
-    from transformers import AutoConfig
+    from vla_foundry_jax.convert.hf_loader import load_hf_config  # clear errors for offline hub ids / bad dirs
 
-    return AutoConfig.from_pretrained(hf_pretrained)
+    return load_hf_config(hf_pretrained)
 
 
 def _text_config(cfg):
