@@ -14,13 +14,18 @@ A rule's ``when`` names an :class:`~vla_foundry_jax.models.hf_decoder.HFDecoderC
 
 Strict: every HF tensor consumed, every Flax parameter under the prefix filled, every shape equal; otherwise
 :class:`~vla_foundry_jax.convert.hf_loader.HFLoadError` lists the missing, unexpected and mismatched names. Each
-converted tensor (a stacked one: its L layers) is cast to the parameter's dtype and placed straight into the target
-leaf's sharding; host memory peaks near one (stacked) tensor.
+converted tensor is cast to the parameter's dtype and placed straight into the target leaf's sharding; a stacked one
+is assembled layer by layer into one host buffer of the parameter's dtype (no ``np.stack`` copy), so host memory
+peaks near one stacked tensor plus one layer's tensor above the placed parameters.
+
+A directory holding :data:`CONFIG_ONLY_MARKER` (``<run>/hf_config`` of a run made by ``launch.convert_hf``) has a
+config but no tensors: the loader then leaves the parameters to ``resume_from_checkpoint`` (and says so if unset).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -79,6 +84,9 @@ ARCH_MAPS: dict[str, tuple[Rule, ...]] = {
     "gemma2": BASE + QKV_BIAS + O_BIAS + SANDWICH,
 }
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+# Written by ``launch.convert_hf`` into ``<run>/hf_config/``: a config (and tokenizer) directory without weights;
+# the weights live in the run's Orbax checkpoint and are loaded through ``resume_from_checkpoint``.
+CONFIG_ONLY_MARKER = "converted_run.json"
 
 
 def _active(rule: Rule, c: HFDecoderConfig) -> bool:
@@ -104,7 +112,7 @@ def _hf_shape(rule: Rule, flax_shape: tuple[int, ...]) -> tuple[int, ...]:
 
 def _place(value: np.ndarray, leaf: Any) -> jax.Array:
     """``value`` with ``leaf``'s dtype, placed in ``leaf``'s sharding (each process supplies its own shards)."""
-    value = np.asarray(value).astype(np.dtype(leaf.dtype))
+    value = np.asarray(value).astype(np.dtype(leaf.dtype), copy=False)
     sharding = getattr(leaf, "sharding", None)
     if sharding is None:
         return jax.device_put(value, jax.local_devices()[0])
@@ -182,10 +190,14 @@ def load_hf_decoder_weights(
         for rule in rules:
             leaf = targets[rule.flax]
             if "{i}" in rule.hf:
-                value = np.stack([_convert(rule, reader.get(_hf_name(rule, src, i)), config) for i in range(L)])
+                # one host buffer in the parameter's dtype; each layer's tensor is converted into its slice
+                value = np.empty(tuple(leaf.shape), np.dtype(leaf.dtype))
+                for i in range(L):
+                    value[i] = _convert(rule, reader.get(_hf_name(rule, src, i)), config)
             else:
                 value = _convert(rule, reader.get(_hf_name(rule, src)), config)
             values[prefix + rule.flax] = _place(value, leaf)
+            del value
     return [ckpt_lib.set_flat_params(state, values) for state in states]
 
 
@@ -195,4 +207,12 @@ def load_transformer_hf_weights(params: Any, states: Sequence[Any], prefix: str)
     if not params.hf_pretrained:
         return list(states)
     path = resolve_hf_path(params.hf_pretrained)
+    if os.path.isfile(os.path.join(path, CONFIG_ONLY_MARKER)):
+        if not params.resume_from_checkpoint:
+            raise HFLoadError(
+                f"transformer_hf.hf_pretrained = {params.hf_pretrained!r} holds only the config of a converted run "
+                f"(its weights are in that run's Orbax checkpoint); set transformer_hf.resume_from_checkpoint = "
+                f"'{os.path.dirname(path)}' and transformer_hf.resume_weights_only = True."
+            )
+        return list(states)  # the weights come from resume_from_checkpoint
     return load_hf_decoder_weights(path, hf_decoder_config(params), states, prefix, source=params.hf_pretrained)

@@ -1,0 +1,151 @@
+"""``transformer_hf`` -> Hugging Face safetensors: the inverse of :mod:`vla_foundry_jax.convert.hf_decoder_maps`.
+
+:func:`export_transformer_hf` writes ``out_dir/model.safetensors`` + ``config.json`` (+ the tokenizer files and
+``generation_config.json`` found next to the model's config) so that ``transformers.AutoModelForCausalLM
+.from_pretrained(out_dir)`` loads the trained weights. Every active rule of :data:`ARCH_MAPS` is inverted:
+
+* ``"T"``: kernels ``[in, out]`` transposed back to torch's ``[out, in]``;
+* ``{i}``: the stacked ``[L, ...]`` parameter split into one tensor per layer;
+* ``"norm"``: Gemma's folded ``1 + w`` becomes ``w`` again;
+* tied embeddings: only ``model.embed_tokens.weight`` is written (HF ties ``lm_head`` to it).
+
+Tensor names carry the ``model.`` prefix of ``*ForCausalLM`` checkpoints. Written with safetensors' NumPy API (no
+torch), in the parameters' dtype unless ``dtype`` says otherwise (``float32``, ``float16`` or ``bfloat16``);
+``config.json``'s ``dtype`` is set to match.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from typing import Any
+
+import numpy as np
+
+from vla_foundry_jax import checkpoint as ckpt_lib
+from vla_foundry_jax.convert.hf_decoder_maps import ARCH_MAPS, CONFIG_ONLY_MARKER, Rule, _active
+from vla_foundry_jax.convert.hf_loader import resolve_hf_path
+from vla_foundry_jax.models.hf_decoder import HFDecoderConfig
+
+# Files of an HF model directory besides weights and config that describe the tokenizer or generation defaults.
+SIDE_FILES = (
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "vocab.txt",
+    "merges.txt",
+    "tokenizer.model",
+    "spiece.model",
+    "chat_template.json",
+    "chat_template.jinja",
+)
+_DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": None}
+
+
+def copy_side_files(src: str, dst: str, *, with_config: bool = True) -> list[str]:
+    """Copy ``config.json`` (optional) and the tokenizer / generation files present in ``src`` to ``dst``."""
+    os.makedirs(dst, exist_ok=True)
+    names = (("config.json",) if with_config else ()) + SIDE_FILES
+    copied = []
+    for name in names:
+        if os.path.isfile(os.path.join(src, name)):
+            shutil.copyfile(os.path.join(src, name), os.path.join(dst, name))
+            copied.append(name)
+    return copied
+
+
+def _invert(rule: Rule, value: np.ndarray, c: HFDecoderConfig) -> np.ndarray:
+    if rule.transform == "T":
+        return np.ascontiguousarray(value.T)
+    if rule.transform == "norm" and c.norm_offset:
+        return (value.astype(np.float32) - np.float32(1.0)).astype(value.dtype)
+    return np.ascontiguousarray(value)
+
+
+def hf_tensors(flat: dict[str, Any], config: HFDecoderConfig, dtype: str | None = None) -> dict[str, np.ndarray]:
+    """``{HF name: array}`` of a ``transformer_hf``'s flat parameters (``{"dotted.path": array}``)."""
+    target = None
+    if dtype is not None:
+        if dtype not in _DTYPES:
+            raise ValueError(f"dtype {dtype!r}: choose one of {sorted(_DTYPES)}.")
+        import ml_dtypes
+
+        target = np.dtype(ml_dtypes.bfloat16) if dtype == "bfloat16" else np.dtype(_DTYPES[dtype])
+    rules = [r for r in ARCH_MAPS[config.model_type] if _active(r, config)]
+    missing = sorted(r.flax for r in rules if r.flax not in flat)
+    unused = sorted(set(flat) - {r.flax for r in rules})
+    if missing or unused:
+        raise ValueError(
+            f"the parameters do not match the {config.model_type} map: missing {missing[:20]}, unused {unused[:20]}."
+        )
+    out: dict[str, np.ndarray] = {}
+    for rule in rules:
+        value = np.asarray(flat[rule.flax])
+        body = "model." if rule.body else ""
+        if "{i}" in rule.hf:
+            if value.shape[0] != config.num_layers:
+                raise ValueError(f"{rule.flax}: leading axis {value.shape[0]} != num_layers {config.num_layers}.")
+            items = [(body + rule.hf.format(i=i), value[i]) for i in range(config.num_layers)]
+        else:
+            items = [(body + rule.hf, value)]
+        for name, v in items:
+            v = _invert(rule, v, config)
+            out[name] = v if target is None else v.astype(target)
+    return out
+
+
+def _model_and_config(run_dir_or_model: Any) -> tuple[dict[str, Any], Any, str | None]:
+    """(flat params, TransformerHFParams, HF directory of its config) of a run directory or a built model."""
+    from vla_foundry_jax.params import TransformerHFParams
+
+    if isinstance(run_dir_or_model, (str, os.PathLike)):
+        from vla_foundry_jax.sampling import load_model
+
+        model, exp = load_model(os.fspath(run_dir_or_model))
+        params = exp.model
+    elif isinstance(run_dir_or_model, tuple):  # (model, TransformerHFParams)
+        model, params = run_dir_or_model
+    else:
+        raise TypeError("export_transformer_hf takes a run directory or a (model, TransformerHFParams) pair.")
+    if not isinstance(params, TransformerHFParams):
+        raise ValueError(f"export_transformer_hf exports transformer_hf models, not {params.type!r}.")
+    from flax import nnx
+
+    flat = ckpt_lib.flat_params(nnx.state(model, nnx.Param))
+    return flat, params, resolve_hf_path(params.hf_pretrained)
+
+
+def export_transformer_hf(run_dir_or_model: Any, out_dir: str, *, dtype: str | None = None) -> str:
+    """Write ``run_dir_or_model`` as an HF checkpoint directory ``out_dir``; returns ``out_dir``.
+
+    Args:
+      run_dir_or_model: a run directory (or checkpoints/<step>) of a ``transformer_hf`` run, or a
+        ``(model, TransformerHFParams)`` pair (e.g. ``(result.model(), result.experiment.model)``).
+      out_dir: created if absent; ``model.safetensors``, ``config.json`` and the tokenizer files go there.
+      dtype: ``float32`` / ``float16`` / ``bfloat16`` for the written tensors (None: the parameters' dtype).
+    """
+    from safetensors.numpy import save_file
+
+    from vla_foundry_jax.models.hf_decoder import hf_decoder_config
+
+    flat, params, hf_dir = _model_and_config(run_dir_or_model)
+    config = hf_decoder_config(params)
+    tensors = hf_tensors(flat, config, dtype)
+    os.makedirs(out_dir, exist_ok=True)
+    copy_side_files(hf_dir, out_dir)
+    for stale in (CONFIG_ONLY_MARKER, "model.safetensors.index.json"):
+        if os.path.exists(os.path.join(out_dir, stale)):
+            os.remove(os.path.join(out_dir, stale))
+    written = str(next(iter(tensors.values())).dtype)
+    with open(os.path.join(out_dir, "config.json")) as f:
+        cfg = json.load(f)
+    cfg["dtype"] = written
+    cfg.pop("torch_dtype", None)
+    with open(os.path.join(out_dir, "config.json"), "w") as f:
+        json.dump(cfg, f, indent=2, sort_keys=True)
+    save_file(tensors, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
+    return out_dir
