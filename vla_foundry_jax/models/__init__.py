@@ -1,6 +1,6 @@
 """Model families; importing registers their builders, losses and weight loaders."""
 
-from vla_foundry_jax.convert import hf_decoder_maps, hf_vision_maps, vit_weights  # noqa: F401  (weight loaders)
+from vla_foundry_jax.convert import hf_decoder_maps, hf_vision_maps, vit_weights, vlm_hf_maps  # noqa: F401  (weight loaders)
 from vla_foundry_jax.models import (  # noqa: F401  (builders and losses)
     clip,
     hf_decoder,
@@ -9,4 +9,5 @@ from vla_foundry_jax.models import (  # noqa: F401  (builders and losses)
     transformer,
     vit,
     vlm,
+    vlm_hf,
 )

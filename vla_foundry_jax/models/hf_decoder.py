@@ -251,6 +251,8 @@ class Attention(nnx.Module):
         if c.attn_softcap is not None:
             scores = jnp.tanh(scores / c.attn_softcap) * c.attn_softcap
         allowed = ctx["allowed"] & (ctx["distance"] < window)[None]  # [B, S, T]
+        if ctx["bidirectional"] is not None:  # prefix-LM: prefix pairs see each other, whatever the window
+            allowed = allowed | ctx["bidirectional"]
         # A query with no visible key attends uniformly (HF's eager path does the same with its min-value mask).
         scores = jnp.where(allowed[:, None, None], scores, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1)
@@ -372,14 +374,18 @@ class HFDecoder(nnx.Module):
         cache: Cache | None = None,
         output_hidden_states: bool = False,
         is_causal: bool | None = None,
+        prefix_mask: jax.Array | None = None,
     ) -> TransformerOutput:
-        """Forward pass (always causal; ``is_causal`` is accepted for interface parity).
+        """Forward pass (causal, or prefix-LM with ``prefix_mask``; ``is_causal`` is accepted for interface parity).
 
         Args:
           input_ids: ``[B, S]`` token ids, or inputs_embeds ``[B, S, H]`` (used as is: no Gemma scaling).
           attention_mask: ``[B, S]`` (1 = token, 0 = padding) of the S new tokens; masks padded keys.
           cache: a KV cache from :meth:`init_cache`; positions start at its length.
           output_hidden_states: also return the ``L + 1`` HF-convention hidden states (module doc).
+          prefix_mask: ``[B, S]`` bool (optional), prefix-LM attention (PaliGemma's ``token_type_ids == 0``): two
+            prefix tokens of the S new ones see each other in both directions (also across a sliding window, as
+            HF's block overlay); everything else stays causal. Padded keys stay masked.
 
         Returns:
           :class:`TransformerOutput` (``logits [B, S, V]`` float32, updated cache or None, hidden states or None).
@@ -406,7 +412,20 @@ class HFDecoder(nnx.Module):
         k_pos = jnp.arange(T, dtype=jnp.int32)
         distance = positions[:, None] - k_pos[None, :]  # [S, T]
         allowed = (distance >= 0)[None] & key_mask[:, None, :]  # causal & padding (& cache validity via causality)
-        ctx = {"positions": positions, "offset": offset, "allowed": allowed, "distance": distance}
+        bidirectional = None
+        if prefix_mask is not None:
+            prefix = prefix_mask.astype(bool) & new_mask
+            prefix_keys = (
+                prefix if cache is None else jax.lax.dynamic_update_slice(jnp.zeros_like(key_mask), prefix, (0, offset))
+            )
+            bidirectional = prefix[:, :, None] & prefix_keys[:, None, :]  # [B, S, T]
+        ctx = {
+            "positions": positions,
+            "offset": offset,
+            "allowed": allowed,
+            "distance": distance,
+            "bidirectional": bidirectional,
+        }
         windows = jnp.asarray(c.windows, jnp.int32)
 
         def apply_layer(layer: DecoderLayer, x: jax.Array, kv: Any, window: jax.Array, ctx: dict[str, Any]) -> Any:

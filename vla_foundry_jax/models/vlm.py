@@ -27,12 +27,26 @@ class ImageTokenError(ValueError):
     """The text's image tokens do not match the images given with it."""
 
 
-def image_tokens_per_image(params: VLMParams) -> int:
-    """Tokens one image contributes after the projector: ``(img / patch)^2 / s^2`` (1 with a CLS token)."""
-    vit = params.vit
+def vision_geometry(vit: Any) -> tuple[int, int]:
+    """``(image side, tokens per image out of the vision tower)`` of ``vlm.vit``.
+
+    ``vit``: from ``img_size`` / ``patch_size`` (1 token with ``cls_flag``: the pooled CLS token). ``vit_hf``: from
+    the HF vision config (``image_size`` / ``patch_size``, plus CLIP's class token, which the tower keeps).
+    """
+    if vit.type == "vit_hf":
+        from vla_foundry_jax.models.hf_vision import HFVisionConfig
+
+        c = HFVisionConfig.from_hf(vit.hf_config())
+        return c.image_size, c.num_tokens
     if getattr(vit, "cls_flag", False):
-        return 1
-    return (vit.img_size // vit.patch_size) ** 2 // vit.projector_pixel_shuffle_factor**2
+        return vit.img_size, 1
+    return vit.img_size, (vit.img_size // vit.patch_size) ** 2
+
+
+def image_tokens_per_image(params: VLMParams) -> int:
+    """Tokens one image contributes after the projector: tower tokens / s^2 (``s`` = pixel-shuffle factor)."""
+    _, tokens = vision_geometry(params.vit)
+    return tokens // params.vit.projector_pixel_shuffle_factor**2
 
 
 def check_batch(params: VLMParams, batch: dict[str, np.ndarray]) -> None:
@@ -60,7 +74,8 @@ def check_image_tokens(params: VLMParams, input_ids: np.ndarray, pixel_values: n
         raise ImageTokenError(
             f"sample {i} holds {int(found[i])} image tokens (id {params.image_token_id}) but its {n_images} "
             f"image(s) give {expected} ({image_tokens_per_image(params)} per image); {bad.size} sample(s) "
-            f"disagree. Check data.img_num_tokens against vit.img_size / vit.patch_size and the pixel-shuffle factor."
+            f"disagree. Check data.img_num_tokens against the vision tower's image / patch size and the "
+            f"pixel-shuffle factor."
         )
 
 
@@ -94,15 +109,17 @@ class VLM(nnx.Module):
         self.transformer = build_model(params.transformer, **kw)
         s = params.vit.projector_pixel_shuffle_factor
         init = nnx.with_partitioning(nnx.initializers.normal(0.02), ("mlp", "embed"))
+        # widths of the built towers (vit_hf / transformer_hf: their HF configs)
         self.projection = nnx.Param(
-            init(rngs.params(), (params.vit.hidden_dim * s * s, params.transformer.hidden_dim), param_dtype)
+            init(rngs.params(), (self.vit.hidden_dim * s * s, self.transformer.hidden_dim), param_dtype)
         )
 
     def encode_images(self, pixel_values: jax.Array, *, deterministic: bool = True) -> jax.Array:
         """``[B, N, H, W, 3]`` (or ``[B, H, W, 3]``) -> image tokens ``[B, N * tokens_per_image, H_lm]``."""
         if pixel_values.ndim == 4:
             pixel_values = pixel_values[:, None]
-        feats = self.vit(pixel_values, deterministic=deterministic)  # [B, N, n, H_vit] (or [B, N, H_vit] with CLS)
+        kw = {} if self.params.vit.type == "vit_hf" else {"deterministic": deterministic}  # HF towers: no dropout
+        feats = self.vit(pixel_values, **kw)  # [B, N, n, H_vit] (or [B, N, H_vit] with CLS)
         if feats.ndim == 3:
             feats = feats[:, :, None]
         feats = pixel_shuffle(feats, self.params.vit.projector_pixel_shuffle_factor)  # [B, N*n', s^2 H_vit]

@@ -49,7 +49,7 @@ def resolve_vlm(model, data):
     (50432, 0) as in the original. The data's ``img_num_tokens`` and ``image_size`` must agree with the ViT.
     """
     from vla_foundry_jax.data.processor import processor_for_data
-    from vla_foundry_jax.models.vlm import image_tokens_per_image
+    from vla_foundry_jax.models.vlm import image_tokens_per_image, vision_geometry
 
     processor_name = model.processor or getattr(data, "processor", None)
     if not processor_name or not hasattr(data, "img_num_tokens"):
@@ -72,12 +72,15 @@ def resolve_vlm(model, data):
     if data.img_num_tokens != per_image:
         raise ParamsError(
             f"{data.gin_name}.img_num_tokens = {data.img_num_tokens} but the ViT gives {per_image} tokens per image "
-            f"((vit.img_size / vit.patch_size)^2 / projector_pixel_shuffle_factor^2); set img_num_tokens = {per_image}."
+            f"((image size / patch size)^2 (+1 for a kept class token) / projector_pixel_shuffle_factor^2); set "
+            f"img_num_tokens = {per_image}."
         )
-    if model.vit.type == "vit" and tuple(info.image_size) != (model.vit.img_size, model.vit.img_size):
+    side, _ = vision_geometry(model.vit)
+    if tuple(info.image_size) != (side, side):
+        what = "vit.img_size" if model.vit.type == "vit" else f"the image_size of {model.vit.gin_name}.hf_pretrained"
         raise ParamsError(
-            f"the processor {processor_name!r} makes {info.image_size} images but vit.img_size = "
-            f"{model.vit.img_size}; set {data.gin_name}.image_size (or the processor's size) equal to vit.img_size."
+            f"the processor {processor_name!r} makes {info.image_size} images but {what} = {side}; set "
+            f"{data.gin_name}.image_size (or the processor's size) equal to {side}."
         )
     vocab = getattr(model.transformer, "vocab_size", None)
     if model.transformer.type == "transformer" and vocab < info.vocab_len:

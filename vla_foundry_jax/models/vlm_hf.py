@@ -1,0 +1,218 @@
+"""``vlm_hf``: a whole Hugging Face VLM from one checkpoint, in Flax NNX (reference §3.6).
+
+The builder reads ``vlm_hf.hf_pretrained``'s ``config.json`` and dispatches on its ``model_type``
+(:data:`SUPPORTED_MODEL_TYPES`). Implemented: ``paligemma`` (PaliGemma: Gemma text model; PaliGemma 2: the same
+``model_type`` with a ``gemma2`` ``text_config``), built from the existing parts:
+
+* ``vision_tower``: the SigLIP tower of :mod:`~vla_foundry_jax.models.hf_vision` (``post_layernorm``-ed tokens, HF's
+  ``last_hidden_state``; the attention-pooling head is not built);
+* ``multi_modal_projector``: ``Linear(vision hidden -> projection_dim = text hidden, bias)``; HF 5.x applies no
+  further scaling to the image features (older versions divided by ``sqrt(H)`` and scaled the whole sequence, the
+  same result), and ``inputs_embeds`` enter the Gemma stack unscaled while text embeddings get Gemma's ``sqrt(H)``;
+* ``language_model``: :class:`~vla_foundry_jax.models.hf_decoder.HFDecoder` (Gemma / Gemma2, tied ``lm_head``,
+  Gemma2's final logit soft-cap).
+
+Forward ``(input_ids [B, S], pixel_values [B, N, img, img, 3] or [B, img, img, 3] channels-last, token_type_ids,
+attention_mask, cache)``: image features (``[B, N * T, H]``, ``T = (img / patch)^2``) replace the ``image_token_id``
+positions in (sample, image, token) order (each sample must hold exactly its own ``N * T`` image tokens; HF checks
+only the batch total); text positions take the (Gemma-scaled) token embeddings, image positions id 0 for the lookup.
+With ``token_type_ids`` the attention is **prefix-LM**: tokens with ``token_type_ids == 0`` (image + prompt) attend
+to each other bidirectionally, the rest causally (HF's ``block_sequence_ids`` overlay, also across Gemma2's sliding
+window); without it, plain causal. HF numbers PaliGemma's positions from 1: RoPE depends only on position
+differences, so positions from 0 (as here) give the same attention.
+
+Training (loss ``vlm_hf``) follows ``vlm``: next-token cross-entropy on the caption tokens only (``loss_mask``, or
+every non-image target), with ``token_type_ids`` used when the batch carries them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from vla_foundry_jax.models.hf_decoder import Dense, HFDecoder, HFDecoderConfig, UnsupportedArchitectureError
+from vla_foundry_jax.models.hf_vision import HFVisionConfig, HFVisionTower
+from vla_foundry_jax.models.transformer import TransformerOutput
+from vla_foundry_jax.models.vlm import ImageTokenError
+from vla_foundry_jax.registry import register_batch_check, register_builder, register_loss
+from vla_foundry_jax.training.losses import cross_entropy_with_z_loss
+
+SUPPORTED_MODEL_TYPES = ("paligemma",)
+
+
+@dataclasses.dataclass(frozen=True)
+class PaliGemmaConfig:
+    """A PaliGemma (1 or 2) checkpoint's architecture: SigLIP tower, projector, Gemma / Gemma2 LM."""
+
+    vision: HFVisionConfig
+    text: HFDecoderConfig
+    image_token_id: int
+
+    @property
+    def tokens_per_image(self) -> int:
+        return self.vision.num_tokens
+
+    @classmethod
+    def from_hf(cls, config: Any) -> PaliGemmaConfig:
+        vision = HFVisionConfig.from_hf(config.vision_config)
+        if vision.family != "siglip":
+            raise UnsupportedArchitectureError(f"PaliGemma expects a SigLIP vision tower, got {vision.family!r}.")
+        text = HFDecoderConfig.from_hf(config.text_config)
+        if text.model_type not in ("gemma", "gemma2"):
+            raise UnsupportedArchitectureError(
+                f"PaliGemma expects a gemma / gemma2 text_config, got {text.model_type!r}."
+            )
+        proj = getattr(config.vision_config, "projection_dim", text.hidden_size)
+        if proj != text.hidden_size:
+            raise UnsupportedArchitectureError(
+                f"vision_config.projection_dim = {proj} differs from text_config.hidden_size = {text.hidden_size}."
+            )
+        token = getattr(config, "image_token_id", None)
+        token = getattr(config, "image_token_index", None) if token is None else token
+        return cls(vision=vision, text=text, image_token_id=int(token))
+
+
+def vlm_hf_config(params: Any) -> PaliGemmaConfig:
+    """The architecture of ``params.hf_pretrained`` (a ``VLMHFParams``), dispatched on ``model_type``."""
+    cfg = params.hf_config()
+    mt = getattr(cfg, "model_type", None)
+    if mt not in SUPPORTED_MODEL_TYPES:
+        raise UnsupportedArchitectureError(
+            f"{params.gin_name}.hf_pretrained = {params.hf_pretrained!r} has model_type {mt!r}; vlm_hf supports "
+            f"{', '.join(SUPPORTED_MODEL_TYPES)} (PaliGemma 2 is model_type 'paligemma' with a gemma2 text_config)."
+        )
+    return PaliGemmaConfig.from_hf(cfg)
+
+
+class PaliGemma(nnx.Module):
+    """PaliGemma / PaliGemma 2 (``type = "vlm_hf"``); ``__call__`` returns the LM's :class:`TransformerOutput`."""
+
+    def __init__(
+        self,
+        config: PaliGemmaConfig,
+        *,
+        rngs: nnx.Rngs,
+        dtype: jnp.dtype = jnp.float32,
+        param_dtype: jnp.dtype = jnp.float32,
+        remat_policy: str | None = None,
+    ):
+        self.config = config
+        self.dtype = dtype
+        kw = {"rngs": rngs, "dtype": dtype, "param_dtype": param_dtype, "remat_policy": remat_policy}
+        self.vision_tower = HFVisionTower(config.vision, where="vlm_hf.vision_tower", **kw)
+        self.multi_modal_projector = Dense(
+            config.vision.hidden_size,
+            config.text.hidden_size,
+            bias=True,
+            names=("mlp", "embed"),
+            rngs=rngs,
+            dtype=dtype,
+            param_dtype=param_dtype,
+        )
+        self.language_model = HFDecoder(config.text, **kw)
+
+    @property
+    def image_token_id(self) -> int:
+        return self.config.image_token_id
+
+    @property
+    def hidden_dim(self) -> int:
+        return self.config.text.hidden_size
+
+    @property
+    def num_hidden_layers(self) -> int:
+        return self.config.text.num_layers
+
+    def encode_images(self, pixel_values: jax.Array) -> jax.Array:
+        """``[B, N, img, img, 3]`` (or ``[B, img, img, 3]``) -> projected image tokens ``[B, N * T, H]``."""
+        if pixel_values.ndim == 4:
+            pixel_values = pixel_values[:, None]
+        feats = self.multi_modal_projector(self.vision_tower(pixel_values))  # [B, N, T, H]
+        return feats.reshape(feats.shape[0], -1, feats.shape[-1])
+
+    def embed(self, input_ids: jax.Array, pixel_values: jax.Array | None) -> jax.Array:
+        """Token embeddings with the image positions replaced by image tokens, ``[B, S, H]``."""
+        is_img = input_ids == self.config.image_token_id
+        tokens = self.language_model.embed(jnp.where(is_img, 0, input_ids))
+        if pixel_values is None:
+            return tokens
+        images = self.encode_images(pixel_values).astype(tokens.dtype)
+        slot = jnp.clip(jnp.cumsum(is_img, axis=-1) - 1, 0, images.shape[1] - 1)  # k-th image position: token k
+        gathered = jnp.take_along_axis(images, slot[..., None], axis=1)
+        return jnp.where(is_img[..., None], gathered, tokens)
+
+    def __call__(
+        self,
+        input_ids: jax.Array,
+        pixel_values: jax.Array | None = None,
+        *,
+        token_type_ids: jax.Array | None = None,
+        attention_mask: jax.Array | None = None,
+        cache: Any = None,
+        output_hidden_states: bool = False,
+        deterministic: bool = True,
+    ) -> TransformerOutput:
+        """``input_ids [B, S]`` with image tokens; ``token_type_ids [B, S]`` (0 = prefix) -> LM output."""
+        del deterministic  # no dropout
+        if not isinstance(input_ids, jax.core.Tracer) and not isinstance(pixel_values, jax.core.Tracer):
+            check_image_tokens(self.config, input_ids, None if pixel_values is None else np.asarray(pixel_values))
+        embeds = self.embed(input_ids, pixel_values)
+        return self.language_model(
+            inputs_embeds=embeds,
+            attention_mask=attention_mask,
+            cache=cache,
+            output_hidden_states=output_hidden_states,
+            prefix_mask=None if token_type_ids is None else token_type_ids == 0,
+        )
+
+    def init_cache(self, batch_size: int, max_len: int, dtype: jnp.dtype | None = None) -> Any:
+        return self.language_model.init_cache(batch_size, max_len, dtype)
+
+
+def check_image_tokens(config: PaliGemmaConfig, input_ids: Any, pixel_values: Any) -> None:
+    """Host-side check: each sample holds exactly ``images x tokens_per_image`` image tokens."""
+    found = (np.asarray(input_ids) == config.image_token_id).sum(axis=-1)
+    n_images = 0 if pixel_values is None else (pixel_values.shape[1] if pixel_values.ndim == 5 else 1)
+    expected = n_images * config.tokens_per_image
+    bad = np.flatnonzero(found != expected)
+    if bad.size:
+        i = int(bad[0])
+        raise ImageTokenError(
+            f"sample {i} holds {int(found[i])} image tokens (id {config.image_token_id}) but its {n_images} "
+            f"image(s) give {expected} ({config.tokens_per_image} per image); {bad.size} sample(s) disagree."
+        )
+
+
+@register_batch_check("vlm_hf")
+def check_batch(params: Any, batch: dict[str, np.ndarray]) -> None:
+    """Host-side check of a training batch (registered for ``vlm_hf``)."""
+    check_image_tokens(vlm_hf_config(params), batch["input_ids"], batch.get("pixel_values"))
+
+
+@register_builder("vlm_hf")
+def build_vlm_hf(
+    params: Any,
+    *,
+    rngs: nnx.Rngs,
+    dtype: jnp.dtype = jnp.float32,
+    param_dtype: jnp.dtype = jnp.float32,
+    remat_policy: str | None = None,
+) -> PaliGemma:
+    """Registry builder for ``type = "vlm_hf"`` (random parameters; the ``vlm_hf`` weight loader fills them)."""
+    return PaliGemma(vlm_hf_config(params), rngs=rngs, dtype=dtype, param_dtype=param_dtype, remat_policy=remat_policy)
+
+
+@register_loss("vlm_hf")
+def vlm_hf_loss(model: PaliGemma, batch: dict[str, jax.Array], *, hparams: Any, rng: jax.Array | None = None) -> Any:
+    """Next-token loss on caption tokens only (``loss_mask``; else every non-image target), as ``vlm``."""
+    ids = batch["input_ids"]
+    inputs, targets = ids[:, :-1], ids[:, 1:]
+    mask = batch["loss_mask"][:, 1:] if "loss_mask" in batch else targets != model.image_token_id
+    tt = batch.get("token_type_ids")
+    out = model(inputs, batch.get("pixel_values"), token_type_ids=None if tt is None else tt[:, :-1])
+    return cross_entropy_with_z_loss(out.logits, targets, mask, hparams.z_loss_coefficient)
