@@ -1,5 +1,8 @@
 """Strict weight loader for ``vlm_hf`` (PaliGemma / PaliGemma 2) from the existing Rule tables, with prefixes.
 
+(Idefics3 / SmolVLM checkpoints take their tables from :mod:`~vla_foundry_jax.convert.idefics3_maps`; the pass below
+is the same.)
+
 One strict :func:`~vla_foundry_jax.convert.hf_vision_maps.load_by_rules` pass over three tables:
 
 * ``vision_tower.*`` <- :func:`~vla_foundry_jax.convert.hf_vision_maps.vision_rules` (SigLIP), from the checkpoint's
@@ -27,6 +30,8 @@ from vla_foundry_jax import checkpoint as ckpt_lib
 from vla_foundry_jax.convert.hf_decoder_maps import ARCH_MAPS, Rule, _active, _convert, _place
 from vla_foundry_jax.convert.hf_loader import HFLoadError, SafetensorsReader, resolve_hf_path
 from vla_foundry_jax.convert.hf_vision_maps import LayeredRule, load_by_rules, vision_rules
+from vla_foundry_jax.convert.idefics3_maps import idefics3_rules
+from vla_foundry_jax.models.idefics3 import Idefics3Config
 from vla_foundry_jax.models.vlm_hf import PaliGemmaConfig, vlm_hf_config
 from vla_foundry_jax.registry import register_weight_loader
 
@@ -85,13 +90,14 @@ def paligemma_rules(c: PaliGemmaConfig, keys: Sequence[str]) -> tuple[list[Layer
 
 @register_weight_loader("vlm_hf")
 def load_vlm_hf_weights(params: Any, states: Sequence[Any], prefix: str) -> list[Any]:
-    """Weight loader for ``vlm_hf``: every PaliGemma tensor of ``hf_pretrained`` into the built model."""
+    """Weight loader for ``vlm_hf``: every PaliGemma / Idefics3 tensor of ``hf_pretrained`` into the built model."""
     if not params.hf_pretrained:
         return list(states)
     c = vlm_hf_config(params)
     path = resolve_hf_path(params.hf_pretrained)
     with SafetensorsReader(path) as reader:
-        rules, norms, skip = paligemma_rules(c, reader.keys())
+        make_rules = idefics3_rules if isinstance(c, Idefics3Config) else paligemma_rules
+        rules, norms, skip = make_rules(c, reader.keys())
     where = f"{params.gin_name}.hf_pretrained = {params.hf_pretrained!r}"
     states = load_by_rules(path, rules, states, prefix, ignore=skip.__contains__, where=where)
     if not c.text.norm_offset:

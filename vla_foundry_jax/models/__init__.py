@@ -1,11 +1,18 @@
 """Model families; importing registers their builders, losses and weight loaders."""
 
-from vla_foundry_jax.convert import hf_decoder_maps, hf_vision_maps, vit_weights, vlm_hf_maps  # noqa: F401  (weight loaders)
+from vla_foundry_jax.convert import (  # noqa: F401  (weight loaders)
+    hf_decoder_maps,
+    hf_vision_maps,
+    openclip_maps,
+    vit_weights,
+    vlm_hf_maps,
+)
 from vla_foundry_jax.models import (  # noqa: F401  (builders and losses)
     clip,
     hf_decoder,
     hf_vision,
     noise_scheduler,
+    openclip_configs,
     transformer,
     vit,
     vlm,

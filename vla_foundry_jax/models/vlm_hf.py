@@ -2,7 +2,8 @@
 
 The builder reads ``vlm_hf.hf_pretrained``'s ``config.json`` and dispatches on its ``model_type``
 (:data:`SUPPORTED_MODEL_TYPES`). Implemented: ``paligemma`` (PaliGemma: Gemma text model; PaliGemma 2: the same
-``model_type`` with a ``gemma2`` ``text_config``), built from the existing parts:
+``model_type`` with a ``gemma2`` ``text_config``), built from the existing parts, and ``idefics3`` / ``smolvlm``
+(:class:`~vla_foundry_jax.models.idefics3.Idefics3`, see that module):
 
 * ``vision_tower``: the SigLIP tower of :mod:`~vla_foundry_jax.models.hf_vision` (``post_layernorm``-ed tokens, HF's
   ``last_hidden_state``; the attention-pooling head is not built);
@@ -37,12 +38,14 @@ from flax import nnx
 
 from vla_foundry_jax.models.hf_decoder import Dense, HFDecoder, HFDecoderConfig, UnsupportedArchitectureError
 from vla_foundry_jax.models.hf_vision import HFVisionConfig, HFVisionTower
+from vla_foundry_jax.models.idefics3 import MODEL_TYPES as IDEFICS3_MODEL_TYPES
+from vla_foundry_jax.models.idefics3 import Idefics3, Idefics3Config
 from vla_foundry_jax.models.transformer import TransformerOutput
 from vla_foundry_jax.models.vlm import ImageTokenError
 from vla_foundry_jax.registry import register_batch_check, register_builder, register_loss
 from vla_foundry_jax.training.losses import cross_entropy_with_z_loss
 
-SUPPORTED_MODEL_TYPES = ("paligemma",)
+SUPPORTED_MODEL_TYPES = ("paligemma", *IDEFICS3_MODEL_TYPES)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,7 +80,7 @@ class PaliGemmaConfig:
         return cls(vision=vision, text=text, image_token_id=int(token))
 
 
-def vlm_hf_config(params: Any) -> PaliGemmaConfig:
+def vlm_hf_config(params: Any) -> PaliGemmaConfig | Idefics3Config:
     """The architecture of ``params.hf_pretrained`` (a ``VLMHFParams``), dispatched on ``model_type``."""
     cfg = params.hf_config()
     mt = getattr(cfg, "model_type", None)
@@ -86,6 +89,8 @@ def vlm_hf_config(params: Any) -> PaliGemmaConfig:
             f"{params.gin_name}.hf_pretrained = {params.hf_pretrained!r} has model_type {mt!r}; vlm_hf supports "
             f"{', '.join(SUPPORTED_MODEL_TYPES)} (PaliGemma 2 is model_type 'paligemma' with a gemma2 text_config)."
         )
+    if mt in IDEFICS3_MODEL_TYPES:
+        return Idefics3Config.from_hf(cfg)
     return PaliGemmaConfig.from_hf(cfg)
 
 
@@ -174,7 +179,7 @@ class PaliGemma(nnx.Module):
         return self.language_model.init_cache(batch_size, max_len, dtype)
 
 
-def check_image_tokens(config: PaliGemmaConfig, input_ids: Any, pixel_values: Any) -> None:
+def check_image_tokens(config: PaliGemmaConfig | Idefics3Config, input_ids: Any, pixel_values: Any) -> None:
     """Host-side check: each sample holds exactly ``images x tokens_per_image`` image tokens."""
     found = (np.asarray(input_ids) == config.image_token_id).sum(axis=-1)
     n_images = 0 if pixel_values is None else (pixel_values.shape[1] if pixel_values.ndim == 5 else 1)
@@ -202,9 +207,11 @@ def build_vlm_hf(
     dtype: jnp.dtype = jnp.float32,
     param_dtype: jnp.dtype = jnp.float32,
     remat_policy: str | None = None,
-) -> PaliGemma:
+) -> PaliGemma | Idefics3:
     """Registry builder for ``type = "vlm_hf"`` (random parameters; the ``vlm_hf`` weight loader fills them)."""
-    return PaliGemma(vlm_hf_config(params), rngs=rngs, dtype=dtype, param_dtype=param_dtype, remat_policy=remat_policy)
+    config = vlm_hf_config(params)
+    cls = Idefics3 if isinstance(config, Idefics3Config) else PaliGemma
+    return cls(config, rngs=rngs, dtype=dtype, param_dtype=param_dtype, remat_policy=remat_policy)
 
 
 @register_loss("vlm_hf")

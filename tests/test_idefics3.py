@@ -1,0 +1,155 @@
+"""``vlm_hf`` for Idefics3 / SmolVLM: logits parity with HF's ``*ForConditionalGeneration`` (untiled, full images)."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from vla_foundry_jax.layers.pixel_shuffle import pixel_shuffle  # noqa: E402
+from vla_foundry_jax.models.idefics3 import Idefics3  # noqa: E402
+from vla_foundry_jax.models.vlm import ImageTokenError  # noqa: E402
+from vla_foundry_jax.params import HyperParams  # noqa: E402
+from vla_foundry_jax.params.model_params import VLMHFParams  # noqa: E402
+from vla_foundry_jax.registry import BATCH_CHECKS, WEIGHT_LOADERS, build_model, get_loss  # noqa: E402
+
+ATOL = 1e-4
+VISION = dict(
+    hidden_size=24, intermediate_size=40, num_hidden_layers=2, num_attention_heads=2, image_size=16, patch_size=4
+)
+LLAMA = dict(
+    model_type="llama",
+    vocab_size=120,
+    hidden_size=32,
+    intermediate_size=48,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=64,
+    pad_token_id=0,
+)
+IMAGE_TOKEN = 100
+T_IMG = (16 // 4) ** 2 // 4  # 16 patches, pixel shuffle by 2: 4 tokens per image
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory):
+    root = tmp_path_factory.mktemp("idefics3")
+    out = {}
+    for name, tie in (("idefics3", False), ("smolvlm", True)):
+        cls_cfg = transformers.Idefics3Config if name == "idefics3" else transformers.SmolVLMConfig
+        cls_model = (
+            transformers.Idefics3ForConditionalGeneration
+            if name == "idefics3"
+            else transformers.SmolVLMForConditionalGeneration
+        )
+        cfg = cls_cfg(
+            vision_config=VISION, text_config=LLAMA, image_token_id=IMAGE_TOKEN, scale_factor=2, tie_word_embeddings=tie
+        )
+        cfg._attn_implementation = "eager"
+        cfg.text_config._attn_implementation = "eager"
+        cfg.vision_config._attn_implementation = "eager"
+        torch.manual_seed(0)
+        model = cls_model(cfg)
+        with torch.no_grad():  # non-trivial norms and biases, so a mis-mapped tensor shows
+            for pname, p in model.named_parameters():
+                if pname.endswith("bias") or "norm" in pname:
+                    p.add_(0.1 * torch.randn_like(p))
+        model.eval().save_pretrained(str(root / name))
+        out[name] = (str(root / name), model)
+    return out
+
+
+def _loaded(params):
+    model = build_model(params, rngs=nnx.Rngs(1))
+    graphdef, p, rest = nnx.split(model, nnx.Param, ...)
+    [p] = WEIGHT_LOADERS[params.type](params, [p], "")
+    return nnx.merge(graphdef, p, rest)
+
+
+def _inputs(b=2, n_img=1, seed=0):
+    """``<fake>`` + ``n_img`` runs of image tokens between text tokens; channels-last images ``[B, N, 16, 16, 3]``."""
+    rng = np.random.default_rng(seed)
+    S = 3 + n_img * (T_IMG + 2) + 4
+    ids = rng.integers(1, 90, size=(b, S)).astype(np.int64)
+    for i in range(b):
+        start = 1 + i  # per-sample placement differs
+        for k in range(n_img):
+            s = start + k * (T_IMG + 2)
+            ids[i, s : s + T_IMG] = IMAGE_TOKEN
+    images = rng.standard_normal((b, n_img, 16, 16, 3)).astype(np.float32)
+    return ids, images
+
+
+def _hf_logits(hf, ids, images):
+    with torch.no_grad():
+        return hf(
+            input_ids=torch.from_numpy(ids),
+            pixel_values=torch.from_numpy(np.ascontiguousarray(images.transpose(0, 1, 4, 2, 3))),
+        ).logits.numpy()
+
+
+@pytest.mark.parametrize(("name", "n_img"), [("idefics3", 1), ("smolvlm", 1), ("idefics3", 2)])
+def test_idefics3_logits_match_hf(ckpts, name, n_img):
+    path, hf = ckpts[name]
+    model = _loaded(VLMHFParams(hf_pretrained=path))
+    assert isinstance(model, Idefics3) and model.config.model_type == name
+    assert model.config.tokens_per_image == T_IMG
+    assert model.config.text.tie_word_embeddings == (name == "smolvlm")
+    ids, images = _inputs(n_img=n_img)
+    ref = _hf_logits(hf, ids, images)
+    out = np.asarray(model(jnp.asarray(ids), jnp.asarray(images)).logits)
+    np.testing.assert_allclose(out, ref, atol=ATOL)
+    if n_img == 1:  # [B, img, img, 3] (one image per sample) too
+        np.testing.assert_allclose(
+            np.asarray(model(jnp.asarray(ids), jnp.asarray(images[:, 0])).logits), ref, atol=ATOL
+        )
+
+
+def test_pixel_shuffle_matches_hf_connector():
+    from transformers.models.idefics3.modeling_idefics3 import Idefics3Connector
+
+    x = np.random.default_rng(0).standard_normal((2, 36, 5)).astype(np.float32)
+    for s in (2, 3):
+        ref = Idefics3Connector.pixel_shuffle(None, torch.from_numpy(x), s).numpy()
+        np.testing.assert_array_equal(np.asarray(pixel_shuffle(jnp.asarray(x), s)), ref)
+
+
+@pytest.mark.parametrize("side", [4, 26, 32])
+def test_hf_position_ids_are_row_major_for_full_images(side):
+    """Our tower adds position ``i`` to patch ``i``; HF's bucketed ids agree for full images of these grid sides."""
+    from transformers.models.idefics3.modeling_idefics3 import Idefics3VisionEmbeddings
+
+    cfg = transformers.Idefics3VisionConfig(hidden_size=2, image_size=side * 2, patch_size=2, num_channels=3)
+    emb = Idefics3VisionEmbeddings(cfg)
+    with torch.no_grad():
+        emb.patch_embedding.weight.zero_()
+        emb.patch_embedding.bias.zero_()
+        emb.position_embedding.weight.copy_(torch.arange(side * side, dtype=torch.float32)[:, None].repeat(1, 2))
+        out = emb(torch.zeros(1, 3, side * 2, side * 2), torch.ones(1, side, side, dtype=torch.bool))
+    np.testing.assert_array_equal(out[0, :, 0].numpy(), np.arange(side * side, dtype=np.float32))
+
+
+def test_idefics3_loss_and_batch_check(ckpts):
+    path, hf = ckpts["smolvlm"]
+    params = VLMHFParams(hf_pretrained=path)
+    ids, images = _inputs()
+    batch = {"input_ids": ids, "pixel_values": images}
+    BATCH_CHECKS["vlm_hf"](params, batch)
+    bad = ids.copy()
+    bad[0, ids[0] == IMAGE_TOKEN] = 5
+    with pytest.raises(ImageTokenError, match="sample 0 holds 0 image tokens"):
+        BATCH_CHECKS["vlm_hf"](params, {"input_ids": bad, "pixel_values": images})
+    model = _loaded(params)
+    loss, _ = get_loss("vlm_hf")(
+        model, {k: jnp.asarray(v) for k, v in batch.items()}, hparams=HyperParams(precision="fp32")
+    )
+    logits = torch.from_numpy(_hf_logits(hf, ids[:, :-1], images))
+    targets = torch.from_numpy(ids[:, 1:])
+    ce = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
+    ref = ce[targets != IMAGE_TOKEN].mean().item()
+    assert float(loss) == pytest.approx(ref, abs=1e-4)

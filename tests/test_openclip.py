@@ -1,0 +1,228 @@
+"""``clip_openclip``: OpenCLIP checkpoints (safetensors) into our CLIP model; parity with open_clip itself.
+
+open_clip's package import pulls torchvision (no working CPU build here) for its image transforms and
+``FrozenBatchNorm2d``; the model code does not use them, so :func:`_import_open_clip` puts inert stand-in modules
+for exactly the torchvision modules it imports into ``sys.modules`` while importing it, and removes them after.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import types
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("ftfy")
+pytest.importorskip("safetensors")
+
+from vla_foundry_jax import parallel  # noqa: E402
+from vla_foundry_jax.convert.hf_loader import HFLoadError  # noqa: E402
+from vla_foundry_jax.models.hf_decoder import UnsupportedArchitectureError  # noqa: E402
+from vla_foundry_jax.models.openclip_configs import ARCHITECTURES, architecture_from_dict  # noqa: E402
+from vla_foundry_jax.params import DistributedParams, EMAParams, HyperParams  # noqa: E402
+from vla_foundry_jax.params.model_params import CLIP_OpenCLIPParams  # noqa: E402
+from vla_foundry_jax.registry import WEIGHT_LOADERS, build_model, get_loss  # noqa: E402
+from vla_foundry_jax.training.optimizer import make_optimizer  # noqa: E402
+from vla_foundry_jax.training.state import frozen_prefixes, init_train_state, make_model_spec  # noqa: E402
+from vla_foundry_jax.training.step import make_train_step  # noqa: E402
+
+TORCHVISION_MODULES = (
+    "torchvision",
+    "torchvision.transforms",
+    "torchvision.transforms.functional",
+    "torchvision.ops",
+    "torchvision.ops.misc",
+)
+EMBED, IMG, CTX, VOCAB = 16, 16, 12, 100
+CONFIG = {
+    "embed_dim": EMBED,
+    "vision_cfg": {"image_size": IMG, "layers": 2, "width": 32, "patch_size": 4, "head_width": 8},
+    "text_cfg": {"context_length": CTX, "vocab_size": VOCAB, "width": 24, "heads": 2, "layers": 2},
+}
+
+
+class _AnyAttr(type):
+    """A stand-in class whose every attribute is another stand-in class (``InterpolationMode.BICUBIC`` ...)."""
+
+    def __getattr__(cls, name):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return _AnyAttr(name, (), {})
+
+
+class _StandInModule(types.ModuleType):
+    def __getattr__(self, name):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        value = _AnyAttr(name, (), {})
+        setattr(self, name, value)
+        return value
+
+
+def _import_open_clip():
+    if "open_clip" in sys.modules:
+        return sys.modules["open_clip"]
+    pytest.importorskip("transformers")  # imported first: it probes torchvision's spec, which a stand-in lacks
+    saved = {name: sys.modules.get(name) for name in TORCHVISION_MODULES}
+    try:
+        for name in TORCHVISION_MODULES:
+            sys.modules[name] = _StandInModule(name)
+            if "." in name:
+                parent, child = name.rsplit(".", 1)
+                setattr(sys.modules[parent], child, sys.modules[name])
+        try:
+            import open_clip
+        except ImportError as e:
+            pytest.skip(f"open_clip_torch is not installed ({e}); pip install --no-deps open_clip_torch==3.3.0")
+    finally:
+        for name, module in saved.items():
+            if module is None:
+                sys.modules.pop(name, None)
+            else:
+                sys.modules[name] = module
+    return open_clip
+
+
+def _open_clip_model(config, seed=0):
+    open_clip = _import_open_clip()
+    torch.manual_seed(seed)
+    model = open_clip.CLIP(
+        config["embed_dim"],
+        open_clip.CLIPVisionCfg(**config["vision_cfg"]),
+        open_clip.CLIPTextCfg(**config["text_cfg"]),
+        quick_gelu=config.get("quick_gelu", False),
+    ).eval()
+    with torch.no_grad():  # random everything (LayerNorms and biases start at 1 / 0; text_projection is empty)
+        for p in model.parameters():
+            p.copy_(p + 0.1 * torch.randn_like(p) if p.ndim else torch.tensor(math.log(1 / 0.07) + 0.3))
+    return model
+
+
+def _write(tmp_path, config, state_dict, name="model"):
+    from safetensors.torch import save_file
+
+    arch = tmp_path / f"{name}.json"
+    arch.write_text(json.dumps(config))
+    weights = tmp_path / f"{name}.safetensors"
+    save_file({k: v.contiguous() for k, v in state_dict.items()}, str(weights))
+    return str(arch), str(weights)
+
+
+def _loaded(params):
+    model = build_model(params, rngs=nnx.Rngs(1))
+    graphdef, p, rest = nnx.split(model, nnx.Param, ...)
+    [p] = WEIGHT_LOADERS[params.type](params, [p], "")
+    return nnx.merge(graphdef, p, rest)
+
+
+def _batch(b=3, seed=0):
+    rng = np.random.default_rng(seed)
+    images = rng.normal(size=(b, IMG, IMG, 3)).astype(np.float32)
+    ids = np.zeros((b, CTX), np.int64)  # OpenCLIP tokens: SOT ... EOT (the largest id), then zero padding
+    for i, n in enumerate((4, 7, CTX)[:b]):
+        ids[i, : n - 1] = rng.integers(1, VOCAB - 1, size=n - 1)
+        ids[i, n - 1] = VOCAB - 1
+    return images, ids
+
+
+@pytest.mark.parametrize("quick_gelu", [False, True])
+def test_embeddings_match_open_clip(tmp_path, quick_gelu):
+    config = {**CONFIG, "quick_gelu": quick_gelu}
+    ref = _open_clip_model(config)
+    arch, weights = _write(tmp_path, config, ref.state_dict())
+    model = _loaded(CLIP_OpenCLIPParams(architecture=arch, pretrained_weights=weights))
+    images, ids = _batch()
+    with torch.no_grad():
+        ref_img = ref.encode_image(torch.from_numpy(images).permute(0, 3, 1, 2), normalize=True).numpy()
+        ref_txt = ref.encode_text(torch.from_numpy(ids), normalize=True).numpy()
+        ref_logits = (ref.logit_scale.exp() * torch.from_numpy(ref_img) @ torch.from_numpy(ref_txt).T).numpy()
+    out = model(jnp.asarray(ids), jnp.asarray(images))
+    np.testing.assert_allclose(np.asarray(out["image_embeds"]), ref_img, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(np.asarray(out["text_embeds"]), ref_txt, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(np.asarray(out["logits_per_image"]), ref_logits, atol=1e-4, rtol=1e-5)
+    # Unnormalised projections too (OpenCLIP's encode_* without normalize).
+    with torch.no_grad():
+        raw = ref.encode_image(torch.from_numpy(images).permute(0, 3, 1, 2)).numpy()
+    ours = np.asarray(model.visual_projection(model.encode_images(jnp.asarray(images))["image_pooled"]))
+    np.testing.assert_allclose(ours, raw, atol=1e-5, rtol=0)
+
+
+def test_strict_loading_names_the_tensors(tmp_path):
+    ref = _open_clip_model(CONFIG)
+    sd = dict(ref.state_dict())
+    sd.pop("visual.transformer.resblocks.1.attn.in_proj_bias")
+    sd["visual.extra_head.weight"] = torch.zeros(2)
+    arch, weights = _write(tmp_path, CONFIG, sd)
+    with pytest.raises(HFLoadError) as e:
+        _loaded(CLIP_OpenCLIPParams(architecture=arch, pretrained_weights=weights))
+    assert "visual.transformer.resblocks.1.attn.in_proj_bias" in str(e.value)
+    assert "visual.extra_head.weight" in str(e.value)
+    # A checkpoint of another size: shape mismatches are listed.
+    other = {**CONFIG, "embed_dim": 8}
+    _, weights = _write(tmp_path, other, _open_clip_model(other).state_dict(), "other")
+    with pytest.raises(HFLoadError, match=r"text_projection: checkpoint \(24, 8\)"):
+        _loaded(CLIP_OpenCLIPParams(architecture=arch, pretrained_weights=weights))
+
+
+def test_architecture_table_and_unsupported_configs():
+    c = ARCHITECTURES["ViT-B-32"].to_clip_config()
+    assert (c.vision.hidden_size, c.vision.num_heads, c.vision.intermediate_size, c.vision.patch_size) == (
+        768,
+        12,
+        3072,
+        32,
+    )
+    assert (c.text.hidden_size, c.text.num_heads, c.text.num_layers, c.projection_dim) == (512, 8, 12, 512)
+    assert c.vision.activation == "gelu" and ARCHITECTURES["ViT-B-32-quickgelu"].quick_gelu
+    params = CLIP_OpenCLIPParams(architecture="ViT-B-32")
+    shapes = nnx.eval_shape(lambda: build_model(params, rngs=nnx.Rngs(0)))
+    assert shapes.vision_model.embeddings.position_embedding.shape == (50, 768)
+    with pytest.raises(UnsupportedArchitectureError, match="timm_model_name"):
+        architecture_from_dict({"embed_dim": 8, "vision_cfg": {"timm_model_name": "vit_base"}, "text_cfg": {}})
+    with pytest.raises(UnsupportedArchitectureError, match="pool_type"):
+        architecture_from_dict({"embed_dim": 8, "vision_cfg": {}, "text_cfg": {"pool_type": "eos"}})
+    with pytest.raises(UnsupportedArchitectureError, match="not a known OpenCLIP architecture"):
+        build_model(CLIP_OpenCLIPParams(architecture="ViT-Q-99"), rngs=nnx.Rngs(0))
+
+
+def test_freeze_flags_keep_towers_out_of_the_optimizer(tmp_path):
+    arch = tmp_path / "arch.json"
+    arch.write_text(json.dumps(CONFIG))
+    assert frozen_prefixes(CLIP_OpenCLIPParams(architecture=str(arch), freeze_image_encoder=True)) == [
+        ("vision_model",)
+    ]
+    params = CLIP_OpenCLIPParams(architecture=str(arch), freeze_text_encoder=True, freeze_image_encoder=True)
+    assert frozen_prefixes(params) == [("text_model",), ("vision_model",)]
+    hp = HyperParams(precision="fp32", lr=1e-2, warmup="0")
+    mesh = parallel.make_mesh(DistributedParams(), jax.devices()[:1])
+    spec = make_model_spec(params, hp, mesh)
+    opt = make_optimizer(hp, 10)
+    state = init_train_state(spec, opt, hp, use_ema=False)
+    assert set(state["params"]) == {"text_projection", "visual_projection", "logit_scale"}
+    assert set(state["frozen"]) == {"text_model", "vision_model"}
+    step = make_train_step(
+        spec,
+        get_loss("clip_openclip"),
+        opt,
+        hp,
+        EMAParams(),
+        accum_steps=1,
+        total_steps=10,
+        state_shardings=jax.tree.map(lambda x: x.sharding, state),
+    )
+    frozen_before = jax.tree.map(np.asarray, state["frozen"])
+    images, ids = _batch()
+    state, metrics = step(state, {"input_ids": jnp.asarray(ids), "pixel_values": jnp.asarray(images)})
+    assert np.isfinite(float(metrics["loss"]))
+    for a, b in zip(jax.tree.leaves(frozen_before), jax.tree.leaves(state["frozen"]), strict=True):
+        np.testing.assert_array_equal(a, b)
+    n_opt = sum(x.size for x in jax.tree.leaves(state["opt_state"]))
+    n_train = sum(x.size for x in jax.tree.leaves(state["params"]))
+    assert n_opt <= 2 * n_train + 8  # moments for the trainable leaves only (+ counters)
