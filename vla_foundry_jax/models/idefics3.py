@@ -42,6 +42,7 @@ from vla_foundry_jax.layers.pixel_shuffle import pixel_shuffle
 from vla_foundry_jax.models.hf_decoder import Dense, HFDecoder, HFDecoderConfig, UnsupportedArchitectureError
 from vla_foundry_jax.models.hf_vision import HFVisionConfig, HFVisionTower
 from vla_foundry_jax.models.transformer import TransformerOutput
+from vla_foundry_jax.models.vlm import merge_image_tokens
 
 MODEL_TYPES = ("idefics3", "smolvlm")
 VISION_MODEL_TYPES = ("idefics3_vision", "smolvlm_vision")
@@ -151,9 +152,7 @@ class Idefics3(nnx.Module):
         if pixel_values is None:
             return tokens
         images = self.encode_images(pixel_values).astype(tokens.dtype)
-        slot = jnp.clip(jnp.cumsum(is_img, axis=-1) - 1, 0, images.shape[1] - 1)  # k-th image position: token k
-        gathered = jnp.take_along_axis(images, slot[..., None], axis=1)
-        return jnp.where(is_img[..., None], gathered, tokens)
+        return merge_image_tokens(tokens, images, is_img)
 
     def __call__(
         self,

@@ -79,6 +79,14 @@ def check_image_tokens(params: VLMParams, input_ids: np.ndarray, pixel_values: n
         )
 
 
+def merge_image_tokens(tokens: jax.Array, images: jax.Array, is_img: jax.Array) -> jax.Array:
+    """Write image tokens ``[B, K, H]`` into the ``is_img [B, S]`` positions of ``tokens [B, S, H]``, in order:
+    the k-th image position of a sample takes its k-th image token (counts are checked on the host)."""
+    slot = jnp.clip(jnp.cumsum(is_img, axis=-1) - 1, 0, images.shape[1] - 1)
+    gathered = jnp.take_along_axis(images, slot[..., None], axis=1)
+    return jnp.where(is_img[..., None], gathered, tokens)
+
+
 class VLM(nnx.Module):
     """Vision-language model; ``__call__`` returns the language model's :class:`TransformerOutput`."""
 
@@ -132,10 +140,7 @@ class VLM(nnx.Module):
         if pixel_values is None:
             return tokens
         images = self.encode_images(pixel_values, deterministic=deterministic).astype(tokens.dtype)
-        # the k-th image position of a sample takes its k-th image token
-        slot = jnp.clip(jnp.cumsum(is_img, axis=-1) - 1, 0, images.shape[1] - 1)
-        gathered = jnp.take_along_axis(images, slot[..., None], axis=1)
-        return jnp.where(is_img[..., None], gathered, tokens)
+        return merge_image_tokens(tokens, images, is_img)
 
     def __call__(
         self,

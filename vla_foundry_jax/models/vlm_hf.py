@@ -41,7 +41,7 @@ from vla_foundry_jax.models.hf_vision import HFVisionConfig, HFVisionTower
 from vla_foundry_jax.models.idefics3 import MODEL_TYPES as IDEFICS3_MODEL_TYPES
 from vla_foundry_jax.models.idefics3 import Idefics3, Idefics3Config
 from vla_foundry_jax.models.transformer import TransformerOutput
-from vla_foundry_jax.models.vlm import ImageTokenError
+from vla_foundry_jax.models.vlm import ImageTokenError, merge_image_tokens
 from vla_foundry_jax.registry import register_batch_check, register_builder, register_loss
 from vla_foundry_jax.training.losses import cross_entropy_with_z_loss
 
@@ -147,9 +147,7 @@ class PaliGemma(nnx.Module):
         if pixel_values is None:
             return tokens
         images = self.encode_images(pixel_values).astype(tokens.dtype)
-        slot = jnp.clip(jnp.cumsum(is_img, axis=-1) - 1, 0, images.shape[1] - 1)  # k-th image position: token k
-        gathered = jnp.take_along_axis(images, slot[..., None], axis=1)
-        return jnp.where(is_img[..., None], gathered, tokens)
+        return merge_image_tokens(tokens, images, is_img)
 
     def __call__(
         self,
