@@ -5,8 +5,10 @@
 A random Llama (hidden 768, 12 layers, 12 heads, intermediate 2048, vocab 32000, tied: ~110M parameters, float32) is
 made from its config and saved with ``save_pretrained`` (torch, benchmark only). ``launch.convert_hf.convert_hf`` then
 runs in a fresh subprocess that, after its imports, records its resident memory (baseline), resets the peak
-(``/proc/self/clear_refs``) and reports the peak (``VmHWM``) at the end. Prints one JSON line: seconds, model bytes,
-peak RSS, and ``peak_over_baseline / model_bytes`` (target <= 1.3: the converted parameters themselves are 1.0).
+(``/proc/self/clear_refs``) and reports the peak (``VmHWM``) at the end, and separately the peak when the load phase
+(safetensors -> placed parameters) returns, before the Orbax save. Prints one JSON line: seconds, model bytes, peak
+RSS, ``peak_over_baseline / model_bytes`` (target <= 1.3: the converted parameters themselves are 1.0) and the same
+for the load phase alone (``load_*``).
 """
 
 from __future__ import annotations
@@ -44,11 +46,18 @@ try:
     reset = True
 except OSError:
     reset = False
+load = {}
+_load = hf_decoder_maps.load_hf_decoder_weights
+def _timed_load(*a, **k):  # convert_hf imports it from the module at call time: marks the end of the load phase
+    out = _load(*a, **k)
+    load.update(seconds=time.perf_counter() - t0, peak=status("VmHWM"))
+    return out
+hf_decoder_maps.load_hf_decoder_weights = _timed_load
 t0 = time.perf_counter()
 summary = convert_hf(sys.argv[1], sys.argv[2])
 seconds = time.perf_counter() - t0
 print(json.dumps({"seconds": seconds, "baseline_rss": baseline, "peak_rss": status("VmHWM"), "peak_reset": reset,
-                  "params": summary["params"]}))
+                  "load_seconds": load["seconds"], "load_peak_rss": load["peak"], "params": summary["params"]}))
 """
 
 
@@ -95,6 +104,7 @@ def main() -> None:
             for f in fs
         )
     over = child["peak_rss"] - child["baseline_rss"]
+    load_over = child["load_peak_rss"] - child["baseline_rss"]
     print(
         json.dumps(
             {
@@ -108,6 +118,10 @@ def main() -> None:
                 "peak_over_baseline_mb": round(over / 2**20, 1),
                 "peak_over_baseline_vs_model_bytes": round(over / model_bytes, 3),
                 "peak_reset_after_imports": child["peak_reset"],
+                # the load phase alone (safetensors -> placed parameters, before the Orbax save)
+                "load_s": round(child["load_seconds"], 2),
+                "load_peak_over_baseline_mb": round(load_over / 2**20, 1),
+                "load_peak_over_baseline_vs_model_bytes": round(load_over / model_bytes, 3),
                 "checkpoint_bytes": ckpt_bytes,
                 "target": 1.3,
             }

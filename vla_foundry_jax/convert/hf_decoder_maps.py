@@ -33,7 +33,13 @@ import jax
 import numpy as np
 
 from vla_foundry_jax import checkpoint as ckpt_lib
-from vla_foundry_jax.convert.hf_loader import HFLoadError, SafetensorsReader, resolve_hf_path
+from vla_foundry_jax.convert.hf_loader import (
+    HOST_ALIGNMENT,
+    HFLoadError,
+    SafetensorsReader,
+    aligned_empty,
+    resolve_hf_path,
+)
 from vla_foundry_jax.models.hf_decoder import HFDecoderConfig, hf_decoder_config
 from vla_foundry_jax.registry import register_weight_loader
 
@@ -110,15 +116,34 @@ def _hf_shape(rule: Rule, flax_shape: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(reversed(flax_shape)) if rule.transform == "T" else tuple(flax_shape)
 
 
+def _host_buffer(value: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """``value`` as a C-contiguous, :data:`HOST_ALIGNMENT`-aligned array of ``dtype``: itself when it already is
+    one, otherwise one converting copy (no intermediate ``astype`` / ``ascontiguousarray`` copy)."""
+    if (
+        value.dtype == dtype
+        and value.flags.c_contiguous
+        and value.flags.writeable
+        and value.ctypes.data % HOST_ALIGNMENT == 0
+    ):
+        return value
+    out = aligned_empty(value.shape, dtype)
+    np.copyto(out, value, casting="unsafe")
+    return out
+
+
 def _place(value: np.ndarray, leaf: Any) -> jax.Array:
-    """``value`` with ``leaf``'s dtype, placed in ``leaf``'s sharding (each process supplies its own shards)."""
-    value = np.asarray(value).astype(np.dtype(leaf.dtype), copy=False)
+    """``value`` with ``leaf``'s dtype, placed in ``leaf``'s sharding (each process supplies its own shards).
+
+    On the CPU backend a single-device placement aliases the (aligned) host buffer instead of copying it, so the
+    caller must not write to ``value`` afterwards; ``value`` is the caller's own freshly read / converted buffer.
+    """
+    dtype = np.dtype(leaf.dtype)
     sharding = getattr(leaf, "sharding", None)
-    if sharding is None:
-        return jax.device_put(value, jax.local_devices()[0])
-    if getattr(leaf, "is_fully_addressable", True):
-        return jax.device_put(value, sharding)
-    return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
+    if sharding is not None and not getattr(leaf, "is_fully_addressable", True):
+        value = np.asarray(value).astype(dtype, copy=False)
+        return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
+    value = _host_buffer(np.asarray(value), dtype)
+    return jax.device_put(value, jax.local_devices()[0] if sharding is None else sharding)
 
 
 def _hf_name(rule: Rule, src: str, i: int | None = None) -> str:
@@ -190,8 +215,9 @@ def load_hf_decoder_weights(
         for rule in rules:
             leaf = targets[rule.flax]
             if "{i}" in rule.hf:
-                # one host buffer in the parameter's dtype; each layer's tensor is converted into its slice
-                value = np.empty(tuple(leaf.shape), np.dtype(leaf.dtype))
+                # one aligned host buffer in the parameter's dtype (placed without a copy on CPU); each layer's
+                # tensor is converted into its slice
+                value = aligned_empty(tuple(leaf.shape), np.dtype(leaf.dtype))
                 for i in range(L):
                     value[i] = _convert(rule, reader.get(_hf_name(rule, src, i)), config)
             else:

@@ -5,8 +5,12 @@ or a hub id (``org/name``), fetched through the ``huggingface_hub`` cache. Offli
 network) a hub id works only when it is already in the cache; otherwise :class:`HFLoadError` says how to point at a
 local copy.
 
-Tensors are read one at a time with safetensors' NumPy API (``safe_open(framework="np")``), from a single
-``model.safetensors`` or from the shards named in ``model.safetensors.index.json``. No torch import.
+Tensors are read one at a time from a single ``model.safetensors`` or from the shards named in
+``model.safetensors.index.json``: the safetensors header (JSON: dtype, shape, byte offsets) is parsed once per file
+and each tensor's bytes are read with a plain ``readinto`` into a fresh 64-byte-aligned NumPy buffer. No mmap (whose
+page-cache pages would count in resident memory until the file is closed, a second model copy by the end), and
+the buffer's alignment lets ``jax.device_put`` on CPU alias it rather than copy it. bfloat16 / float8 come through
+``ml_dtypes``. No torch import.
 """
 
 from __future__ import annotations
@@ -94,44 +98,93 @@ def safetensors_files(path: str) -> dict[str, str]:
             else ""
         )
         raise HFLoadError(f"{path} has no *.safetensors files (nor {SAFETENSORS_INDEX}).{hint}")
-    from safetensors import safe_open
-
     out = {}
     for file in files:
         full = os.path.join(path, file)
-        with safe_open(full, framework="np") as f:
-            for name in f.keys():
-                out[name] = full
+        for name in read_safetensors_header(full)[0]:
+            out[name] = full
     return out
 
 
+_NP_DTYPES = {
+    "F64": "float64",
+    "F32": "float32",
+    "F16": "float16",
+    "I64": "int64",
+    "I32": "int32",
+    "I16": "int16",
+    "I8": "int8",
+    "U64": "uint64",
+    "U32": "uint32",
+    "U16": "uint16",
+    "U8": "uint8",
+    "BOOL": "bool",
+}
 _ML_DTYPES = {"BF16": "bfloat16", "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
+# XLA's CPU client aliases (rather than copies) host buffers with this alignment in ``jax.device_put``
+HOST_ALIGNMENT = 64
 
 
-def _read_raw(file: str, name: str, dtype_name: str) -> np.ndarray:
-    """One tensor of a dtype NumPy does not know, read from the file's header offsets (copy, not a memmap)."""
-    import ml_dtypes
+def numpy_dtype(safetensors_dtype: str) -> np.dtype:
+    """The NumPy dtype of a safetensors dtype tag (bfloat16 / float8 through ``ml_dtypes``)."""
+    if safetensors_dtype in _NP_DTYPES:
+        return np.dtype(_NP_DTYPES[safetensors_dtype])
+    if safetensors_dtype in _ML_DTYPES:
+        import ml_dtypes
 
+        return np.dtype(getattr(ml_dtypes, _ML_DTYPES[safetensors_dtype]))
+    raise HFLoadError(f"safetensors dtype {safetensors_dtype!r} is not supported.")
+
+
+def aligned_empty(shape: tuple[int, ...], dtype: Any) -> np.ndarray:
+    """An uninitialised C-contiguous array whose data starts on a :data:`HOST_ALIGNMENT`-byte boundary.
+
+    ``jax.device_put`` on the CPU backend then takes the buffer as the array's storage (no second host copy); the
+    caller must not write to it afterwards.
+    """
+    dtype = np.dtype(dtype)
+    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    raw = np.empty(nbytes + HOST_ALIGNMENT, np.uint8)
+    start = -raw.ctypes.data % HOST_ALIGNMENT
+    return raw[start : start + nbytes].view(dtype).reshape(shape)
+
+
+def read_safetensors_header(file: str) -> tuple[dict[str, dict[str, Any]], int]:
+    """``({tensor name: {"dtype", "shape", "data_offsets"}}, byte offset of the data section)`` of ``file``."""
+    if not os.path.isfile(file):
+        raise HFLoadError(f"{file} (named in {SAFETENSORS_INDEX}) does not exist.")
+    size = os.path.getsize(file)
     with open(file, "rb") as f:
-        (header_len,) = np.frombuffer(f.read(8), np.uint64)
-        header = json.loads(f.read(int(header_len)))
-        entry = header[name]
-        start, end = entry["data_offsets"]
-        f.seek(8 + int(header_len) + start)
-        data = f.read(end - start)
-    return np.frombuffer(data, getattr(ml_dtypes, dtype_name)).reshape(entry["shape"]).copy()
+        head = f.read(8)
+        header_len = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if header_len < 2 or 8 + header_len > size:
+            raise HFLoadError(f"{file} is not a safetensors file (bad header length).")
+        try:
+            header = json.loads(f.read(header_len))
+        except ValueError as e:
+            raise HFLoadError(f"{file} is not a safetensors file (header is not JSON: {e}).") from e
+    header.pop("__metadata__", None)
+    data_start = 8 + header_len
+    for name, entry in header.items():
+        begin, end = entry["data_offsets"]
+        want = int(np.prod(entry["shape"], dtype=np.int64)) * numpy_dtype(entry["dtype"]).itemsize
+        if not 0 <= begin <= end or data_start + end > size or end - begin != want:
+            raise HFLoadError(f"{file}: tensor {name!r} has bad data offsets {entry['data_offsets']}.")
+    return header, data_start
 
 
 class SafetensorsReader:
     """Lazy reader over a checkpoint's safetensors files: names, shapes and one tensor at a time.
 
-    Use as a context manager; files are opened on first use and closed on exit.
+    Use as a context manager; files are opened on first use and closed on exit. Each :meth:`get` reads the tensor's
+    bytes with plain file reads (no mmap) into a new aligned array that the caller owns.
     """
 
     def __init__(self, path: str):
         self.path = path
         self.files = safetensors_files(path)
         self._stack = contextlib.ExitStack()
+        self._headers: dict[str, tuple[dict[str, dict[str, Any]], int]] = {}
         self._open: dict[str, Any] = {}
 
     def __enter__(self) -> SafetensorsReader:
@@ -141,29 +194,41 @@ class SafetensorsReader:
         self._stack.close()
         self._open.clear()
 
-    def _handle(self, file: str) -> Any:
-        if file not in self._open:
-            from safetensors import safe_open
-
-            if not os.path.isfile(file):
-                raise HFLoadError(f"{file} (named in {SAFETENSORS_INDEX}) does not exist.")
-            self._open[file] = self._stack.enter_context(safe_open(file, framework="np"))
-        return self._open[file]
+    def _entry(self, name: str) -> tuple[str, dict[str, Any], int]:
+        file = self.files[name]
+        if file not in self._headers:
+            self._headers[file] = read_safetensors_header(file)
+        header, data_start = self._headers[file]
+        if name not in header:
+            raise HFLoadError(f"{file} has no tensor {name!r} (named in {SAFETENSORS_INDEX}).")
+        return file, header[name], data_start
 
     def keys(self) -> list[str]:
         return sorted(self.files)
 
     def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self._handle(self.files[name]).get_slice(name).get_shape())
+        return tuple(self._entry(name)[1]["shape"])
+
+    def dtype(self, name: str) -> np.dtype:
+        return numpy_dtype(self._entry(name)[1]["dtype"])
 
     def get(self, name: str) -> np.ndarray:
-        """The tensor ``name`` as a NumPy array (bfloat16 / float8 through ``ml_dtypes``, which NumPy lacks)."""
-        file = self.files[name]
-        handle = self._handle(file)
-        dtype = handle.get_slice(name).get_dtype()
-        if dtype not in _ML_DTYPES:
-            return handle.get_tensor(name)
-        return _read_raw(file, name, _ML_DTYPES[dtype])
+        """The tensor ``name`` as a new (aligned, writable) NumPy array read from the file."""
+        file, entry, data_start = self._entry(name)
+        begin, end = entry["data_offsets"]
+        out = aligned_empty(tuple(entry["shape"]), numpy_dtype(entry["dtype"]))
+        if file not in self._open:
+            self._open[file] = self._stack.enter_context(open(file, "rb", buffering=0))
+        f = self._open[file]
+        f.seek(data_start + begin)
+        view = memoryview(out.reshape(-1).view(np.uint8))
+        done = 0
+        while done < end - begin:
+            n = f.readinto(view[done:])
+            if not n:
+                raise HFLoadError(f"{file}: truncated while reading {name!r}.")
+            done += n
+        return out
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.keys())
