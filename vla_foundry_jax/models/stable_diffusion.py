@@ -1,0 +1,346 @@
+"""``stable_diffusion``: the original's own UNet + a noise scheduler + an optional CLIP text encoder (§3.8.4).
+
+Components of :class:`StableDiffusion`:
+
+* ``unet``: :class:`~vla_foundry_jax.models.unet.UNet` (``use_diffusers_unet`` is not ported: a clear error);
+* ``clip``: :class:`~vla_foundry_jax.models.clip.CLIPModel` built from ``clip.hf_pretrained`` (filled by the
+  ``clip_hf`` weight loader at prefix ``clip.``), or None when ``clip.hf_pretrained`` is None (no text
+  conditioning, reference §1.3). Text embeddings are the text tower's ``last_hidden_state [B, S, D_t]``
+  (``unet.text_emb_dim`` must equal ``D_t``). The whole CLIP model is built as the original does; its vision
+  tower is unused (zero gradients; an AdamW weight decay still shrinks it, torch skips parameters without grads);
+* ``scheduler`` (property): :func:`~vla_foundry_jax.models.noise_scheduler.make_scheduler_from` of the params.
+
+Training (:func:`stable_diffusion_loss`, registered for ``stable_diffusion``; batch ``pixel_values
+[B, H, W, in_channels]`` in [-1, 1], plus ``input_ids [B, S]`` and optional ``attention_mask`` when
+text-conditioned): ``k_t, k_noise, k_drop = split(rng, 3)``; ``t ~ U{0..T-1}`` per sample (``randint(k_t)``),
+``noise = normal(k_noise)`` (float32); with ``do_classifier_free_guidance`` each sample's ids / mask are replaced
+with probability ``dropout_percent`` (``bernoulli(k_drop)``) by the empty prompt padded to the same length;
+``x_t = add_noise(x0, noise, t)`` (clamped, as the original); loss = MSE between ``unet(x_t, t, text)`` and
+``scheduler.training_target`` (epsilon for the DDPMs, ``noise - x0`` for flow matching).
+
+The empty prompt is the CLIP tokenizer's tokenisation of ``""`` (``[bos, eos]``) padded with its pad id, read
+with ``transformers.AutoTokenizer`` from ``clip.hf_pretrained``; when the checkpoint has no tokenizer files it
+falls back to the text config's ``bos_token_id`` / ``eos_token_id`` / ``pad_token_id`` (logged).
+
+Sampling (:func:`sample_images`, one ``jax.jit`` over every step via ``NoiseScheduler.sample``): from
+``x ~ N(0, I)`` ``[B, image_size, image_size, in_channels]``; prompt text encoded **without attention mask**
+(the original's ``generate``); with guidance the UNet runs on ``[uncond; cond]`` and
+``out = uncond + s (cond - uncond)`` (:func:`cfg_combine`); returns ``clip(x, -1, 1)``.
+**Quirk fixed** (reference §8 item 14): the original's loop ``t = T-1 .. 1`` never runs ``t = 0`` (flow ends at
+time ``1/T``); here the scheduler's inclusive schedule runs ``t = 0`` too. :func:`save_image_grid` writes a PNG
+(``round(255 * clip(x / 2 + 0.5, 0, 1))``, as the original's conversion to uint8).
+
+Guidance or CFG training without a text encoder is a :class:`ParamsError`.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from vla_foundry_jax.models.clip import CLIPModel, clip_config
+from vla_foundry_jax.models.noise_scheduler import NoiseScheduler, make_scheduler
+from vla_foundry_jax.models.unet import UNet
+from vla_foundry_jax.params.base import ParamsError
+from vla_foundry_jax.params.model_params import NoiseSchedulerParams, StableDiffusionParams
+from vla_foundry_jax.registry import register_batch_check, register_builder, register_loss
+from vla_foundry_jax.training.losses import masked_mse
+
+logger = logging.getLogger(__name__)
+
+
+@functools.lru_cache(maxsize=32)
+def _scheduler(key: tuple[Any, ...]) -> NoiseScheduler:
+    T, b0, b1, clamp, use_diffusers, use_flow = key
+    ns = NoiseSchedulerParams(num_timesteps=T, beta_start=b0, beta_end=b1, clamp_range=clamp)
+    return make_scheduler(ns, use_diffusers_scheduler=use_diffusers, use_flow_matching_scheduler=use_flow)
+
+
+def empty_prompt_tokens(hf_pretrained: str) -> tuple[tuple[int, ...], int]:
+    """``(ids of "", pad id)`` of the CLIP checkpoint's tokenizer (config fallback; see the module docstring)."""
+    from vla_foundry_jax.convert.hf_loader import load_hf_config, resolve_hf_path
+
+    try:
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(resolve_hf_path(hf_pretrained))
+        ids = tuple(int(i) for i in tok("")["input_ids"])
+        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        return ids, int(pad)
+    except Exception as e:  # no tokenizer files next to the config
+        tc = load_hf_config(hf_pretrained).text_config
+        ids = (int(tc.bos_token_id), int(tc.eos_token_id))
+        pad = int(tc.pad_token_id if tc.pad_token_id is not None else tc.eos_token_id)
+        logger.warning(
+            "stable_diffusion: no tokenizer at clip.hf_pretrained = %s (%s); the empty prompt is the text config's "
+            "[bos, eos] = %s padded with pad_token_id = %s.",
+            hf_pretrained,
+            type(e).__name__,
+            ids,
+            pad,
+        )
+        return ids, pad
+
+
+class StableDiffusion(nnx.Module):
+    """See the module docstring."""
+
+    def __init__(
+        self,
+        params: StableDiffusionParams,
+        *,
+        rngs: nnx.Rngs,
+        dtype: Any = jnp.float32,
+        param_dtype: Any = jnp.float32,
+        remat_policy: str | None = None,
+    ):
+        if params.use_diffusers_unet:
+            raise ParamsError(
+                "stable_diffusion.use_diffusers_unet: the diffusers UNet2DModel is not ported to vla_foundry_jax "
+                "(and the original's cannot take text); use the own UNet (use_diffusers_unet = False)."
+            )
+        has_text = params.clip.hf_pretrained is not None
+        if params.do_classifier_free_guidance and not has_text:
+            raise ParamsError(
+                "stable_diffusion.do_classifier_free_guidance needs a text encoder: set stable_diffusion.clip."
+                "hf_pretrained (None means no text conditioning)."
+            )
+        if not 0.0 <= params.dropout_percent <= 1.0:
+            raise ParamsError(f"stable_diffusion.dropout_percent = {params.dropout_percent} must be in [0, 1].")
+        kw = {"rngs": rngs, "dtype": dtype, "param_dtype": param_dtype, "remat_policy": remat_policy}
+        self.unet = UNet(params.unet, where="stable_diffusion.unet", **kw)
+        clip, self.empty_prompt = None, None
+        if has_text:
+            cfg = clip_config(params.clip)
+            if cfg.text.hidden_size != params.unet.text_emb_dim:
+                raise ParamsError(
+                    f"stable_diffusion.unet.text_emb_dim = {params.unet.text_emb_dim} must equal the CLIP text "
+                    f"hidden size {cfg.text.hidden_size} of clip.hf_pretrained = {params.clip.hf_pretrained!r}."
+                )
+            clip = CLIPModel(cfg, where="stable_diffusion.clip", **kw)
+            self.empty_prompt = empty_prompt_tokens(params.clip.hf_pretrained)
+        self.clip = clip
+        ns = params.noise_scheduler
+        clamp = None if ns.clamp_range is None else tuple(float(c) for c in ns.clamp_range)
+        self.scheduler_key = (
+            int(ns.num_timesteps),
+            float(ns.beta_start),
+            float(ns.beta_end),
+            clamp,
+            bool(params.use_diffusers_scheduler),
+            bool(params.use_flow_matching_scheduler),
+        )
+        _scheduler(self.scheduler_key)  # raise configuration errors now
+        self.do_classifier_free_guidance = bool(params.do_classifier_free_guidance)
+        self.guidance_scale = float(params.guidance_scale)
+        self.dropout_percent = float(params.dropout_percent)
+        self.image_size = int(params.unet.image_size)
+        self.in_channels = int(params.unet.in_channels)
+        self.out_channels = int(params.unet.out_channels)
+
+    @property
+    def scheduler(self) -> NoiseScheduler:
+        return _scheduler(self.scheduler_key)
+
+    @property
+    def has_text(self) -> bool:
+        return self.clip is not None
+
+    def empty_prompt_batch(self, batch: int, seq_len: int) -> tuple[jax.Array, jax.Array]:
+        """The empty prompt's ``(ids, mask)`` ``[batch, seq_len]``, right-padded (or truncated) to ``seq_len``."""
+        ids, pad = self.empty_prompt
+        n = min(len(ids), seq_len)
+        row = np.full((seq_len,), pad, np.int32)
+        row[:n] = ids[:n]
+        mask = (np.arange(seq_len) < n).astype(np.int32)
+        return jnp.broadcast_to(row, (batch, seq_len)), jnp.broadcast_to(mask, (batch, seq_len))
+
+    def encode_text(self, input_ids: jax.Array, attention_mask: jax.Array | None = None) -> jax.Array:
+        """CLIP text tower's ``last_hidden_state [B, S, D_t]``."""
+        return self.clip.text_model(input_ids, attention_mask)[0]
+
+    def __call__(self, x_t: jax.Array, t: jax.Array, text: jax.Array | None = None) -> jax.Array:
+        return self.unet(x_t, t, text)
+
+
+@register_builder("stable_diffusion")
+def build_stable_diffusion(params: StableDiffusionParams, *, rngs: nnx.Rngs, **kwargs: Any) -> StableDiffusion:
+    """Registry builder for ``type = "stable_diffusion"``."""
+    return StableDiffusion(params, rngs=rngs, **kwargs)
+
+
+def training_forward(
+    model: StableDiffusion, batch: dict[str, jax.Array], rng: jax.Array
+) -> tuple[jax.Array, jax.Array, dict[str, jax.Array]]:
+    """``(prediction, target, extras)`` of one training forward (draws as in the module docstring)."""
+    if rng is None:
+        raise ValueError("stable_diffusion training needs an rng (timesteps, noise, condition dropout).")
+    x0 = batch["pixel_values"]
+    B = x0.shape[0]
+    sched = model.scheduler
+    k_t, k_noise, k_drop = jax.random.split(rng, 3)
+    t = jax.random.randint(k_t, (B,), 0, sched.num_timesteps)
+    noise = jax.random.normal(k_noise, x0.shape, jnp.float32).astype(x0.dtype)
+    text = None
+    extras: dict[str, jax.Array] = {"t": t, "noise": noise}
+    if model.has_text:
+        ids = batch["input_ids"]
+        mask = batch.get("attention_mask")
+        mask = jnp.ones_like(ids) if mask is None else mask
+        if model.do_classifier_free_guidance and model.dropout_percent > 0:
+            drop = jax.random.bernoulli(k_drop, model.dropout_percent, (B,))
+            e_ids, e_mask = model.empty_prompt_batch(B, ids.shape[1])
+            ids = jnp.where(drop[:, None], e_ids.astype(ids.dtype), ids)
+            mask = jnp.where(drop[:, None], e_mask.astype(mask.dtype), mask)
+            extras["dropped"] = drop
+        text = model.encode_text(ids, mask)
+    x_t = sched.add_noise(x0, noise, t)
+    pred = model.unet(x_t, t, text)
+    return pred, sched.training_target(x0, noise), extras
+
+
+@register_loss("stable_diffusion")
+def stable_diffusion_loss(
+    model: StableDiffusion, batch: dict[str, jax.Array], *, hparams: Any = None, rng: jax.Array | None = None
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """MSE to the scheduler's target (epsilon or velocity); see the module docstring."""
+    del hparams
+    pred, target, _ = training_forward(model, batch, rng)
+    loss = masked_mse(pred, target)
+    return loss, {"mse": loss}
+
+
+@register_batch_check("stable_diffusion")
+def check_stable_diffusion_batch(params: StableDiffusionParams, batch: dict[str, Any]) -> None:
+    """Host-side shape checks of a training batch."""
+    u = params.unet
+    want = (u.image_size, u.image_size, u.in_channels)
+    px = batch.get("pixel_values")
+    if px is None or np.ndim(px) != 4 or tuple(np.shape(px)[1:]) != want:
+        got = None if px is None else tuple(np.shape(px))
+        raise ValueError(
+            f"stable_diffusion needs pixel_values [B, {want[0]}, {want[1]}, {want[2]}] (unet.image_size, "
+            f"unet.in_channels; channels-last, in [-1, 1]), got {got}."
+        )
+    if params.clip.hf_pretrained is not None and "input_ids" not in batch:
+        raise ValueError("stable_diffusion with a text encoder (clip.hf_pretrained set) needs input_ids in the batch.")
+
+
+def cfg_combine(uncond: jax.Array, cond: jax.Array, scale: jax.Array | float) -> jax.Array:
+    """Classifier-free guidance: ``uncond + scale * (cond - uncond)``."""
+    return uncond + scale * (cond - uncond)
+
+
+def guided_denoiser(
+    unet_fn: Callable[[jax.Array, jax.Array, jax.Array | None], jax.Array],
+    text: jax.Array | None,
+    uncond_text: jax.Array | None,
+    scale: jax.Array | float | None,
+) -> Callable[[jax.Array, jax.Array], jax.Array]:
+    """``denoise(x, t)`` for the scheduler: with ``scale`` the batch is doubled as ``[uncond; cond]`` and the two
+    halves combined by :func:`cfg_combine`; otherwise ``unet_fn(x, t, text)``."""
+    if scale is None:
+        return lambda x, t: unet_fn(x, t, text)
+
+    def denoise(x: jax.Array, t: jax.Array) -> jax.Array:
+        B = x.shape[0]
+        out = unet_fn(jnp.concatenate([x, x]), t, jnp.concatenate([uncond_text, text]))
+        return cfg_combine(out[:B], out[B:], scale)
+
+    return denoise
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "num_steps", "batch_size", "guided"))
+def _sample(graphdef, state, prompt_ids, rng, scale, *, num_steps, batch_size, guided):
+    model = nnx.merge(graphdef, state)
+    text = uncond = None
+    if prompt_ids is not None:
+        text = model.encode_text(prompt_ids)  # no attention mask, as the original's generate
+        if guided:
+            uncond = model.encode_text(model.empty_prompt_batch(*prompt_ids.shape)[0])
+    denoise = guided_denoiser(model.unet, text, uncond, scale if guided else None)
+    s = model.image_size
+    x = model.scheduler.sample(denoise, (batch_size, s, s, model.in_channels), rng, num_steps)
+    return jnp.clip(x, -1.0, 1.0)
+
+
+def sample_images(
+    model: StableDiffusion,
+    prompt_ids: jax.Array | None,
+    rng: jax.Array,
+    num_steps: int | None = None,
+    guidance_scale: float | None = None,
+    *,
+    batch_size: int | None = None,
+) -> jax.Array:
+    """Generate ``[B, image_size, image_size, in_channels]`` images in [-1, 1] (one jit over every step).
+
+    ``prompt_ids [B, S]`` (None: unconditional, then ``batch_size`` is required); ``num_steps`` None runs all
+    ``T`` timesteps (DDPM needs that; flow matching may stride); ``guidance_scale`` None uses the model's
+    ``guidance_scale`` when ``do_classifier_free_guidance`` is on, else no guidance. Guidance needs a text encoder
+    and a prompt.
+    """
+    if model.in_channels != model.out_channels:
+        raise ValueError(
+            f"sampling needs unet.out_channels = in_channels, got {model.out_channels} / {model.in_channels}."
+        )
+    if guidance_scale is None and model.do_classifier_free_guidance and prompt_ids is not None:
+        guidance_scale = model.guidance_scale
+    if guidance_scale is not None and (not model.has_text or prompt_ids is None):
+        raise ParamsError(
+            "classifier-free guidance needs a text encoder (stable_diffusion.clip.hf_pretrained) and prompt_ids."
+        )
+    if prompt_ids is not None:
+        if not model.has_text:
+            raise ValueError("prompt_ids given but the model has no text encoder (clip.hf_pretrained is None).")
+        prompt_ids = jnp.asarray(prompt_ids, jnp.int32)
+        if batch_size is not None and batch_size != prompt_ids.shape[0]:
+            raise ValueError(f"batch_size = {batch_size} differs from prompt_ids' batch {prompt_ids.shape[0]}.")
+        batch_size = prompt_ids.shape[0]
+    elif batch_size is None:
+        raise ValueError("unconditional sampling (prompt_ids None) needs batch_size.")
+    model.scheduler.inference_step_size(num_steps)  # clear error before tracing
+    graphdef, state = nnx.split(model)
+    scale = jnp.asarray(0.0 if guidance_scale is None else guidance_scale, jnp.float32)
+    return _sample(
+        graphdef,
+        state,
+        prompt_ids,
+        rng,
+        scale,
+        num_steps=num_steps,
+        batch_size=int(batch_size),
+        guided=guidance_scale is not None,
+    )
+
+
+def images_to_uint8(images: Any) -> np.ndarray:
+    """``[-1, 1]`` float images -> uint8 ``round(255 * clip(x / 2 + 0.5, 0, 1))``."""
+    x = np.clip(np.asarray(images, np.float32) / 2 + 0.5, 0.0, 1.0)
+    return np.round(255 * x).astype(np.uint8)
+
+
+def save_image_grid(images: Any, path: str, ncols: int | None = None) -> str:
+    """Write ``images [N, H, W, C]`` (C = 1 or 3, values in [-1, 1]) as one PNG grid, row-major; returns ``path``."""
+    from PIL import Image
+
+    imgs = images_to_uint8(images)
+    if imgs.ndim != 4 or imgs.shape[-1] not in (1, 3):
+        raise ValueError(f"save_image_grid expects [N, H, W, 1 or 3] images, got shape {imgs.shape}.")
+    N, H, W, C = imgs.shape
+    ncols = ncols or math.ceil(math.sqrt(N))
+    nrows = math.ceil(N / ncols)
+    grid = np.zeros((nrows * H, ncols * W, C), np.uint8)
+    for i, img in enumerate(imgs):
+        r, c = divmod(i, ncols)
+        grid[r * H : (r + 1) * H, c * W : (c + 1) * W] = img
+    Image.fromarray(grid[..., 0] if C == 1 else grid).save(path, format="PNG")
+    return path
