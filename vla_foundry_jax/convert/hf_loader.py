@@ -81,7 +81,10 @@ def load_hf_config(hf_pretrained: str) -> Any:
 
 
 def safetensors_files(path: str) -> dict[str, str]:
-    """``{tensor name: file}`` of the checkpoint in directory ``path`` (single file or sharded index)."""
+    """``{tensor name: file}`` of the checkpoint at ``path``: one ``.safetensors`` file, or a directory (single
+    file or sharded index)."""
+    if os.path.isfile(path) and path.endswith(".safetensors"):
+        return dict.fromkeys(read_safetensors_header(path)[0], path)
     index = os.path.join(path, SAFETENSORS_INDEX)
     if os.path.isfile(index):
         with open(index) as f:

@@ -26,7 +26,6 @@ Strict: every checkpoint tensor consumed, every parameter under the prefix fille
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import os
 from collections.abc import Callable, Sequence
@@ -112,19 +111,6 @@ def openclip_rules(c: CLIPConfig) -> list[OpenCLIPRule]:
     ]
 
 
-class _FileReader(SafetensorsReader):
-    """:class:`SafetensorsReader` over one ``.safetensors`` file."""
-
-    def __init__(self, file: str):
-        from safetensors import safe_open
-
-        self.path = file
-        with safe_open(file, framework="np") as f:
-            self.files = {name: file for name in f.keys()}
-        self._stack = contextlib.ExitStack()
-        self._open = {}
-
-
 def open_reader(path: str) -> SafetensorsReader:
     if os.path.isdir(path):
         return SafetensorsReader(path)
@@ -135,7 +121,7 @@ def open_reader(path: str) -> SafetensorsReader:
             f"{path} is not a .safetensors file; convert the OpenCLIP checkpoint once with PyTorch, e.g. "
             f"`safetensors.torch.save_file(model.state_dict(), 'open_clip_model.safetensors')`."
         )
-    return _FileReader(path)
+    return SafetensorsReader(path)
 
 
 def load_openclip(
