@@ -154,8 +154,11 @@ def _source_prefix(keys: list[str]) -> str:
     return "model." if any(k.startswith("model.embed_tokens.") for k in keys) else ""
 
 
-def _error(source: str, missing: list[str], unexpected: list[str], mismatched: list[str], unmapped: list[str]):
-    lines = [f"transformer_hf.hf_pretrained = {source!r} does not match the model built from its config:"]
+def mismatch_error(
+    where: str, missing: list[str], unexpected: list[str], mismatched: list[str], unmapped: list[str]
+) -> HFLoadError:
+    """The strict-load error: what is mis-shaped, missing, unused or unfilled (20 names of each at most)."""
+    lines = [f"{where} does not match the model built from its config:"]
     if mismatched:
         lines.append(f"  shape mismatches ({len(mismatched)}): " + "; ".join(mismatched[:20]))
     if missing:
@@ -209,7 +212,9 @@ def load_hf_decoder_weights(
             if k in reader.files and want is not None and reader.shape(k) != want
         ]
         if missing or unexpected or mismatched or unmapped:
-            raise _error(source, missing, unexpected, mismatched, unmapped)
+            raise mismatch_error(
+                f"transformer_hf.hf_pretrained = {source!r}", missing, unexpected, mismatched, unmapped
+            )
 
         values = {}
         for rule in rules:

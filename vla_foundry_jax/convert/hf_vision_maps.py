@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from vla_foundry_jax import checkpoint as ckpt_lib
-from vla_foundry_jax.convert.hf_decoder_maps import Rule, _place
+from vla_foundry_jax.convert.hf_decoder_maps import Rule, _place, mismatch_error
 from vla_foundry_jax.convert.hf_loader import HFLoadError, SafetensorsReader, resolve_hf_path
 from vla_foundry_jax.models.clip import clip_config
 from vla_foundry_jax.models.hf_vision import EncoderConfig, HFVisionConfig, hf_vision_config
@@ -106,23 +106,6 @@ def _convert(rule: Rule, value: np.ndarray) -> np.ndarray:
     return value
 
 
-def _error(where: str, missing: list[str], unexpected: list[str], mismatched: list[str], unmapped: list[str]):
-    lines = [f"{where} does not match the model built from its config:"]
-    if mismatched:
-        lines.append(f"  shape mismatches ({len(mismatched)}): " + "; ".join(mismatched[:20]))
-    if missing:
-        lines.append(f"  missing from the checkpoint ({len(missing)}): " + ", ".join(missing[:20]))
-    if unexpected:
-        lines.append(
-            f"  in the checkpoint but not used by the model ({len(unexpected)}): " + ", ".join(unexpected[:20])
-        )
-    if unmapped:
-        lines.append(f"  model parameters no rule fills ({len(unmapped)}): " + ", ".join(unmapped[:20]))
-    if mismatched or missing or unexpected:
-        lines.append("  Is config.json the one these tensors were saved with?")
-    return HFLoadError("\n".join(lines))
-
-
 def load_by_rules(
     path: str,
     rules: Sequence[LayeredRule],
@@ -160,7 +143,7 @@ def load_by_rules(
             if k in reader.files and want is not None and reader.shape(k) != want
         ]
         if missing or unexpected or mismatched or unmapped:
-            raise _error(where, missing, unexpected, mismatched, unmapped)
+            raise mismatch_error(where, missing, unexpected, mismatched, unmapped)
 
         values = {}
         for rule, n_layers in rules:
