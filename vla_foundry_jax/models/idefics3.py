@@ -41,7 +41,7 @@ from flax import nnx
 from vla_foundry_jax.layers.pixel_shuffle import pixel_shuffle
 from vla_foundry_jax.models.hf_decoder import Dense, HFDecoder, HFDecoderConfig, UnsupportedArchitectureError
 from vla_foundry_jax.models.hf_vision import HFVisionConfig, HFVisionTower
-from vla_foundry_jax.models.transformer import TransformerOutput
+from vla_foundry_jax.models.hf_vlm_common import HFVLM
 from vla_foundry_jax.models.vlm import merge_image_tokens
 
 MODEL_TYPES = ("idefics3", "smolvlm")
@@ -99,7 +99,7 @@ class Idefics3Config:
         return cls(vision=vision, text=text, image_token_id=int(config.image_token_id), scale_factor=s, model_type=mt)
 
 
-class Idefics3(nnx.Module):
+class Idefics3(HFVLM):
     """Idefics3 / SmolVLM (``type = "vlm_hf"``); ``__call__`` returns the LM's :class:`TransformerOutput`."""
 
     def __init__(
@@ -126,18 +126,6 @@ class Idefics3(nnx.Module):
         )
         self.language_model = HFDecoder(config.text, **kw)
 
-    @property
-    def image_token_id(self) -> int:
-        return self.config.image_token_id
-
-    @property
-    def hidden_dim(self) -> int:
-        return self.config.text.hidden_size
-
-    @property
-    def num_hidden_layers(self) -> int:
-        return self.config.text.num_layers
-
     def encode_images(self, pixel_values: jax.Array) -> jax.Array:
         """``[B, N, img, img, 3]`` (or ``[B, img, img, 3]``) -> connector output ``[B, N * T, H]``."""
         if pixel_values.ndim == 4:
@@ -153,31 +141,3 @@ class Idefics3(nnx.Module):
             return tokens
         images = self.encode_images(pixel_values).astype(tokens.dtype)
         return merge_image_tokens(tokens, images, is_img)
-
-    def __call__(
-        self,
-        input_ids: jax.Array,
-        pixel_values: jax.Array | None = None,
-        *,
-        token_type_ids: jax.Array | None = None,
-        attention_mask: jax.Array | None = None,
-        cache: Any = None,
-        output_hidden_states: bool = False,
-        deterministic: bool = True,
-    ) -> TransformerOutput:
-        """``input_ids [B, S]`` with image tokens -> LM output (causal; prefix-LM where ``token_type_ids == 0``)."""
-        del deterministic  # no dropout
-        if not isinstance(input_ids, jax.core.Tracer) and not isinstance(pixel_values, jax.core.Tracer):
-            from vla_foundry_jax.models.vlm_hf import check_image_tokens
-
-            check_image_tokens(self.config, input_ids, None if pixel_values is None else pixel_values)
-        return self.language_model(
-            inputs_embeds=self.embed(input_ids, pixel_values),
-            attention_mask=attention_mask,
-            cache=cache,
-            output_hidden_states=output_hidden_states,
-            prefix_mask=None if token_type_ids is None else token_type_ids == 0,
-        )
-
-    def init_cache(self, batch_size: int, max_len: int, dtype: jnp.dtype | None = None) -> Any:
-        return self.language_model.init_cache(batch_size, max_len, dtype)

@@ -38,10 +38,10 @@ from flax import nnx
 
 from vla_foundry_jax.models.hf_decoder import Dense, HFDecoder, HFDecoderConfig, UnsupportedArchitectureError
 from vla_foundry_jax.models.hf_vision import HFVisionConfig, HFVisionTower
+from vla_foundry_jax.models.hf_vlm_common import HFVLM, check_image_tokens
 from vla_foundry_jax.models.idefics3 import MODEL_TYPES as IDEFICS3_MODEL_TYPES
 from vla_foundry_jax.models.idefics3 import Idefics3, Idefics3Config
-from vla_foundry_jax.models.transformer import TransformerOutput
-from vla_foundry_jax.models.vlm import ImageTokenError, merge_image_tokens
+from vla_foundry_jax.models.vlm import merge_image_tokens
 from vla_foundry_jax.registry import register_batch_check, register_builder, register_loss
 from vla_foundry_jax.training.losses import cross_entropy_with_z_loss
 
@@ -94,7 +94,7 @@ def vlm_hf_config(params: Any) -> PaliGemmaConfig | Idefics3Config:
     return PaliGemmaConfig.from_hf(cfg)
 
 
-class PaliGemma(nnx.Module):
+class PaliGemma(HFVLM):
     """PaliGemma / PaliGemma 2 (``type = "vlm_hf"``); ``__call__`` returns the LM's :class:`TransformerOutput`."""
 
     def __init__(
@@ -121,18 +121,6 @@ class PaliGemma(nnx.Module):
         )
         self.language_model = HFDecoder(config.text, **kw)
 
-    @property
-    def image_token_id(self) -> int:
-        return self.config.image_token_id
-
-    @property
-    def hidden_dim(self) -> int:
-        return self.config.text.hidden_size
-
-    @property
-    def num_hidden_layers(self) -> int:
-        return self.config.text.num_layers
-
     def encode_images(self, pixel_values: jax.Array) -> jax.Array:
         """``[B, N, img, img, 3]`` (or ``[B, img, img, 3]``) -> projected image tokens ``[B, N * T, H]``."""
         if pixel_values.ndim == 4:
@@ -148,47 +136,6 @@ class PaliGemma(nnx.Module):
             return tokens
         images = self.encode_images(pixel_values).astype(tokens.dtype)
         return merge_image_tokens(tokens, images, is_img)
-
-    def __call__(
-        self,
-        input_ids: jax.Array,
-        pixel_values: jax.Array | None = None,
-        *,
-        token_type_ids: jax.Array | None = None,
-        attention_mask: jax.Array | None = None,
-        cache: Any = None,
-        output_hidden_states: bool = False,
-        deterministic: bool = True,
-    ) -> TransformerOutput:
-        """``input_ids [B, S]`` with image tokens; ``token_type_ids [B, S]`` (0 = prefix) -> LM output."""
-        del deterministic  # no dropout
-        if not isinstance(input_ids, jax.core.Tracer) and not isinstance(pixel_values, jax.core.Tracer):
-            check_image_tokens(self.config, input_ids, None if pixel_values is None else np.asarray(pixel_values))
-        embeds = self.embed(input_ids, pixel_values)
-        return self.language_model(
-            inputs_embeds=embeds,
-            attention_mask=attention_mask,
-            cache=cache,
-            output_hidden_states=output_hidden_states,
-            prefix_mask=None if token_type_ids is None else token_type_ids == 0,
-        )
-
-    def init_cache(self, batch_size: int, max_len: int, dtype: jnp.dtype | None = None) -> Any:
-        return self.language_model.init_cache(batch_size, max_len, dtype)
-
-
-def check_image_tokens(config: PaliGemmaConfig | Idefics3Config, input_ids: Any, pixel_values: Any) -> None:
-    """Host-side check: each sample holds exactly ``images x tokens_per_image`` image tokens."""
-    found = (np.asarray(input_ids) == config.image_token_id).sum(axis=-1)
-    n_images = 0 if pixel_values is None else (pixel_values.shape[1] if pixel_values.ndim == 5 else 1)
-    expected = n_images * config.tokens_per_image
-    bad = np.flatnonzero(found != expected)
-    if bad.size:
-        i = int(bad[0])
-        raise ImageTokenError(
-            f"sample {i} holds {int(found[i])} image tokens (id {config.image_token_id}) but its {n_images} "
-            f"image(s) give {expected} ({config.tokens_per_image} per image); {bad.size} sample(s) disagree."
-        )
 
 
 @register_batch_check("vlm_hf")
