@@ -214,7 +214,8 @@ def frozen_paths(params: Any) -> list[tuple[str, ...]]:
     return out
 
 
-def build_clip_hf(
+def build_clip(
+    config: CLIPConfig,
     params: Any,
     *,
     rngs: nnx.Rngs,
@@ -222,15 +223,15 @@ def build_clip_hf(
     param_dtype: Any = jnp.float32,
     remat_policy: str | None = None,
 ) -> CLIPModel:
-    """Registry builder for ``clip_hf`` / ``clip_backbone`` (random parameters; the weight loader fills them)."""
+    """A :class:`CLIPModel` of ``config`` with random parameters (the type's weight loader fills them)."""
     return CLIPModel(
-        clip_config(params),
-        rngs=rngs,
-        dtype=dtype,
-        param_dtype=param_dtype,
-        remat_policy=remat_policy,
-        where=params.gin_name,
+        config, rngs=rngs, dtype=dtype, param_dtype=param_dtype, remat_policy=remat_policy, where=params.gin_name
     )
+
+
+def build_clip_hf(params: Any, *, rngs: nnx.Rngs, **kwargs: Any) -> CLIPModel:
+    """Registry builder for ``clip_hf`` / ``clip_backbone``."""
+    return build_clip(clip_config(params), params, rngs=rngs, **kwargs)
 
 
 for _key in ("clip_hf", "clip_backbone"):

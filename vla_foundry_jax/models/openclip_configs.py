@@ -32,7 +32,6 @@ import math
 import os
 from typing import Any
 
-import jax.numpy as jnp
 from flax import nnx
 
 from vla_foundry_jax.models.clip import (
@@ -40,6 +39,7 @@ from vla_foundry_jax.models.clip import (
     CLIPConfig,
     CLIPModel,
     CLIPTextConfig,
+    build_clip,
     clip_contrastive_loss,
     frozen_paths,
 )
@@ -258,23 +258,9 @@ def openclip_config(params: Any) -> CLIPConfig:
 
 
 @register_builder("clip_openclip")
-def build_clip_openclip(
-    params: Any,
-    *,
-    rngs: nnx.Rngs,
-    dtype: Any = jnp.float32,
-    param_dtype: Any = jnp.float32,
-    remat_policy: str | None = None,
-) -> CLIPModel:
-    """Registry builder for ``clip_openclip`` (random parameters; the weight loader fills ``pretrained_weights``)."""
-    return CLIPModel(
-        openclip_config(params),
-        rngs=rngs,
-        dtype=dtype,
-        param_dtype=param_dtype,
-        remat_policy=remat_policy,
-        where=params.gin_name,
-    )
+def build_clip_openclip(params: Any, *, rngs: nnx.Rngs, **kwargs: Any) -> CLIPModel:
+    """Registry builder for ``clip_openclip`` (the weight loader fills ``pretrained_weights``)."""
+    return build_clip(openclip_config(params), params, rngs=rngs, **kwargs)
 
 
 register_frozen_paths("clip_openclip")(frozen_paths)
