@@ -172,6 +172,10 @@ def load_vit_hf_weights(params: Any, states: Sequence[Any], prefix: str) -> list
     if not params.hf_pretrained:
         return list(states)
     path = resolve_hf_path(params.hf_pretrained)
+    from vla_foundry_jax.convert import timm_vit_maps
+
+    if timm_vit_maps.is_timm_checkpoint(path):  # timm's format (the original's vit_hf): its own key map
+        return timm_vit_maps.load_vit_hf_timm_weights(params, states, prefix)
     with SafetensorsReader(path) as reader:
         src = vision_source_prefix(reader.keys())
 

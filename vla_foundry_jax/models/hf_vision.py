@@ -4,7 +4,10 @@ The original builds ``vit_hf`` with ``timm`` and returns the first element of ``
 §3.4): the final *normed* token sequence. Here the tower is built from an HF config (``hf_pretrained``'s
 ``config.json``) whose ``model_type`` is one of :data:`SUPPORTED_MODEL_TYPES` (``siglip`` / ``clip`` take their
 ``vision_config``); the ``vit_hf`` weight loader (:mod:`vla_foundry_jax.convert.hf_vision_maps`) then fills it
-from the checkpoint's safetensors.
+from the checkpoint's safetensors. A **timm**-format checkpoint (the original's own: ``config.json`` with
+``architecture``, timm tensor names) builds the same tower with its layout read from the checkpoint (class and register
+tokens, position embedding with or without them, ``norm_pre``, final norm or none, qkv bias): see
+:mod:`vla_foundry_jax.convert.timm_vit_maps`; its output equals timm's ``forward_intermediates(x)[0]``.
 
 Images are **channels-last**: ``[B, img, img, 3]`` or multi-camera ``[B, N, img, img, 3]`` (HF takes
 ``[B, 3, h, w]``); pixel normalisation is the processor's job. Forward:
@@ -31,6 +34,7 @@ Parameters keep HF's module names (``L`` stacked on a leading ``layers`` axis; k
 |--------------------------------------------------|---------------------|----------------------------------|
 | ``embeddings.patch_embedding.kernel`` (+ bias)   | ``[p*p*3, D]``      | ``("patch", "embed")``           |
 | ``embeddings.class_embedding`` (CLIP)            | ``[D]``             | ``("embed",)``                   |
+| ``embeddings.register_tokens`` (timm, ``R > 0``) | ``[R, D]``          | ``(None, "embed")``              |
 | ``embeddings.position_embedding``                | ``[T, D]``          | ``("pos", "embed")``             |
 | ``pre_layrnorm.weight/bias`` (CLIP)              | ``[D]``             | ``("norm",)``                    |
 | ``encoder.layers.layer_norm{1,2}.weight/bias``   | ``[L, D]``          | ``("layers", "norm")``           |
@@ -75,6 +79,7 @@ class EncoderConfig:
     num_heads: int
     layer_norm_eps: float
     activation: str
+    qkv_bias: bool = True
 
     @staticmethod
     def fields_from_hf(config: Any) -> dict[str, Any]:
@@ -98,23 +103,46 @@ class EncoderConfig:
 
 @dataclasses.dataclass(frozen=True)
 class HFVisionConfig(EncoderConfig):
-    """A SigLIP (``family = "siglip"``) or CLIP (``"clip"``) vision tower's architecture."""
+    """A SigLIP (``family = "siglip"``), CLIP (``"clip"``) or timm (``"timm"``) vision tower's architecture.
+
+    The layout fields left at None follow the family (CLIP: class token, ``pre_layrnorm``, bias-free patch
+    projection; SigLIP: none of these); a timm ViT sets them from its checkpoint
+    (:mod:`vla_foundry_jax.convert.timm_vit_maps`).
+    """
 
     family: str = "siglip"
     image_size: int = 224
     patch_size: int = 16
+    class_token: bool | None = None
+    reg_tokens: int = 0  # timm register tokens, after the class token
+    pos_embed_prefix: bool = True  # the position embedding also covers the prefix tokens (timm ``no_embed_class``)
+    pre_norm: bool | None = None
+    final_norm: bool = True  # timm models with ``fc_norm`` / ``final_norm=False`` return un-normed tokens
+    patch_bias: bool | None = None
 
     @property
     def cls_token(self) -> bool:
-        return self.family == "clip"
+        return self.family == "clip" if self.class_token is None else self.class_token
+
+    @property
+    def has_pre_norm(self) -> bool:
+        return self.cls_token if self.pre_norm is None else self.pre_norm
+
+    @property
+    def has_patch_bias(self) -> bool:
+        return not self.cls_token if self.patch_bias is None else self.patch_bias
 
     @property
     def num_patches(self) -> int:
         return (self.image_size // self.patch_size) ** 2
 
     @property
+    def num_prefix_tokens(self) -> int:
+        return int(self.cls_token) + self.reg_tokens
+
+    @property
     def num_tokens(self) -> int:
-        return self.num_patches + (1 if self.cls_token else 0)
+        return self.num_patches + self.num_prefix_tokens
 
     @classmethod
     def from_hf(cls, config: Any) -> HFVisionConfig:
@@ -160,11 +188,11 @@ class SelfAttention(nnx.Module):
         D = c.hidden_size
         self.num_heads = c.num_heads
         self.head_dim = D // c.num_heads
-        kw = {"bias": True, "rngs": rngs, "dtype": dtype, "param_dtype": param_dtype}
-        self.q_proj = Dense(D, D, names=("embed", "qkv"), **kw)
-        self.k_proj = Dense(D, D, names=("embed", "qkv"), **kw)
-        self.v_proj = Dense(D, D, names=("embed", "qkv"), **kw)
-        self.out_proj = Dense(D, D, names=("heads", "embed"), **kw)
+        kw = {"rngs": rngs, "dtype": dtype, "param_dtype": param_dtype}
+        self.q_proj = Dense(D, D, bias=c.qkv_bias, names=("embed", "qkv"), **kw)
+        self.k_proj = Dense(D, D, bias=c.qkv_bias, names=("embed", "qkv"), **kw)
+        self.v_proj = Dense(D, D, bias=c.qkv_bias, names=("embed", "qkv"), **kw)
+        self.out_proj = Dense(D, D, bias=True, names=("heads", "embed"), **kw)
 
     def __call__(self, x: jax.Array, bias: jax.Array | None) -> jax.Array:
         b, T, D = x.shape
@@ -232,7 +260,11 @@ class Encoder(nnx.Module):
 
 
 class VisionEmbeddings(nnx.Module):
-    """``patches [b, n_p, p*p*3] -> [b, T, D]``: patch projection, (CLIP) class token, position embedding."""
+    """``patches [b, n_p, p*p*3] -> [b, T, D]``: patch projection, class / register tokens, position embedding.
+
+    Token order: class token, register tokens, patches. The position embedding is added to every token, or
+    (``pos_embed_prefix = False``, timm's ``no_embed_class``) to the patches before the prefix is prepended.
+    """
 
     def __init__(self, c: HFVisionConfig, *, rngs: nnx.Rngs, dtype: Any, param_dtype: Any):
         D, p = c.hidden_size, c.patch_size
@@ -240,7 +272,7 @@ class VisionEmbeddings(nnx.Module):
         self.patch_embedding = Dense(
             p * p * 3,
             D,
-            bias=not c.cls_token,
+            bias=c.has_patch_bias,
             names=("patch", "embed"),
             rngs=rngs,
             dtype=dtype,
@@ -249,16 +281,28 @@ class VisionEmbeddings(nnx.Module):
         self.class_embedding = (
             nnx.Param(_normal(rngs, (D,), param_dtype), out_sharding=("embed",)) if c.cls_token else None
         )
-        self.position_embedding = nnx.Param(
-            _normal(rngs, (c.num_tokens, D), param_dtype), out_sharding=("pos", "embed")
+        self.register_tokens = (
+            nnx.Param(_normal(rngs, (c.reg_tokens, D), param_dtype), out_sharding=(None, "embed"))
+            if c.reg_tokens
+            else None
         )
+        self.pos_embed_prefix = c.pos_embed_prefix
+        n_pos = c.num_tokens if c.pos_embed_prefix else c.num_patches
+        self.position_embedding = nnx.Param(_normal(rngs, (n_pos, D), param_dtype), out_sharding=("pos", "embed"))
 
     def __call__(self, patches: jax.Array) -> jax.Array:
         x = self.patch_embedding(patches)
-        if self.class_embedding is not None:
-            cls = jnp.broadcast_to(self.class_embedding[...].astype(self.dtype), (x.shape[0], 1, x.shape[-1]))
-            x = jnp.concatenate([cls, x], axis=1)
-        return x + self.position_embedding[...].astype(self.dtype)
+        b = x.shape[0]
+        pos = self.position_embedding[...].astype(self.dtype)
+        if not self.pos_embed_prefix:
+            x = x + pos
+        prefix = [self.class_embedding[...][None]] if self.class_embedding is not None else []
+        if self.register_tokens is not None:
+            prefix.append(self.register_tokens[...])
+        if prefix:
+            tokens = jnp.concatenate(prefix, axis=0).astype(self.dtype)
+            x = jnp.concatenate([jnp.broadcast_to(tokens, (b, *tokens.shape)), x], axis=1)
+        return x + pos if self.pos_embed_prefix else x
 
 
 class HFVisionTower(nnx.Module):
@@ -285,10 +329,12 @@ class HFVisionTower(nnx.Module):
         kw = {"dtype": dtype, "param_dtype": param_dtype}
         self.embeddings = VisionEmbeddings(c, rngs=rngs, **kw)
         self.pre_layrnorm = (
-            make_norm("default_layer_norm", c.hidden_size, c.layer_norm_eps, **kw) if c.cls_token else None
+            make_norm("default_layer_norm", c.hidden_size, c.layer_norm_eps, **kw) if c.has_pre_norm else None
         )
         self.encoder = Encoder(c, rngs=rngs, remat_policy=remat_policy, **kw)
-        self.post_layernorm = make_norm("default_layer_norm", c.hidden_size, c.layer_norm_eps, **kw)
+        self.post_layernorm = (
+            make_norm("default_layer_norm", c.hidden_size, c.layer_norm_eps, **kw) if c.final_norm else None
+        )
 
     @property
     def hidden_dim(self) -> int:
@@ -304,7 +350,8 @@ class HFVisionTower(nnx.Module):
 
     @property
     def num_tokens(self) -> int:
-        """Tokens per image in the output: ``num_patches`` (+ 1 class token for CLIP)."""
+        """Tokens per image in the output: ``num_patches`` + prefix tokens (CLIP's class token; timm class and
+        register tokens)."""
         return self.config.num_tokens
 
     def check_images(self, images: Any) -> None:
@@ -337,18 +384,30 @@ class HFVisionTower(nnx.Module):
         x = self.embeddings(self.patchify(x))
         if self.pre_layrnorm is not None:
             x = self.pre_layrnorm(x)
-        x = self.post_layernorm(self.encoder(x))
+        x = self.encoder(x)
+        if self.post_layernorm is not None:
+            x = self.post_layernorm(x)
         return x.reshape(*lead, *x.shape[1:])
+
+
+def load_vision_config(hf_pretrained: str) -> HFVisionConfig:
+    """The :class:`HFVisionConfig` of a checkpoint: a timm ViT (``config.json`` with ``architecture``, see
+    :mod:`vla_foundry_jax.convert.timm_vit_maps`) or an HF SigLIP / CLIP one (``model_type``)."""
+    from vla_foundry_jax.convert import timm_vit_maps
+    from vla_foundry_jax.convert.hf_loader import load_hf_config, resolve_hf_path
+
+    path = resolve_hf_path(hf_pretrained)
+    if timm_vit_maps.is_timm_checkpoint(path):
+        return timm_vit_maps.timm_vision_config(path)
+    return HFVisionConfig.from_hf(load_hf_config(path))
 
 
 def hf_vision_config(params: Any) -> HFVisionConfig:
     """The :class:`HFVisionConfig` of a ``ViTHFParams`` (config read from ``hf_pretrained``); checks ``hidden_dim``."""
-    from vla_foundry_jax.convert.hf_loader import load_hf_config
-
     where = params.gin_name
     if not params.hf_pretrained:
         raise ValueError(f"{where}.hf_pretrained is not set; give a hub id or a local checkpoint directory.")
-    c = HFVisionConfig.from_hf(load_hf_config(params.hf_pretrained))
+    c = load_vision_config(params.hf_pretrained)
     if params.hidden_dim != c.hidden_size:
         raise ValueError(
             f"{where}.hidden_dim = {params.hidden_dim} but {params.hf_pretrained!r} has hidden_size = "

@@ -34,9 +34,9 @@ def vision_geometry(vit: Any) -> tuple[int, int]:
     the HF vision config (``image_size`` / ``patch_size``, plus CLIP's class token, which the tower keeps).
     """
     if vit.type == "vit_hf":
-        from vla_foundry_jax.models.hf_vision import HFVisionConfig
+        from vla_foundry_jax.models.hf_vision import load_vision_config
 
-        c = HFVisionConfig.from_hf(vit.hf_config())
+        c = load_vision_config(vit.hf_pretrained)  # HF SigLIP / CLIP or timm
         return c.image_size, c.num_tokens
     if getattr(vit, "cls_flag", False):
         return vit.img_size, 1
