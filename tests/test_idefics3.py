@@ -153,3 +153,29 @@ def test_idefics3_loss_and_batch_check(ckpts):
     ce = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
     ref = ce[targets != IMAGE_TOKEN].mean().item()
     assert float(loss) == pytest.approx(ref, abs=1e-4)
+
+
+@pytest.mark.parametrize("name", ["idefics3", "smolvlm"])
+def test_idefics3_greedy_generation_matches_hf(ckpts, name, tmp_path):
+    """20 greedy tokens after a prompt holding two images, as HF ``generate``."""
+    from test_vlm_hf import _sharpened
+
+    from vla_foundry_jax.models.generation import generate
+
+    hf = _sharpened(ckpts[name][1], tmp_path / name)
+    model = _loaded(VLMHFParams(hf_pretrained=str(tmp_path / name)))
+    ids, images = _inputs(n_img=2, seed=4)
+    with torch.no_grad():
+        ref = hf.generate(
+            input_ids=torch.from_numpy(ids),
+            pixel_values=torch.from_numpy(np.ascontiguousarray(images.transpose(0, 1, 4, 2, 3))),
+            attention_mask=torch.ones(ids.shape, dtype=torch.long),
+            max_new_tokens=20,
+            min_new_tokens=20,
+            do_sample=False,
+            eos_token_id=None,
+            pad_token_id=0,
+        ).numpy()
+    got = np.asarray(generate(model, ids, max_new_tokens=20, temperature=0.0, pixel_values=images))
+    np.testing.assert_array_equal(got, ref)
+    assert len(np.unique(ref[:, ids.shape[1] :])) > 4  # not a degenerate repeat

@@ -137,6 +137,33 @@ def test_greedy_generation_matches_hf(tmp_path, arch):
     np.testing.assert_array_equal(got, ref)
 
 
+@pytest.mark.parametrize("arch", ["llama_untied_mqa_odd_hd", "gemma2"])
+def test_left_padded_greedy_generation_matches_hf(tmp_path, arch):
+    """Left-padded prompts: positions from the attention mask (``cumsum - 1``), as HF ``generate``."""
+    path, hf = save_hf(tmp_path, arch)
+    ours = load_ours(path)
+    ids = _ids((3, 7), seed=4)
+    mask = np.ones_like(ids)
+    mask[1, :3] = 0
+    mask[2, :5] = 0
+    ids[mask == 0] = 0
+    with torch.no_grad():
+        ref = hf.generate(
+            torch.from_numpy(ids),
+            attention_mask=torch.from_numpy(mask),
+            max_new_tokens=20,
+            min_new_tokens=20,
+            do_sample=False,
+            eos_token_id=None,
+            pad_token_id=0,
+        ).numpy()
+    got = np.asarray(generate(ours, jnp.asarray(ids), jnp.asarray(mask), max_new_tokens=20, temperature=0.0))
+    np.testing.assert_array_equal(got, ref)
+    # each left-padded row generates what its unpadded prompt alone generates
+    alone = np.asarray(generate(ours, jnp.asarray(ids[2:, 5:]), max_new_tokens=20, temperature=0.0))
+    np.testing.assert_array_equal(got[2, 7:], alone[0, 2:])
+
+
 def test_bf16_checkpoint_and_parameter_layout(tmp_path):
     path, hf = save_hf(tmp_path, "llama_tied_gqa", dtype=torch.bfloat16)
     ours = load_ours(path)

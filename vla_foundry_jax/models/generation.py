@@ -1,7 +1,11 @@
 """Autoregressive generation with a KV cache, as one jitted function (reference §3.2 ``generate``).
 
-Prefill the (right-padded) prompt, then one token per step inside a ``jax.lax.while_loop``. New tokens are
+Prefill the (padded) prompt, then one token per step inside a ``jax.lax.while_loop``. New tokens are
 appended after the full padded prompt width, as in the original; padded prompt positions are masked as keys.
+Models whose call takes ``position_ids`` (the HF decoders and VLMs) get Hugging Face ``generate``'s positions:
+``cumsum(attention_mask) - 1`` in the prompt (left-padded rows start at 0), then one more per new token, so
+left-padded greedy decoding reproduces HF's tokens. A VLM's prefill also takes ``pixel_values`` and (PaliGemma's
+prefix-LM) ``token_type_ids``; the generated tokens attend causally.
 Sampling per step: temperature 0 -> greedy argmax; otherwise ``logits / temperature``, top-k, top-p, then a
 categorical draw. Rows that emitted ``eos_token_id`` keep emitting it; the loop stops once every row is done and
 the rest of the output is filled with ``eos_token_id`` (the original returns a shorter array instead).
@@ -13,6 +17,7 @@ EOS id is given); the EOS id itself and the rng are traced.
 from __future__ import annotations
 
 import functools
+import inspect
 from typing import Any
 
 import jax
@@ -59,7 +64,10 @@ def sample_next_token(
     return jax.random.categorical(rng, filtered, axis=-1).astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "temperature", "top_k", "top_p", "use_eos"))
+@functools.partial(
+    jax.jit,
+    static_argnames=("graphdef", "max_new_tokens", "temperature", "top_k", "top_p", "use_eos", "use_positions"),
+)
 def _generate(
     graphdef: Any,
     state: Any,
@@ -74,6 +82,7 @@ def _generate(
     top_k: int | None,
     top_p: float | None,
     use_eos: bool,
+    use_positions: bool,
 ) -> jax.Array:
     B, P = input_ids.shape
     N = max_new_tokens
@@ -81,6 +90,9 @@ def _generate(
     model = nnx.merge(graphdef, state)
 
     cache = model.init_cache(B, P + N - 1)
+    n_real = jnp.sum(attention_mask, axis=1, dtype=jnp.int32)  # [B]: the first new token's HF position
+    if use_positions:
+        prefill_kwargs = {**prefill_kwargs, "position_ids": jnp.maximum(jnp.cumsum(attention_mask, axis=1) - 1, 0)}
     out = model(input_ids, attention_mask=attention_mask, cache=cache, **prefill_kwargs)
     rng, step_rng = jax.random.split(rng)
     token = sample(out.logits[:, -1], step_rng)
@@ -96,7 +108,8 @@ def _generate(
     def body(carry: tuple) -> tuple:
         i, tokens, token, cache, done, rng, state = carry
         step_model = nnx.merge(graphdef, state)
-        out = step_model(token[:, None], cache=cache)
+        step_kwargs = {"position_ids": (n_real + i - 1)[:, None]} if use_positions else {}
+        out = step_model(token[:, None], cache=cache, **step_kwargs)
         rng, step_rng = jax.random.split(rng)
         token = sample(out.logits[:, -1], step_rng)
         if use_eos:
@@ -121,11 +134,13 @@ def generate(
     eos_token_id: int | None = None,
     rng: jax.Array | None = None,
     pixel_values: jax.Array | None = None,
+    token_type_ids: jax.Array | None = None,
 ) -> jax.Array:
-    """Sample ``max_new_tokens`` tokens after ``input_ids [B, P]`` (right-padded; ``attention_mask [B, P]``
-    marks real tokens). ``model`` is a :class:`~vla_foundry_jax.models.transformer.Transformer` (any module
-    with ``init_cache`` and the same call signature; a VLM takes ``pixel_values`` in the prefill).
-    Returns ``[B, P + max_new_tokens]`` int32.
+    """Sample ``max_new_tokens`` tokens after ``input_ids [B, P]`` (``attention_mask [B, P]`` marks real tokens;
+    left padding for the HF models, as HF ``generate``). ``model`` is a
+    :class:`~vla_foundry_jax.models.transformer.Transformer` (any module with ``init_cache`` and the same call
+    signature; a VLM takes ``pixel_values`` and, for PaliGemma's prefix-LM prompt, ``token_type_ids [B, P]`` in
+    the prefill). Returns ``[B, P + max_new_tokens]`` int32.
     """
     input_ids = jnp.asarray(input_ids, jnp.int32)
     if max_new_tokens <= 0:
@@ -134,6 +149,12 @@ def generate(
         attention_mask = jnp.ones(input_ids.shape, bool)
     if rng is None:
         rng = jax.random.key(0)
+    prefill_kwargs = {}
+    if pixel_values is not None:
+        prefill_kwargs["pixel_values"] = jnp.asarray(pixel_values)
+    if token_type_ids is not None:
+        prefill_kwargs["token_type_ids"] = jnp.asarray(token_type_ids, jnp.int32)
+    use_positions = "position_ids" in inspect.signature(type(model).__call__).parameters
     graphdef, state = nnx.split(model)
     return _generate(
         graphdef,
@@ -142,10 +163,11 @@ def generate(
         jnp.asarray(attention_mask).astype(bool),
         rng,
         jnp.asarray(-1 if eos_token_id is None else eos_token_id, jnp.int32),
-        {} if pixel_values is None else {"pixel_values": jnp.asarray(pixel_values)},
+        prefill_kwargs,
         max_new_tokens=int(max_new_tokens),
         temperature=float(temperature),
         top_k=None if top_k is None or top_k <= 0 else int(top_k),
         top_p=None if top_p is None or top_p >= 1.0 else float(top_p),
         use_eos=eos_token_id is not None,
+        use_positions=use_positions,
     )

@@ -38,8 +38,9 @@ let query ``i`` see keys ``j`` with ``i - window < j <= i`` (HF's ``kv_idx > q_i
 last layer's raw output by the normed one). Note the from-scratch ``transformer`` returns ``L`` pre-norm entries.
 
 KV cache (:meth:`HFDecoder.init_cache`): ``{"k", "v": [L, B, T, n_kv, hd] (post-RoPE keys), "mask": [B, T] bool,
-"length": int32 []}``; positions are ``cache length + arange(S)`` (as ``transformer``; HF ``generate`` derives
-positions from the attention mask instead, which differs only for left-padded prompts).
+"length": int32 []}``; positions are ``cache length + arange(S)`` (as ``transformer``) unless ``position_ids`` are
+given: :func:`~vla_foundry_jax.models.generation.generate` passes HF ``generate``'s ``cumsum(mask) - 1``. RoPE sees
+only position differences and padded keys are masked, so the two agree on left-padded prompts up to float rounding.
 
 ``attention_mask [B, S]`` (1 = token) masks padded keys, with or without a cache (HF semantics). A query whose keys
 are all masked (a left-padding position) attends uniformly instead of producing NaN. Logits are float32.
@@ -202,12 +203,14 @@ class RMSNorm(nnx.Module):
 
 
 def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
-    """HF rotary embedding (``rotate_half`` layout) of ``x [B, S, n, hd]`` at ``positions [S]``, float32 maths."""
+    """HF rotary embedding (``rotate_half`` layout) of ``x [B, S, n, hd]`` at ``positions [S]`` or ``[B, S]``,
+    float32 maths."""
     hd = x.shape[-1]
     inv_freq = 1.0 / (theta ** (jnp.arange(0, hd, 2, dtype=jnp.float32) / hd))
-    freqs = positions.astype(jnp.float32)[:, None] * inv_freq[None, :]
+    freqs = positions.astype(jnp.float32)[..., None] * inv_freq
     emb = jnp.concatenate([freqs, freqs], axis=-1)
-    cos, sin = jnp.cos(emb)[None, :, None, :], jnp.sin(emb)[None, :, None, :]
+    emb = emb if emb.ndim == 3 else emb[None]
+    cos, sin = jnp.cos(emb)[:, :, None, :], jnp.sin(emb)[:, :, None, :]
     xf = x.astype(jnp.float32)
     x1, x2 = xf[..., : hd // 2], xf[..., hd // 2 :]
     rotated = jnp.concatenate([-x2, x1], axis=-1)
@@ -238,7 +241,7 @@ class Attention(nnx.Module):
         v = self.v_proj(x).reshape(B, S, nkv, hd)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = rope(q, ctx["positions"], c.rope_theta), rope(k, ctx["positions"], c.rope_theta)
+        q, k = rope(q, ctx["rope_positions"], c.rope_theta), rope(k, ctx["rope_positions"], c.rope_theta)
         if kv is None:
             keys, values, new_kv = k, v, None
         else:
@@ -375,6 +378,7 @@ class HFDecoder(nnx.Module):
         output_hidden_states: bool = False,
         is_causal: bool | None = None,
         prefix_mask: jax.Array | None = None,
+        position_ids: jax.Array | None = None,
     ) -> TransformerOutput:
         """Forward pass (causal, or prefix-LM with ``prefix_mask``; ``is_causal`` is accepted for interface parity).
 
@@ -386,6 +390,9 @@ class HFDecoder(nnx.Module):
           prefix_mask: ``[B, S]`` bool (optional), prefix-LM attention (PaliGemma's ``token_type_ids == 0``): two
             prefix tokens of the S new ones see each other in both directions (also across a sliding window, as
             HF's block overlay); everything else stays causal. Padded keys stay masked.
+          position_ids: ``[B, S]`` int (optional), the RoPE positions of the new tokens (HF ``generate`` derives
+            them from the attention mask, ``cumsum - 1``, so left-padded rows start at 0); masks and sliding windows
+            still follow the cache slots. Default: cache length + ``arange(S)``.
 
         Returns:
           :class:`TransformerOutput` (``logits [B, S, V]`` float32, updated cache or None, hidden states or None).
@@ -420,7 +427,7 @@ class HFDecoder(nnx.Module):
             )
             bidirectional = prefix[:, :, None] & prefix_keys[:, None, :]  # [B, S, T]
         ctx = {
-            "positions": positions,
+            "rope_positions": positions if position_ids is None else position_ids,
             "offset": offset,
             "allowed": allowed,
             "distance": distance,

@@ -54,6 +54,7 @@ class HFVLM(nnx.Module):
         cache: Any = None,
         output_hidden_states: bool = False,
         deterministic: bool = True,
+        position_ids: jax.Array | None = None,
     ) -> TransformerOutput:
         """``input_ids [B, S]`` with image tokens -> LM output (causal; prefix-LM where ``token_type_ids == 0``)."""
         del deterministic  # no dropout
@@ -65,6 +66,7 @@ class HFVLM(nnx.Module):
             cache=cache,
             output_hidden_states=output_hidden_states,
             prefix_mask=None if token_type_ids is None else token_type_ids == 0,
+            position_ids=position_ids,
         )
 
     def init_cache(self, batch_size: int, max_len: int, dtype: jnp.dtype | None = None) -> Any:

@@ -16,14 +16,17 @@ The builder reads ``vlm_hf.hf_pretrained``'s ``config.json`` and dispatches on i
 Forward ``(input_ids [B, S], pixel_values [B, N, img, img, 3] or [B, img, img, 3] channels-last, token_type_ids,
 attention_mask, cache)``: image features (``[B, N * T, H]``, ``T = (img / patch)^2``) replace the ``image_token_id``
 positions in (sample, image, token) order (each sample must hold exactly its own ``N * T`` image tokens; HF checks
-only the batch total); text positions take the (Gemma-scaled) token embeddings, image positions id 0 for the lookup.
+only the batch total); text positions take the (Gemma-scaled) token embeddings (an image token id past the
+vocabulary looks up row 0, as HF's, so a generated image-token id embeds as HF embeds it).
 With ``token_type_ids`` the attention is **prefix-LM**: tokens with ``token_type_ids == 0`` (image + prompt) attend
 to each other bidirectionally, the rest causally (HF's ``block_sequence_ids`` overlay, also across Gemma2's sliding
 window); without it, plain causal. HF numbers PaliGemma's positions from 1: RoPE depends only on position
 differences, so positions from 0 (as here) give the same attention.
 
 Training (loss ``vlm_hf``) follows ``vlm``: next-token cross-entropy on the caption tokens only (``loss_mask``, or
-every non-image target), with ``token_type_ids`` used when the batch carries them.
+every non-image target), with ``token_type_ids`` used when the batch carries them. Generation:
+:func:`~vla_foundry_jax.models.generation.generate` with ``pixel_values`` (and PaliGemma's ``token_type_ids`` for a
+prefix-LM prefill); greedy tokens equal HF ``generate``'s (tests/test_vlm_hf.py, tests/test_idefics3.py).
 """
 
 from __future__ import annotations
@@ -131,7 +134,10 @@ class PaliGemma(HFVLM):
     def embed(self, input_ids: jax.Array, pixel_values: jax.Array | None) -> jax.Array:
         """Token embeddings with the image positions replaced by image tokens, ``[B, S, H]``."""
         is_img = input_ids == self.config.image_token_id
-        tokens = self.language_model.embed(jnp.where(is_img, 0, input_ids))
+        lookup = input_ids
+        if self.config.image_token_id >= self.config.text.vocab_size:  # as HF: an id past the table looks up row 0
+            lookup = jnp.where(is_img, 0, input_ids)
+        tokens = self.language_model.embed(lookup)
         if pixel_values is None:
             return tokens
         images = self.encode_images(pixel_values).astype(tokens.dtype)
