@@ -8,7 +8,8 @@ runs in a fresh subprocess that, after its imports, records its resident memory 
 (``/proc/self/clear_refs``) and reports the peak (``VmHWM``) at the end, and separately the peak when the load phase
 (safetensors -> placed parameters) returns, before the Orbax save. Prints one JSON line: seconds, model bytes, peak
 RSS, ``peak_over_baseline / model_bytes`` (target <= 1.3: the converted parameters themselves are 1.0) and the same
-for the load phase alone (``load_*``).
+for the load phase alone (``load_*``). Seen on the 2-core CPU: 1.14x with the save (load 1.03x); 2.06x while the
+``model`` item was written zstd-compressed (Orbax held the compressed copies of every array until the commit).
 """
 
 from __future__ import annotations

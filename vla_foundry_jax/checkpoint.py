@@ -31,9 +31,9 @@ class CheckpointError(ValueError):
     """A checkpoint path or content that cannot serve the requested restore."""
 
 
-def _handlers() -> dict[str, Any]:
+def _handlers(compress_model: bool = True) -> dict[str, Any]:
     return {
-        "model": ocp.PyTreeCheckpointHandler(),
+        "model": ocp.PyTreeCheckpointHandler(use_compression=compress_model),
         "train": ocp.StandardCheckpointHandler(),
         "params": ocp.JsonCheckpointHandler(),
         "data": ocp.JsonCheckpointHandler(),
@@ -58,12 +58,23 @@ def set_flat_params(state: Any, values: dict[str, Any]) -> Any:
 class RunCheckpointer:
     """Saves and restores a run's checkpoints under ``<output_dir>/checkpoints``."""
 
-    def __init__(self, output_dir: str, *, max_to_keep: int | None = None, async_save: bool = True):
+    def __init__(
+        self,
+        output_dir: str,
+        *,
+        max_to_keep: int | None = None,
+        async_save: bool = True,
+        compress_model: bool = True,
+    ):
+        """``compress_model=False`` writes the ``model`` item without zstd: Orbax then streams each array from its
+        own buffer instead of holding compressed copies of the whole model until the save commits (measured on a
+        110M-parameter float32 model: +0.25x instead of +1.0x the model's bytes of host memory during the save;
+        float weights barely compress, ~8%). Readers need no option: the format records it."""
         self.directory = os.path.abspath(os.path.join(output_dir, "checkpoints"))
         options = ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep, enable_async_checkpointing=async_save, create=True
         )
-        self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=_handlers())
+        self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=_handlers(compress_model))
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
