@@ -165,8 +165,8 @@ def test_sd_param_errors(clip_dir):
         build_model(_sd_params(None, do_classifier_free_guidance=True), rngs=nnx.Rngs(0))
     with pytest.raises(ParamsError, match="text_emb_dim = 32 must equal"):
         build_model(_sd_params(clip_dir).replace(unet=TINY_UNET.replace(text_emb_dim=32)), rngs=nnx.Rngs(0))
-    with pytest.raises(ParamsError, match="use_diffusers_unet"):
-        build_model(_sd_params(None, use_diffusers_unet=True), rngs=nnx.Rngs(0))
+    with pytest.raises(ParamsError, match="use_diffusers_unet"):  # a diffusers checkpoint needs the flag
+        build_model(_sd_params(None).replace(unet=TINY_UNET.replace(hf_pretrained="/x")), rngs=nnx.Rngs(0))
     model = build_model(_sd_params(None), rngs=nnx.Rngs(0))
     with pytest.raises(ParamsError, match="guidance needs a text encoder"):
         sd.sample_images(model, None, jax.random.key(0), guidance_scale=3.0, batch_size=2)

@@ -183,6 +183,9 @@ class UNetParams(ModelParams):
     channels: list[int] = dataclasses.field(default_factory=list)
     image_size: int = 128
     time_mlp_float32: bool = False
+    # (JAX) diffusers UNet2DModel / UNet2DConditionModel directory or hub id loaded when
+    # stable_diffusion.use_diffusers_unet is set (its config.json gives the architecture).
+    hf_pretrained: str | None = None
 
 
 @register_params("noise_scheduler")
