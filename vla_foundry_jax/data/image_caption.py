@@ -10,6 +10,11 @@ Per sample (in grain's reader threads)::
                                [seq_len + 1], pixel_values float32 [1, H, W, 3] (one image; the leading axis
                                is the image axis, so several cameras fit later)
 
+With the ``stable_diffusion`` processor (``image_caption.processor = "stable_diffusion"``) the transform gives
+``pixel_values float32 [s, s, 3]`` in [-1, 1] (randomly mirrored in training), ``input_ids`` and
+``attention_mask`` int32 ``[seq_len + 1]`` (CLIP tokens of the bare caption; see
+``data.processor.StableDiffusionProcessor``), so batches are ``pixel_values [B, s, s, 3]``.
+
 Missing members are dataset errors: a sample without a caption or an image raises ``DataError`` naming the
 shard, the key and the fields found (the original silently drops such samples, which a random-access source
 cannot do without changing its length).
@@ -33,7 +38,7 @@ from typing import Any
 import numpy as np
 
 from vla_foundry_jax.data.augment import augment_images
-from vla_foundry_jax.data.processor import VLMProcessor, caption_text
+from vla_foundry_jax.data.processor import StableDiffusionProcessor, VLMProcessor, caption_text
 from vla_foundry_jax.data.shards import DataError, ShardDataSource
 from vla_foundry_jax.data.text import pad_or_truncate, sample_text
 from vla_foundry_jax.params.data_params import DataAugmentationParams
@@ -178,6 +183,8 @@ class ImageCaptionTransform:
         (image,) = augment_images(
             [sample["image"]], self.augmentation, rng, train=self.train, where=f"image_caption data: {_where(sample)}"
         )
+        if isinstance(self.processor, StableDiffusionProcessor):  # [s, s, 3] in [-1, 1] (+ ids, attention_mask)
+            return self.processor(image, sample["caption"], rng, train=self.train)
         out = self.processor([image], [caption_text(sample["caption"])], self.seq_len + 1, append_eos=self.append_eos)
         return {
             "input_ids": out["input_ids"][0],

@@ -16,7 +16,12 @@
   downscaling), then rescaled and normalised. The tokenizer is ``AutoTokenizer.from_pretrained(path)`` unless
   ``tokenizer`` names another; it must hold ``"<image>"`` (added if missing, like ``simple_vlm``).
 
-In both, a tokenizer without a pad token gets ``"[PAD]"`` (the original's rule for text). Tiling processors
+A third name, ``"stable_diffusion"`` (the original's ``StableDiffusionProcessor``), is not a VLM processor:
+:class:`StableDiffusionProcessor` tokenises the bare caption with a CLIP tokenizer (``data.tokenizer``, which the
+stable-diffusion resolver defaults to ``clip.hf_pretrained``) padded / truncated to ``seq_len + 1``
+(:func:`tokenize_prompts`) and makes ``[s, s, 3]`` images in [-1, 1], randomly mirrored in training.
+
+In both VLM kinds, a tokenizer without a pad token gets ``"[PAD]"`` (the original's rule for text). Tiling processors
 (SmolVLM/Idefics3 ``longest_edge``) and chat templates are not supported: captions use the original's
 fallback template, ``"<image> " + caption`` (:func:`caption_text`).
 
@@ -373,8 +378,11 @@ def load_processor(
         )
 
 
-def processor_for_data(data: Any) -> VLMProcessor:
-    """The processor an ``image_caption`` data params object names."""
+def processor_for_data(data: Any) -> VLMProcessor | StableDiffusionProcessor:
+    """The processor an ``image_caption`` data params object names (``"stable_diffusion"``: the
+    :class:`StableDiffusionProcessor` with ``data.tokenizer``, ``data.image_size`` and ``seq_len + 1`` tokens)."""
+    if data.processor == STABLE_DIFFUSION:
+        return load_sd_processor(data.tokenizer, image_size=data.image_size, max_length=data.seq_len + 1)
     return load_processor(
         data.processor,
         image_size=data.image_size,
@@ -396,3 +404,95 @@ def processor_info(data: Any) -> dict[str, Any]:
         "img_num_tokens": p.img_num_tokens,
         "image_size": p.image_size,
     }
+
+
+# ---------------------------------------------------------------- stable diffusion (the original's "stable_diffusion")
+
+STABLE_DIFFUSION = "stable_diffusion"
+
+
+def tokenize_prompts(tokenizer: Any, texts: Sequence[str], length: int) -> tuple[np.ndarray, np.ndarray]:
+    """CLIP-style prompts -> ``(input_ids int32 [n, length], attention_mask int32 [n, length])``.
+
+    Each text is tokenised with the tokenizer's special tokens (``bos ... eos``), right-padded with the pad id
+    (eos when the tokenizer has none). A text longer than ``length`` tokens is **truncated** to ``length``
+    tokens keeping its final eos (what HF's ``CLIPTokenizer(..., truncation=True, max_length=length)`` returns).
+    """
+    if length < 2:
+        raise ValueError(f"prompt length must be >= 2 (bos + eos), got {length}.")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    eos = tokenizer.eos_token_id
+    ids = np.full((len(texts), length), pad, np.int32)
+    mask = np.zeros((len(texts), length), np.int32)
+    for row, text in enumerate(texts):
+        # no padding/truncation arguments: they mutate the shared Rust tokenizer (not thread-safe)
+        toks = list(tokenizer(text)["input_ids"])
+        if len(toks) > length:
+            toks = toks[: length - 1] + ([eos] if eos is not None and toks[-1] == eos else toks[length - 1 : length])
+        ids[row, : len(toks)] = toks
+        mask[row, : len(toks)] = 1
+    return ids, mask
+
+
+class StableDiffusionProcessor:
+    """The original's ``StableDiffusionProcessor``: caption -> CLIP token ids padded to ``max_length`` (truncated
+    beyond it, :func:`tokenize_prompts`); image -> PIL bilinear (antialiased) resize to ``image_size``, a random
+    horizontal flip with probability ``flip_prob`` in training, ``[0, 255] -> [-1, 1]``.
+
+    ``__call__(image uint8 [H, W, 3], caption, rng, train)`` returns ``{"pixel_values": float32 [s, s, 3]}`` plus
+    ``input_ids`` / ``attention_mask`` int32 ``[max_length]`` when a tokenizer is given (None: unconditional
+    training, images only). The flip mirrors the width axis only (axis 1 of channels-last ``[H, W, 3]``), so
+    colours are untouched; captions describe no left/right, so a mirrored image still matches its caption.
+
+    Difference from the original: the caption is tokenised as is. The original wraps it with its no-chat-template
+    fallback (``"<image> " + caption``), so its text encoder is trained on prompts that its ``generate`` never sees.
+    """
+
+    def __init__(self, tokenizer: Any | None, image_size: int, max_length: int, *, flip_prob: float = 0.5) -> None:
+        if image_size <= 0:
+            raise ValueError(f"image_size must be positive, got {image_size}.")
+        self.tokenizer = tokenizer
+        self.image_size = int(image_size)
+        self.max_length = int(max_length)
+        self.flip_prob = float(flip_prob)
+        self.pad_token_id = 0
+        if tokenizer is not None:
+            self.pad_token_id = int(
+                tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+            )
+
+    def __repr__(self) -> str:
+        return (
+            f"StableDiffusionProcessor(image_size={self.image_size}, max_length={self.max_length}, "
+            f"text={self.tokenizer is not None})"
+        )
+
+    def preprocess_image(self, image: np.ndarray) -> np.ndarray:
+        """uint8 ``[H, W, 3]`` -> float32 ``[image_size, image_size, 3]`` in [-1, 1] (no flip)."""
+        config = ImageConfig(size=(self.image_size, self.image_size), resample="BILINEAR")
+        return config(np.asarray(image, np.uint8))
+
+    def __call__(
+        self, image: np.ndarray, caption: str, rng: np.random.Generator | None = None, *, train: bool = True
+    ) -> dict[str, np.ndarray]:
+        pixels = self.preprocess_image(image)
+        if train and rng is not None and self.flip_prob > 0 and rng.random() < self.flip_prob:
+            pixels = np.ascontiguousarray(pixels[:, ::-1, :])
+        out = {"pixel_values": pixels}
+        if self.tokenizer is not None:
+            ids, mask = tokenize_prompts(self.tokenizer, [caption], self.max_length)
+            out |= {"input_ids": ids[0], "attention_mask": mask[0]}
+        return out
+
+
+@functools.cache
+def _load_sd_cached(tokenizer: str | None, image_size: int, max_length: int) -> StableDiffusionProcessor:
+    tok = None if tokenizer is None else _load_tokenizer(tokenizer, "the stable_diffusion tokenizer (data.tokenizer)")
+    return StableDiffusionProcessor(tok, image_size, max_length)
+
+
+def load_sd_processor(tokenizer: str | None, *, image_size: int, max_length: int) -> StableDiffusionProcessor:
+    """The ``stable_diffusion`` processor (once per argument set; shared by threads). ``tokenizer``: a CLIP
+    checkpoint / tokenizer directory or hub id (None: images only)."""
+    with _LOCK:
+        return _load_sd_cached(tokenizer, int(image_size), int(max_length))

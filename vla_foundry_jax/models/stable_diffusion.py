@@ -2,7 +2,10 @@
 
 Components of :class:`StableDiffusion`:
 
-* ``unet``: :class:`~vla_foundry_jax.models.unet.UNet` (``use_diffusers_unet`` is not ported: a clear error);
+* ``unet``: :class:`~vla_foundry_jax.models.unet.UNet`, or with ``use_diffusers_unet`` the diffusers-layout
+  :class:`~vla_foundry_jax.models.diffusers_unet.DiffusersUNet` (:func:`make_unet`; ``unet.hf_pretrained`` names a
+  diffusers checkpoint, loaded by the ``unet`` weight loader at prefix ``unet.``; text-conditioned when it is a
+  ``UNet2DConditionModel``, which the original could not do);
 * ``clip``: :class:`~vla_foundry_jax.models.clip.CLIPModel` built from ``clip.hf_pretrained`` (filled by the
   ``clip_hf`` weight loader at prefix ``clip.``), or None when ``clip.hf_pretrained`` is None (no text
   conditioning, reference §1.3). Text embeddings are the text tower's ``last_hidden_state [B, S, D_t]``
@@ -23,14 +26,26 @@ with ``transformers.AutoTokenizer`` from ``clip.hf_pretrained``; when the checkp
 falls back to the text config's ``bos_token_id`` / ``eos_token_id`` / ``pad_token_id`` (logged).
 
 Sampling (:func:`sample_images`, one ``jax.jit`` over every step via ``NoiseScheduler.sample``): from
-``x ~ N(0, I)`` ``[B, image_size, image_size, in_channels]``; prompt text encoded **without attention mask**
-(the original's ``generate``); with guidance the UNet runs on ``[uncond; cond]`` and
+``x ~ N(0, I)`` ``[B, image_size, image_size, in_channels]``; prompt text encoded with the prompt's attention
+mask when one is given (:func:`encode_prompts` gives ids and mask; the empty prompt of guidance is then masked too,
+exactly as in training), else **without attention mask** (the original's ``generate``, whose text tower then sees
+pad positions differently from training: the UNet's cross-attention and max-pooling read every position, pads
+included); with guidance the UNet runs on ``[uncond; cond]`` and
 ``out = uncond + s (cond - uncond)`` (:func:`cfg_combine`); returns ``clip(x, -1, 1)``.
 **Quirk fixed** (reference §8 item 14): the original's loop ``t = T-1 .. 1`` never runs ``t = 0`` (flow ends at
 time ``1/T``); here the scheduler's inclusive schedule runs ``t = 0`` too. :func:`save_image_grid` writes a PNG
 (``round(255 * clip(x / 2 + 0.5, 0, 1))``, as the original's conversion to uint8).
 
 Guidance or CFG training without a text encoder is a :class:`ParamsError`.
+
+Data and runs. Training data is ``image_caption`` read with ``image_caption.processor = "stable_diffusion"``
+(``data.processor.StableDiffusionProcessor``: resize to ``unet.image_size``, random horizontal flip, [-1, 1],
+caption -> CLIP token ids); :func:`resolve_stable_diffusion` ties the data to the model before building.
+**Prompts longer than the padded length ``data.seq_len + 1`` are truncated** to it (keeping the final end-of-text
+token, as HF's ``CLIPTokenizer(truncation=True)``), in training and in :func:`encode_prompts`; ``seq_len + 1`` may
+not exceed the text tower's ``max_position_embeddings`` (77 for OpenAI CLIP, 16 for ``tiny_data/tiny_clip``).
+:func:`load_sd_model` rebuilds a run for sampling (EMA weights when the run kept them); :func:`fresh_model` is
+its untrained baseline.
 """
 
 from __future__ import annotations
@@ -47,6 +62,7 @@ import numpy as np
 from flax import nnx
 
 from vla_foundry_jax.models.clip import CLIPModel, clip_config
+from vla_foundry_jax.models.diffusers_unet import build_diffusers_unet
 from vla_foundry_jax.models.noise_scheduler import NoiseScheduler, make_scheduler
 from vla_foundry_jax.models.unet import UNet
 from vla_foundry_jax.params.base import ParamsError
@@ -102,11 +118,6 @@ class StableDiffusion(nnx.Module):
         param_dtype: Any = jnp.float32,
         remat_policy: str | None = None,
     ):
-        if params.use_diffusers_unet:
-            raise ParamsError(
-                "stable_diffusion.use_diffusers_unet: the diffusers UNet2DModel is not ported to vla_foundry_jax "
-                "(and the original's cannot take text); use the own UNet (use_diffusers_unet = False)."
-            )
         has_text = params.clip.hf_pretrained is not None
         if params.do_classifier_free_guidance and not has_text:
             raise ParamsError(
@@ -116,11 +127,11 @@ class StableDiffusion(nnx.Module):
         if not 0.0 <= params.dropout_percent <= 1.0:
             raise ParamsError(f"stable_diffusion.dropout_percent = {params.dropout_percent} must be in [0, 1].")
         kw = {"rngs": rngs, "dtype": dtype, "param_dtype": param_dtype, "remat_policy": remat_policy}
-        self.unet = UNet(params.unet, where="stable_diffusion.unet", **kw)
+        cfg = clip_config(params.clip) if has_text else None
+        self.unet = make_unet(params, None if cfg is None else cfg.text.hidden_size, **kw)
         clip, self.empty_prompt = None, None
         if has_text:
-            cfg = clip_config(params.clip)
-            if cfg.text.hidden_size != params.unet.text_emb_dim:
+            if not params.use_diffusers_unet and cfg.text.hidden_size != params.unet.text_emb_dim:
                 raise ParamsError(
                     f"stable_diffusion.unet.text_emb_dim = {params.unet.text_emb_dim} must equal the CLIP text "
                     f"hidden size {cfg.text.hidden_size} of clip.hf_pretrained = {params.clip.hf_pretrained!r}."
@@ -169,6 +180,19 @@ class StableDiffusion(nnx.Module):
 
     def __call__(self, x_t: jax.Array, t: jax.Array, text: jax.Array | None = None) -> jax.Array:
         return self.unet(x_t, t, text)
+
+
+def make_unet(params: StableDiffusionParams, text_width: int | None, **kw: Any) -> nnx.Module:
+    """The own UNet, or the diffusers-layout one with ``use_diffusers_unet`` (``text_width``: CLIP's, or None)."""
+    where = "stable_diffusion.unet"
+    if params.use_diffusers_unet:
+        return build_diffusers_unet(params.unet, text_width=text_width, where=where, **kw)
+    if params.unet.hf_pretrained:
+        raise ParamsError(
+            f"{where}.hf_pretrained = {params.unet.hf_pretrained!r} names a diffusers UNet: set "
+            "stable_diffusion.use_diffusers_unet = True (or unset it for the own UNet)."
+        )
+    return UNet(params.unet, where=where, **kw)
 
 
 @register_builder("stable_diffusion")
@@ -259,13 +283,14 @@ def guided_denoiser(
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "num_steps", "batch_size", "guided"))
-def _sample(graphdef, state, prompt_ids, rng, scale, *, num_steps, batch_size, guided):
+def _sample(graphdef, state, prompt_ids, prompt_mask, rng, scale, *, num_steps, batch_size, guided):
     model = nnx.merge(graphdef, state)
     text = uncond = None
     if prompt_ids is not None:
-        text = model.encode_text(prompt_ids)  # no attention mask, as the original's generate
+        text = model.encode_text(prompt_ids, prompt_mask)  # mask None: the original's generate
         if guided:
-            uncond = model.encode_text(model.empty_prompt_batch(*prompt_ids.shape)[0])
+            e_ids, e_mask = model.empty_prompt_batch(*prompt_ids.shape)
+            uncond = model.encode_text(e_ids, None if prompt_mask is None else e_mask)
     denoise = guided_denoiser(model.unet, text, uncond, scale if guided else None)
     s = model.image_size
     x = model.scheduler.sample(denoise, (batch_size, s, s, model.in_channels), rng, num_steps)
@@ -280,10 +305,13 @@ def sample_images(
     guidance_scale: float | None = None,
     *,
     batch_size: int | None = None,
+    prompt_mask: jax.Array | None = None,
 ) -> jax.Array:
     """Generate ``[B, image_size, image_size, in_channels]`` images in [-1, 1] (one jit over every step).
 
-    ``prompt_ids [B, S]`` (None: unconditional, then ``batch_size`` is required); ``num_steps`` None runs all
+    ``prompt_ids [B, S]`` (None: unconditional, then ``batch_size`` is required; :func:`encode_prompts` makes them
+    from text); ``prompt_mask [B, S]``: the prompt's attention mask, then the empty prompt of guidance is masked
+    too, exactly as in training (None: no mask, the original's ``generate``); ``num_steps`` None runs all
     ``T`` timesteps (DDPM needs that; flow matching may stride); ``guidance_scale`` None uses the model's
     ``guidance_scale`` when ``do_classifier_free_guidance`` is on, else no guidance. Guidance needs a text encoder
     and a prompt.
@@ -305,6 +333,10 @@ def sample_images(
         if batch_size is not None and batch_size != prompt_ids.shape[0]:
             raise ValueError(f"batch_size = {batch_size} differs from prompt_ids' batch {prompt_ids.shape[0]}.")
         batch_size = prompt_ids.shape[0]
+        if prompt_mask is not None:
+            prompt_mask = jnp.asarray(prompt_mask, jnp.int32)
+            if prompt_mask.shape != prompt_ids.shape:
+                raise ValueError(f"prompt_mask {prompt_mask.shape} must have prompt_ids' shape {prompt_ids.shape}.")
     elif batch_size is None:
         raise ValueError("unconditional sampling (prompt_ids None) needs batch_size.")
     model.scheduler.inference_step_size(num_steps)  # clear error before tracing
@@ -314,6 +346,7 @@ def sample_images(
         graphdef,
         state,
         prompt_ids,
+        prompt_mask,
         rng,
         scale,
         num_steps=num_steps,
@@ -328,11 +361,16 @@ def images_to_uint8(images: Any) -> np.ndarray:
     return np.round(255 * x).astype(np.uint8)
 
 
-def save_image_grid(images: Any, path: str, ncols: int | None = None) -> str:
-    """Write ``images [N, H, W, C]`` (C = 1 or 3, values in [-1, 1]) as one PNG grid, row-major; returns ``path``."""
+def save_image_grid(images: Any, path: str, ncols: int | None = None, *, scale: int = 1) -> str:
+    """Write ``images [N, H, W, C]`` (C = 1 or 3, values in [-1, 1]) as one PNG grid, row-major; returns ``path``.
+    ``scale`` > 1 enlarges every pixel to a ``scale x scale`` block (nearest) so tiny samples stay visible."""
     from PIL import Image
 
     imgs = images_to_uint8(images)
+    if scale < 1:
+        raise ValueError(f"save_image_grid: scale must be >= 1, got {scale}.")
+    if scale > 1:
+        imgs = imgs.repeat(scale, axis=1).repeat(scale, axis=2)
     if imgs.ndim != 4 or imgs.shape[-1] not in (1, 3):
         raise ValueError(f"save_image_grid expects [N, H, W, 1 or 3] images, got shape {imgs.shape}.")
     N, H, W, C = imgs.shape
@@ -344,3 +382,168 @@ def save_image_grid(images: Any, path: str, ncols: int | None = None) -> str:
         grid[r * H : (r + 1) * H, c * W : (c + 1) * W] = img
     Image.fromarray(grid[..., 0] if C == 1 else grid).save(path, format="PNG")
     return path
+
+
+# ------------------------------------------------------------------------------------------------ data, prompts, runs
+
+
+def resolve_stable_diffusion(model: StableDiffusionParams, data: Any) -> tuple[StableDiffusionParams, Any]:
+    """Shared attributes of a stable-diffusion experiment (called by ``params.resolve.resolve_experiment``).
+
+    The data must be ``image_caption`` read with ``image_caption.processor = "stable_diffusion"``; its
+    ``image_size`` becomes ``unet.image_size`` (the original's ``ImageCaptionDataParams`` rule); with a text
+    encoder its ``tokenizer`` defaults to ``clip.hf_pretrained`` (the CLIP tokenizer of the same checkpoint), and
+    the padded prompt length ``seq_len + 1`` must fit the text tower's ``max_position_embeddings`` (longer captions
+    are truncated to ``seq_len + 1`` tokens, keeping their end-of-text token).
+    """
+    from vla_foundry_jax.data.processor import STABLE_DIFFUSION
+
+    where = getattr(data, "gin_name", "data")
+    if getattr(data, "type", None) != "image_caption" or getattr(data, "processor", None) != STABLE_DIFFUSION:
+        raise ParamsError(
+            f"stable_diffusion trains on image_caption data read with the stable_diffusion processor; got data type "
+            f"{getattr(data, 'type', None)!r} with processor {getattr(data, 'processor', None)!r}. Set "
+            "experiment.data = @image_caption() and image_caption.processor = 'stable_diffusion'."
+        )
+    if model.unet.in_channels != 3:
+        raise ParamsError(f"stable_diffusion.unet.in_channels = {model.unet.in_channels}: image data is RGB (3).")
+    if data.image_size != model.unet.image_size:
+        logger.info("%s.image_size %d -> unet.image_size %d", where, data.image_size, model.unet.image_size)
+        data = data.replace(image_size=model.unet.image_size)
+    if model.clip.hf_pretrained is not None:
+        if data.tokenizer is None:
+            data = data.replace(tokenizer=model.clip.hf_pretrained)
+        max_pos = clip_config(model.clip).text.max_position_embeddings
+        if data.seq_len + 1 > max_pos:
+            raise ParamsError(
+                f"{where}.seq_len = {data.seq_len}: prompts are padded to seq_len + 1 = {data.seq_len + 1} tokens but "
+                f"the CLIP text tower of clip.hf_pretrained = {model.clip.hf_pretrained!r} has {max_pos} positions; "
+                f"set {where}.seq_len <= {max_pos - 1} (longer captions are truncated)."
+            )
+    return model, data
+
+
+def prompt_tokenizer(exp: Any) -> Any:
+    """The run's prompt tokenizer: ``data.tokenizer`` (resolved to ``clip.hf_pretrained``), else the CLIP path."""
+    from transformers import AutoTokenizer
+
+    from vla_foundry_jax.convert.hf_loader import resolve_hf_path
+
+    name = getattr(exp.data, "tokenizer", None) or exp.model.clip.hf_pretrained
+    if not name:
+        raise ValueError("the run has no text encoder (stable_diffusion.clip.hf_pretrained is None): no prompts.")
+    return AutoTokenizer.from_pretrained(resolve_hf_path(name))
+
+
+def encode_prompts(exp: Any, prompts: list[str] | tuple[str, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """``(input_ids, attention_mask)`` int32 ``[n, seq_len + 1]`` of ``prompts`` with the run's tokenizer, padded
+    and truncated exactly like its training captions (``data.processor.tokenize_prompts``)."""
+    from vla_foundry_jax.data.processor import tokenize_prompts
+
+    length = int(exp.data.seq_len) + 1
+    tok = prompt_tokenizer(exp)
+    for p in prompts:
+        n = len(tok(p)["input_ids"])
+        if n > length:
+            logger.warning("prompt %r has %d tokens: truncated to %d (data.seq_len + 1).", p, n, length)
+    return tokenize_prompts(tok, list(prompts), length)
+
+
+def _restore_ema(step_dir: str, params: Any) -> Any | None:
+    """``params`` with the EMA values stored in ``<step_dir>/train`` (trainable parameters), or None if no EMA."""
+    import os
+
+    import orbax.checkpoint as ocp
+
+    from vla_foundry_jax import checkpoint as ckpt_lib
+
+    path = os.path.join(step_dir, "train")
+    meta = ocp.PyTreeCheckpointer().metadata(path)
+    tree = getattr(meta, "item_metadata", None) or getattr(meta, "tree", None) or meta
+    ema = dict(tree).get("ema")
+    if not ema:
+        return None
+    flat: dict[str, Any] = {}
+
+    def walk(prefix: str, node: Any) -> None:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                walk(f"{prefix}{k}.", v)
+        else:
+            flat[prefix[:-1]] = node
+
+    walk("", dict(ema))
+    wanted = ckpt_lib.flat_params(params)
+    flat = {k: v for k, v in flat.items() if k.endswith(".value") or k in wanted}
+    names = {(k[: -len(".value")] if k.endswith(".value") else k): k for k in flat}
+    missing = sorted(set(names) - set(wanted))
+    if missing:
+        raise ValueError(f"EMA weights in {path} name parameters the model lacks: {missing[:10]}")
+    sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    target = {"ema": {}}
+    for name, key in names.items():
+        node = target["ema"]
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        v = wanted[name]
+        node[parts[-1]] = jax.ShapeDtypeStruct(tuple(v.shape), np.float32, sharding=sharding)
+    restored = ocp.PyTreeCheckpointer().restore(
+        path,
+        args=ocp.args.PyTreeRestore(
+            target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True
+        ),
+    )
+
+    values: dict[str, Any] = {}
+
+    def collect(prefix: str, node: Any) -> None:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                collect(f"{prefix}{k}.", v)
+        else:
+            values[prefix[:-1]] = node
+
+    collect("", restored["ema"])
+    by_name = {n: values[k].astype(wanted[n].dtype) for n, k in names.items()}
+    return ckpt_lib.set_flat_params(params, by_name)
+
+
+def load_sd_model(path: str, *, use_ema: bool = True) -> tuple[StableDiffusion, Any, bool]:
+    """``(model, experiment params, used_ema)`` of a stable-diffusion run (run, checkpoints or step directory),
+    built from its stored params (``sampling.load_model``); with ``use_ema`` the trainable weights are the EMA
+    copy when the run kept one (``ema.enabled``)."""
+    from vla_foundry_jax import checkpoint as ckpt_lib
+    from vla_foundry_jax.registry import build_model
+    from vla_foundry_jax.training.state import model_kwargs
+
+    exp = ckpt_lib.load_experiment_params(path)
+    if exp.model.type != "stable_diffusion":
+        raise ValueError(f"{path} holds a {exp.model.type!r} model, not stable_diffusion.")
+    model = nnx.eval_shape(lambda: build_model(exp.model, rngs=nnx.Rngs(0), **model_kwargs(exp.hparams)))
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    rest = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), rest)
+    (params,) = ckpt_lib.restore_model_weights(path, [params])
+    used = False
+    if use_ema:
+        with_ema = _restore_ema(ckpt_lib.resolve_step_dir(path), params)
+        if with_ema is not None:
+            params, used = with_ema, True
+    return nnx.merge(graphdef, params, rest), exp, used
+
+
+def fresh_model(exp: Any, seed: int | None = None) -> StableDiffusion:
+    """The run's model before training: fresh init with ``seed`` (None: the run's ``hparams.seed``, as training
+    initialises) and the text encoder's ``clip.hf_pretrained`` weights loaded, i.e. the baseline of an evaluation."""
+    from vla_foundry_jax.params import submodel_params
+    from vla_foundry_jax.registry import WEIGHT_LOADERS, build_model
+    from vla_foundry_jax.training.state import model_kwargs
+
+    seed = exp.hparams.seed if seed is None else seed
+    model = build_model(exp.model, rngs=nnx.Rngs(seed), **model_kwargs(exp.hparams))
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    for name, child in submodel_params(exp.model).items():  # e.g. clip.hf_pretrained, as training starts
+        loader = WEIGHT_LOADERS.get(child.type)
+        if loader is not None:
+            (params,) = loader(child, [params], f"{name}.")
+    return nnx.merge(graphdef, params, rest)

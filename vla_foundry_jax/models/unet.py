@@ -24,8 +24,10 @@
 
 Parameters (kernels channels-last, ``[kh, kw, in, out]``; a torch ``Conv2d.weight [out, in, kh, kw]`` maps by
 ``transpose(2, 3, 1, 0)``; the upsampler's ``ConvTranspose2d.weight [in, out, 4, 4]`` by
-``[:, :, ::-1, ::-1].transpose(2, 3, 0, 1)`` since a transposed conv is computed here as a conv over the
-2-dilated input). Init: PyTorch's default (``U(+-1/sqrt(fan_in))`` for weights and biases), GroupNorm 1 / 0.
+``[:, :, ::-1, ::-1].transpose(2, 3, 0, 1)``: a transposed conv is the conv over the 2-dilated input, computed
+here as one ordinary conv per output phase, interleaved, because XLA's CPU backend differentiates input-dilated
+convolutions about 100x slower). Init: PyTorch's default (``U(+-1/sqrt(fan_in))`` for weights and biases),
+GroupNorm 1 / 0.
 Logical axes: conv kernels ``(None, None, "conv_in", "conv_out")``, dense kernels ``("embed", "mlp")`` and
 biases ``("mlp",)`` / ``("conv_out",)``, norms ``("norm",)``; only "embed"/"mlp" are sharded by the mesh rules.
 
@@ -111,15 +113,52 @@ class Conv(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         dt = self.dtype
         kernel = self.kernel[...].astype(dt)
-        k = kernel.shape[0]
         if self.transpose:
-            pad = k - 1 - self.padding
-            kw = {"window_strides": (1, 1), "padding": ((pad, pad), (pad, pad)), "lhs_dilation": (self.stride,) * 2}
-        else:
-            p = self.padding
-            kw = {"window_strides": (self.stride,) * 2, "padding": ((p, p), (p, p))}
+            y = _transposed_conv_by_phases(x.astype(dt), kernel, self.stride, self.padding)
+            return y + self.bias[...].astype(dt)
+        p = self.padding
+        kw = {"window_strides": (self.stride,) * 2, "padding": ((p, p), (p, p))}
         y = jax.lax.conv_general_dilated(x.astype(dt), kernel, dimension_numbers=("NHWC", "HWIO", "NHWC"), **kw)
         return y + self.bias[...].astype(dt)
+
+
+def _phase_taps(k: int, s: int, p: int, a: int, n_in: int) -> tuple[list[int], tuple[int, int], int]:
+    """Output phase ``a`` (outputs ``s * i + a``) of a transposed conv along one axis: kernel taps, input padding,
+    output count. Output ``o`` reads the s-dilated input at ``o + m - (k - 1 - p)`` for tap ``m``; only taps
+    landing on real (not inserted-zero) samples contribute, at input offset ``(a + m - P) // s``."""
+    P = k - 1 - p
+    taps = [m for m in range(k) if (a + m - P) % s == 0]
+    n_out = (n_in - 1) * s - 2 * p + k
+    count = len(range(a, n_out, s))
+    lo = (a + taps[0] - P) // s
+    hi = (a + taps[-1] - P) // s
+    return taps, (max(0, -lo), max(0, count - 1 + hi - (n_in - 1))), count
+
+
+def _transposed_conv_by_phases(x: jax.Array, kernel: jax.Array, s: int, p: int) -> jax.Array:
+    """``ConvTranspose2d(k, stride s, padding p)`` (the conv over the s-dilated input with ``kernel``) computed as
+    ``s * s`` ordinary convolutions, one per output phase, interleaved. Same result; XLA's CPU backend runs the
+    gradient of an input-dilated convolution about 100x slower than these plain convolutions."""
+    k = kernel.shape[0]
+    B, H, W, _ = x.shape
+    if ((H - 1) * s - 2 * p + k) % s or ((W - 1) * s - 2 * p + k) % s:  # phases of unequal length: dilated conv
+        pad = k - 1 - p
+        return jax.lax.conv_general_dilated(
+            x, kernel, (1, 1), ((pad, pad), (pad, pad)), lhs_dilation=(s, s), dimension_numbers=("NHWC", "HWIO", "NHWC")
+        )
+    rows = []
+    for a in range(s):
+        ta, pad_h, nh = _phase_taps(k, s, p, a, H)
+        cols = []
+        for b in range(s):
+            tb, pad_w, nw = _phase_taps(k, s, p, b, W)
+            sub = kernel[np.asarray(ta)][:, np.asarray(tb)]
+            y = jax.lax.conv_general_dilated(x, sub, (1, 1), (pad_h, pad_w), dimension_numbers=("NHWC", "HWIO", "NHWC"))
+            cols.append(y[:, :nh, :nw])
+        rows.append(cols)
+    nh, nw = rows[0][0].shape[1:3]
+    y = jnp.stack([jnp.stack(r, axis=3) for r in rows], axis=2)  # [B, nh, s, nw, s, C]
+    return y.reshape(B, nh * s, nw * s, y.shape[-1])
 
 
 class GroupNorm(nnx.Module):
