@@ -7,7 +7,8 @@ Per manifest i (grain ``MapDataset`` chain)::
            -> random_map(modality transform, seed'_i)      (decode / window / tokenize / augment + process)
 
 The source is a ``ShardDataSource`` (raw members), or for ``image_caption`` an ``ImageCaptionSource`` that
-decodes the image and skips corrupted ones (see ``data.image_caption``).
+decodes the image and skips corrupted ones (see ``data.image_caption``). ``robotics`` samples (the original's
+robotics layout) are windowed, normalised and processed by ``data.robotics.RoboticsTransform``.
 
 Mixing. When every used manifest has the same modality, samples are mixed: ``MapDataset.mix(datasets,
 dataset_weighting)`` (grain's deterministic interleave: every window of sum(proportions) consecutive samples
@@ -48,7 +49,7 @@ from vla_foundry_jax.data.shards import DataError, ShardDataSource
 from vla_foundry_jax.data.text import TextTransform, TextUntokenizedTransform, load_tokenizer, tokenizer_name
 
 STATE_VERSION = 1
-_SUPPORTED = ("text", "text_untokenized", "image_caption")
+_SUPPORTED = ("text", "text_untokenized", "image_caption", "robotics")
 
 
 def _derive_seed(seed: int, *parts: int) -> int:
@@ -75,6 +76,15 @@ def _source_and_transform(data: Any, modality: str, manifest: str, *, train: boo
         )
     if modality == "text":
         return ShardDataSource(manifest), TextTransform(data.seq_len)
+    if modality == "robotics":
+        if getattr(data, "type", None) != "robotics":
+            raise DataError(
+                f"Manifest {manifest!r} is robotics data but data type {getattr(data, 'type', None)!r} cannot read it; "
+                "use the robotics data type (experiment.data = @robotics())."
+            )
+        from vla_foundry_jax.data.robotics import robotics_transform
+
+        return ShardDataSource(manifest), robotics_transform(data, train=train)
     if modality == "text_untokenized":
         if getattr(data, "type", None) == "image_caption":
             transform = ProcessorTextTransform(_processor(data, modality, manifest), data.seq_len)
@@ -142,7 +152,8 @@ class _Fingerprint:
 
 class TrainIterator(Iterator[dict[str, np.ndarray]]):
     """This host's batches ``{"input_ids": int32 [b, seq_len+1], "loss_mask": bool [b, seq_len+1]}``, plus
-    ``"pixel_values": float32 [b, 1, H, W, 3]`` for image_caption batches.
+    ``"pixel_values": float32 [b, 1, H, W, 3]`` for image_caption batches; robotics batches hold the arrays of
+    ``data.robotics`` (``input_ids``, ``attention_mask``, ``pixel_values [b, N, H, W, 3]``, ``actions``, masks, ...).
 
     ``get_state()`` is JSON-serialisable: ``{"version": 1, "next_batch": k, "fingerprint": {...}}`` where k
     counts the batches already returned. It is a *global* position (global batch k), so it can be restored
@@ -283,7 +294,7 @@ def build_train_iterator(
 ) -> TrainIterator:
     """Build this host's iterator over ``num_batches`` global batches of ``global_batch_size`` samples.
 
-    ``data`` is a ``DataParams`` (text, text_untokenized or image_caption). Raises ``DataError`` when the
+    ``data`` is a ``DataParams`` (text, text_untokenized, image_caption or robotics). Raises ``DataError`` when the
     manifests hold too few samples for ``num_batches`` without ``data.allow_multiple_epochs``.
     """
     if global_batch_size <= 0 or num_batches <= 0:

@@ -1,5 +1,5 @@
-"""Data params: one frozen dataclass per data ``type`` (text, text_untokenized, image_caption; robotics
-arrives with its pipeline), and the image augmentation params. Field names follow the original where they
+"""Data params: one frozen dataclass per data ``type`` (text, text_untokenized, image_caption, robotics), the
+image augmentation params and the robotics normalisation params. Field names follow the original where they
 mean the same in a grain pipeline; the webdataset-specific knobs (shuffle buffers, torch workers) have no
 equivalent.
 """
@@ -211,3 +211,211 @@ class ImageCaptionDataParams(DataParams):
         from vla_foundry_jax.data.processor import processor_for_data
 
         return processor_for_data(self).pad_token_id
+
+
+# ---------------------------------------------------------------- robotics
+
+NORMALIZATION_METHODS = ("std", "percentile_5_95", "percentile_1_99", "min_max")
+NORMALIZATION_SCOPES = ("global", "per_timestep")
+LANGUAGE_INSTRUCTION_TYPES = ("original", "randomized", "verbose", "alternative")
+
+
+def _check_method_scope(where: str, method: str, scope: str, epsilon: float) -> None:
+    if method not in NORMALIZATION_METHODS:
+        raise ParamsError(f"{where}.method = {method!r}; choose one of {list(NORMALIZATION_METHODS)}.")
+    if scope not in NORMALIZATION_SCOPES:
+        raise ParamsError(f"{where}.scope = {scope!r}; choose one of {list(NORMALIZATION_SCOPES)}.")
+    if epsilon <= 0:
+        raise ParamsError(f"{where}.epsilon must be positive (it floors the scale), got {epsilon}.")
+
+
+@register_params("field_normalization", family="config")
+class FieldNormalizationParams(BaseParams):
+    """How one lowdim field is normalised (an entry of ``normalization.field_configs``)."""
+
+    method: str = "std"
+    scope: str = "global"
+    epsilon: float = 1e-8
+    enabled: bool = True
+
+    def validate(self) -> None:
+        _check_method_scope("field_normalization", self.method, self.scope, self.epsilon)
+
+
+@register_params("normalization", family="config")
+class NormalizationParams(BaseParams):
+    """Normalisation of the robotics lowdim fields from the datasets' ``stats.json`` (see ``data.normalization``).
+
+    ``method``: ``std`` (mean, std), ``percentile_5_95`` / ``percentile_1_99`` (low percentile, range), ``min_max``
+    (min, range); ``scope``: ``global`` (one value per feature) or ``per_timestep`` (the ``*_per_timestep`` rows of
+    the stats, aligned on the current step). ``centered_norm`` maps percentile / min-max ranges to [-1, 1] instead
+    of [0, 1]; as in the original it is forced True when the default ``method`` is ``std`` (and then applies to
+    every field configured with a percentile or min-max method). ``field_configs``: per-field overrides,
+    ``{field: @scope/field_normalization()}`` or plain dicts ``{field: {"method": "min_max"}}``; every
+    proprioception and action field without one gets the defaults above when the experiment is resolved.
+    ``include_fields`` (= proprioception + action fields) and ``lowdim_past_timesteps`` /
+    ``lowdim_future_timesteps`` (the window the stats were computed on: the minimum of the datasets'
+    ``past_lowdim_steps`` / ``future_lowdim_steps``) are filled then too unless given.
+    """
+
+    enabled: bool = True
+    method: str = "std"
+    scope: str = "global"
+    epsilon: float = 1e-8
+    include_fields: list[str] = dataclasses.field(default_factory=list)
+    centered_norm: bool = False
+    field_configs: dict[str, FieldNormalizationParams] = dataclasses.field(default_factory=dict)
+    lowdim_past_timesteps: int | None = None
+    lowdim_future_timesteps: int | None = None
+
+    def validate(self) -> None:
+        _check_method_scope("normalization", self.method, self.scope, self.epsilon)
+        configs = {}
+        for name, cfg in self.field_configs.items():
+            if isinstance(cfg, dict):
+                try:
+                    cfg = FieldNormalizationParams(**cfg)
+                except TypeError as e:
+                    raise ParamsError(
+                        f"normalization.field_configs[{name!r}] = {cfg!r}: {e}; known keys: method, scope, epsilon, "
+                        "enabled."
+                    ) from None
+            if not isinstance(cfg, FieldNormalizationParams):
+                raise ParamsError(
+                    f"normalization.field_configs[{name!r}] must be @field_normalization() or a dict, got {cfg!r}."
+                )
+            configs[str(name)] = cfg
+        object.__setattr__(self, "field_configs", configs)
+        if self.method == "std":
+            object.__setattr__(self, "centered_norm", True)
+        for name in ("lowdim_past_timesteps", "lowdim_future_timesteps"):
+            if getattr(self, name) is not None and getattr(self, name) < 0:
+                raise ParamsError(f"normalization.{name} must be >= 0, got {getattr(self, name)}.")
+
+    def field_config(self, field: str) -> FieldNormalizationParams:
+        """The config of ``field``: its exact entry, else the first entry whose name is a substring of it, else
+        the defaults (the original's lookup)."""
+        if field in self.field_configs:
+            return self.field_configs[field]
+        for pattern, cfg in self.field_configs.items():
+            if pattern in field:
+                return cfg
+        return FieldNormalizationParams(
+            method=self.method, scope=self.scope, epsilon=self.epsilon, enabled=self.enabled
+        )
+
+
+@register_params("robotics", family="data")
+class RoboticsDataParams(DataParams):
+    """Robot episodes in the original's robotics layout (LBM / LeRobot converted; see ``data.robotics``) for
+    ``diffusion_policy``.
+
+    Files beside each ``manifest.jsonl``: ``preprocessing_config.yaml`` (window and cameras), ``stats.json``
+    (listed in ``dataset_statistics``). Several fields are derived from them when the experiment is resolved
+    (:meth:`resolved`): ``camera_names`` / ``image_indices`` (each dataset's preprocessing config; they must agree),
+    ``image_names`` (``f"{camera}_t{index}"``, time-major then camera), ``lowdim_past_timesteps`` /
+    ``lowdim_future_timesteps`` (default: the normalisation window; the stats' window may not be exceeded),
+    ``action_dim`` / ``proprioception_dim`` (sum of the fields' feature sizes in the stats; a given value must
+    agree), and the normalisation defaults.
+
+    ``processor``: a VLM processor as for ``image_caption`` (a ``save_pretrained`` directory such as
+    ``tiny_data/vlm_processor``, ``"simple_vlm"`` with ``tokenizer``, or a hub id); each image adds
+    ``img_num_tokens`` image tokens to the instruction. Token ids are right-padded to ``max_text_seq_len``
+    (truncating longer texts) or, when that is None, to ``seq_len`` (a longer text is an error), so batches have
+    static shapes.
+
+    Accepted but not used: ``val_dataset_statistics`` (validation is normalised with the training stats, as in
+    the original, where the field is unused too), ``pose_groups`` (inference-time relative poses),
+    ``intrinsics_fields`` / ``extrinsics_fields`` (the original passes them to the model, which ignores them; the
+    batch here holds arrays the policy reads only). Not supported (an error when set): ``tactile_fields``,
+    ``use_point_cloud``.
+    """
+
+    dataset_statistics: list[str] = dataclasses.field(default_factory=list)
+    val_dataset_statistics: list[str] = dataclasses.field(default_factory=list)
+    processor: str | None = None
+    processor_kwargs: dict = dataclasses.field(default_factory=dict)
+    # (JAX) tokenizer of the "simple_vlm" processor (None: the processor's own / the original's default).
+    tokenizer: str | None = None
+    img_num_tokens: int = 256
+    image_size: int = 224
+    max_text_seq_len: int | None = None
+    language_instruction_types: list[str] = dataclasses.field(default_factory=lambda: ["original"])
+    camera_names: list[str] = dataclasses.field(default_factory=list)
+    image_indices: list[int] = dataclasses.field(default_factory=list)
+    image_names: list[str] = dataclasses.field(default_factory=list)
+    pad_missing_images: bool = False
+    mask_padded_images: bool = False
+    proprioception_fields: list[str] = dataclasses.field(default_factory=list)
+    tactile_fields: list[str] = dataclasses.field(default_factory=list)
+    action_fields: list[str] = dataclasses.field(default_factory=list)
+    pose_groups: list[dict] = dataclasses.field(default_factory=list)
+    intrinsics_fields: list[str] = dataclasses.field(default_factory=list)
+    extrinsics_fields: list[str] = dataclasses.field(default_factory=list)
+    use_point_cloud: bool = False
+    point_cloud_num_points: int = 4096
+    normalization: NormalizationParams = dataclasses.field(default_factory=NormalizationParams)
+    augmentation: DataAugmentationParams = dataclasses.field(default_factory=DataAugmentationParams)
+    lowdim_past_timesteps: int | None = None
+    lowdim_future_timesteps: int | None = None
+    action_dim: int | None = None
+    proprioception_dim: int | None = None
+
+    def validate(self) -> None:
+        super().validate()
+        if self.mask_padded_images and not self.pad_missing_images:
+            raise ParamsError(
+                "robotics.mask_padded_images = True requires robotics.pad_missing_images = True (only padded "
+                "images can be masked); set both or neither."
+            )
+        bad = [t for t in self.language_instruction_types if t not in LANGUAGE_INSTRUCTION_TYPES]
+        if bad:
+            raise ParamsError(
+                f"robotics.language_instruction_types has unknown types {bad}; "
+                f"valid: {list(LANGUAGE_INSTRUCTION_TYPES)}."
+            )
+        if self.tactile_fields:
+            raise ParamsError(
+                f"robotics.tactile_fields = {list(self.tactile_fields)}: tactile inputs are not supported by this port "
+                "(no model consumes them); leave robotics.tactile_fields empty."
+            )
+        if self.use_point_cloud:
+            raise ParamsError(
+                "robotics.use_point_cloud = True: point clouds are not supported by this port; set it to False."
+            )
+        if self.img_num_tokens <= 0 or self.image_size <= 0:
+            raise ParamsError(
+                f"robotics.img_num_tokens ({self.img_num_tokens}) and robotics.image_size ({self.image_size}) must be "
+                "positive."
+            )
+        if self.max_text_seq_len is not None and self.max_text_seq_len <= 0:
+            raise ParamsError(f"robotics.max_text_seq_len must be positive or None, got {self.max_text_seq_len}.")
+        for name in ("lowdim_past_timesteps", "lowdim_future_timesteps"):
+            if getattr(self, name) is not None and getattr(self, name) < 0:
+                raise ParamsError(f"robotics.{name} must be >= 0, got {getattr(self, name)}.")
+
+    @property
+    def text_length(self) -> int:
+        """Static length of ``input_ids``: ``max_text_seq_len``, else ``seq_len``."""
+        return self.max_text_seq_len if self.max_text_seq_len is not None else self.seq_len
+
+    @property
+    def image_token_id(self) -> int:
+        """Id of ``<image>`` in the processor's tokenizer (loads the processor)."""
+        from vla_foundry_jax.data.processor import processor_for_data
+
+        return processor_for_data(self).image_token_id
+
+    @property
+    def pad_token_id(self) -> int:
+        """The processor's pad id (loads the processor)."""
+        from vla_foundry_jax.data.processor import processor_for_data
+
+        return processor_for_data(self).pad_token_id
+
+    def resolved(self) -> RoboticsDataParams:
+        """A copy with every derived field filled from the files beside the manifests and stats (idempotent);
+        see ``data.robotics.resolve_robotics_data``."""
+        from vla_foundry_jax.data.robotics import resolve_robotics_data
+
+        return resolve_robotics_data(self)

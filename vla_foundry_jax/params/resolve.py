@@ -6,6 +6,8 @@ function from an experiment to a completed experiment.
 
 from __future__ import annotations
 
+import logging
+
 from vla_foundry_jax.params.base import ParamsError
 from vla_foundry_jax.params.train_params import TrainExperimentParams
 
@@ -24,8 +26,16 @@ def resolve_experiment(exp: TrainExperimentParams) -> TrainExperimentParams:
         )
     data = exp.data.replace(seed=exp.hparams.seed)
     model = exp.model
+    if data.type == "robotics":
+        data = data.resolved()
     if model.type == "vlm":
         model = resolve_vlm(model, data)
+    if model.type == "diffusion_policy":
+        model = resolve_diffusion_policy(model, data)
+    if model.type == "stable_diffusion":
+        from vla_foundry_jax.models.stable_diffusion import resolve_stable_diffusion
+
+        model, data = resolve_stable_diffusion(model, data)
     if data.type == "text_untokenized" and model.type == "transformer":
         from vla_foundry_jax.data.text import tokenizer_info
 
@@ -89,3 +99,41 @@ def resolve_vlm(model, data):
             f"with the image token); set transformer.vocab_size >= {info.vocab_len}."
         )
     return model
+
+
+def resolve_diffusion_policy(model, data):
+    """The original's ``DiffusionPolicyParams`` / ``NoiseSchedulerParams.init_shared_attributes`` (reference §1.4).
+
+    ``action_dim`` and ``proprioception_dim`` come from the (resolved) robotics data; a value given on the model
+    must agree (``proprioception_dim = 0``, the default, counts as unset). A symmetric ``clamp_range`` needs
+    centred normalisation (the clamp assumes actions around 0).
+    """
+    if data.type != "robotics":
+        raise ParamsError(
+            f"diffusion_policy trains on robotics data but experiment.data is {data.type!r}; bind "
+            "`experiment.data = @robotics()`."
+        )
+    changes = {}
+    for name, unset in (("action_dim", (None,)), ("proprioception_dim", (None, 0))):
+        want, have = getattr(data, name), getattr(model, name)
+        if have in unset:
+            changes[name] = want
+        elif have != want:
+            fields = data.action_fields if name == "action_dim" else data.proprioception_fields
+            raise ParamsError(
+                f"diffusion_policy.{name} = {have} but the robotics data gives {name} = {want} (fields "
+                f"{list(fields)} in {list(data.dataset_statistics)}); remove the diffusion_policy.{name} binding "
+                "(it is filled from the data) or fix robotics.action_fields / proprioception_fields."
+            )
+    clamp = model.noise_scheduler.clamp_range
+    if clamp is not None:
+        if not data.normalization.enabled:
+            logging.warning(
+                "Robotics normalisation is disabled but noise_scheduler.clamp_range = %s clamps actions.", clamp
+            )
+        elif not data.normalization.centered_norm and clamp[0] == -clamp[1]:
+            raise ParamsError(
+                f"noise_scheduler.clamp_range = {clamp} is symmetric but normalization.centered_norm is False (actions "
+                "normalised to [0, 1]); set normalization.centered_norm = True or a different clamp_range."
+            )
+    return model.replace(**changes) if changes else model
