@@ -8,7 +8,9 @@ from vla_foundry_jax.convert import (  # noqa: F401  (weight loaders)
     vlm_hf_maps,
 )
 from vla_foundry_jax.models import (  # noqa: F401  (builders and losses)
+    backbones,
     clip,
+    diffusion_policy,
     hf_decoder,
     hf_vision,
     noise_scheduler,
@@ -18,5 +20,6 @@ from vla_foundry_jax.models import (  # noqa: F401  (builders and losses)
     unet,
     vit,
     vlm,
+    vlm_backbones,
     vlm_hf,
 )

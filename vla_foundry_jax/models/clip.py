@@ -230,13 +230,12 @@ def build_clip(
 
 
 def build_clip_hf(params: Any, *, rngs: nnx.Rngs, **kwargs: Any) -> CLIPModel:
-    """Registry builder for ``clip_hf`` / ``clip_backbone``."""
+    """Registry builder for ``clip_hf`` (``clip_backbone``'s is in :mod:`vla_foundry_jax.models.backbones`)."""
     return build_clip(clip_config(params), params, rngs=rngs, **kwargs)
 
 
-for _key in ("clip_hf", "clip_backbone"):
-    register_builder(_key)(build_clip_hf)
-    register_frozen_paths(_key)(frozen_paths)
+register_builder("clip_hf")(build_clip_hf)
+register_frozen_paths("clip_hf")(frozen_paths)
 
 
 @register_loss("clip_hf")

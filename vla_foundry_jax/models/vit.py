@@ -51,7 +51,7 @@ from flax import nnx
 from vla_foundry_jax.layers.attention import dot_product_attention
 from vla_foundry_jax.layers.norms import make_norm
 from vla_foundry_jax.models.transformer import LAYERS_AXIS, check_remat_policy
-from vla_foundry_jax.params.model_params import ViTBackboneParams, ViTParams
+from vla_foundry_jax.params.model_params import ViTParams
 from vla_foundry_jax.registry import register_builder
 
 INIT_STD = 0.02
@@ -228,7 +228,7 @@ def _dropout_key(rngs: nnx.Rngs | jax.Array | None) -> jax.Array:
 
 
 class ViT(nnx.Module):
-    """Vision Transformer (``type = "vit"`` and ``"vit_backbone"``).
+    """Vision Transformer (``type = "vit"``; ``vit_backbone`` is its subclass in ``models/backbones.py``).
 
     Args:
       params: the model's :class:`ViTParams`.
@@ -378,10 +378,4 @@ def _build(
 @register_builder("vit")
 def build_vit(params: ViTParams, *, rngs: nnx.Rngs, **kwargs: Any) -> ViT:
     """Registry builder for ``type = "vit"``."""
-    return _build(params, rngs=rngs, **kwargs)
-
-
-@register_builder("vit_backbone")
-def build_vit_backbone(params: ViTBackboneParams, *, rngs: nnx.Rngs, **kwargs: Any) -> ViT:
-    """Registry builder for ``type = "vit_backbone"`` (the bare ViT until the backbone wrapper exists)."""
     return _build(params, rngs=rngs, **kwargs)
