@@ -17,6 +17,7 @@ LOSSES: dict[str, Callable[..., Any]] = {}
 WEIGHT_LOADERS: dict[str, Callable[..., Any]] = {}
 BATCH_CHECKS: dict[str, Callable[..., Any]] = {}
 FROZEN_PATHS: dict[str, Callable[..., Any]] = {}
+RESUME_LOADERS: dict[str, Callable[..., Any]] = {}
 
 
 class UnknownTypeError(ValueError):
@@ -92,6 +93,18 @@ def register_frozen_paths(key: str) -> Callable[[Callable[..., Any]], Callable[.
 
     def deco(fn: Callable[..., Any]) -> Callable[..., Any]:
         _register(FROZEN_PATHS, "frozen-paths hook", key, fn)
+        return fn
+
+    return deco
+
+
+def register_resume_loader(key: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Decorator: ``fn(params, states, prefix) -> states`` loads a nested sub-model's own
+    ``resume_from_checkpoint`` when that names a run of another type (``vlm_foundry_backbone`` starts from a
+    ``vlm`` run); the training loop calls it instead of its same-type weights-only restore."""
+
+    def deco(fn: Callable[..., Any]) -> Callable[..., Any]:
+        _register(RESUME_LOADERS, "resume loader", key, fn)
         return fn
 
     return deco

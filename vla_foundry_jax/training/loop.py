@@ -22,7 +22,7 @@ from vla_foundry_jax import checkpoint as ckpt_lib
 from vla_foundry_jax import parallel
 from vla_foundry_jax.params import ModelParams, ParamsError, TrainExperimentParams, submodel_params
 from vla_foundry_jax.params.resolve import resolve_experiment
-from vla_foundry_jax.registry import BATCH_CHECKS, WEIGHT_LOADERS, get_loss
+from vla_foundry_jax.registry import BATCH_CHECKS, RESUME_LOADERS, WEIGHT_LOADERS, get_loss
 from vla_foundry_jax.training.metrics import MetricsWriter
 from vla_foundry_jax.training.optimizer import make_optimizer
 from vla_foundry_jax.training.state import ModelSpec, count_params, init_train_state, make_model_spec
@@ -120,6 +120,9 @@ def load_initial_weights(spec: ModelSpec, states: list[Any]) -> list[Any]:
         if loader is not None:
             states = list(loader(child, states, path))
     for path, child in nested_resumes(spec.params):
+        if child.type in RESUME_LOADERS:  # e.g. vlm_foundry_backbone: a vlm run into the backbone
+            states = list(RESUME_LOADERS[child.type](child, states, path))
+            continue
         stored = ckpt_lib.load_experiment_params(child.resume_from_checkpoint).model
         if stored.type != child.type:
             raise ckpt_lib.CheckpointError(
