@@ -1,0 +1,133 @@
+"""launch.eval_policy: observation windows, the receding-horizon rollout (with an oracle), the plot, and the CLI on
+a policy trained for a few steps from gin_configs/vla_quickstart.gin."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from launch.eval_policy import draw_predictions, observation_sample, random_rollout, rollout
+from vla_foundry_jax.data.robotics import robotics_transform
+from vla_foundry_jax.data.tiny_robotics import (
+    ACTION_FIELD,
+    PAST,
+    PROPRIO_FIELD,
+    ReachEnv,
+    expert_action,
+    sample_setup,
+)
+from vla_foundry_jax.params.data_params import NormalizationParams, RoboticsDataParams
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REACH = os.path.join(REPO, "tiny_data", "reach")
+
+
+@pytest.fixture(scope="module")
+def transform():
+    data = RoboticsDataParams(
+        dataset_manifest=[os.path.join(REACH, "train", "manifest.jsonl")],
+        dataset_statistics=[os.path.join(REACH, "train", "stats.json")],
+        processor=os.path.join(REPO, "tiny_data", "vlm_processor"),
+        img_num_tokens=1,
+        max_text_seq_len=12,
+        action_fields=[ACTION_FIELD],
+        proprioception_fields=[PROPRIO_FIELD],
+        normalization=NormalizationParams(method="min_max", centered_norm=True),
+    )
+    return robotics_transform(data, train=False)
+
+
+def test_observation_window(transform):
+    env = ReachEnv()
+    obs = env.reset(seed=3)
+    first = transform(observation_sample(obs, None, None), np.random.default_rng(0))
+    assert first["past_mask"].tolist() == [False] * 9 and first["future_mask"][1:].all()
+    agent = transform.normalizer.denormalize(PROPRIO_FIELD, first["proprioception"])
+    np.testing.assert_allclose(agent, [obs["agent_xy"]] * 2, atol=1e-5)  # copy-padded past row
+    command = env.expert_action()
+    nxt, _, _ = env.step(command)
+    later = transform(observation_sample(nxt, obs["agent_xy"], command), np.random.default_rng(0))
+    assert later["past_mask"][0] and not later["past_mask"][1:].any()
+    agent = transform.normalizer.denormalize(PROPRIO_FIELD, later["proprioception"])
+    np.testing.assert_allclose(agent, [obs["agent_xy"], nxt["agent_xy"]], atol=1e-5)
+    past_action = transform.normalizer.denormalize_actions(later["actions"])[0]
+    np.testing.assert_allclose(past_action, command, atol=1e-5)
+    proc = transform.processor
+    np.testing.assert_allclose(later["pixel_values"][0], proc.preprocess_image(nxt["image"]), atol=1e-6)
+
+
+def test_rollout_with_an_oracle_and_a_still_policy(transform):
+    n, seed = 6, 40
+    targets = np.stack([sample_setup(np.random.default_rng(seed + i)).target for i in range(n)])
+    calls = []
+
+    def oracle(batch):  # plans from the agent position it reads back from the batch (through the normaliser)
+        calls.append(len(batch["actions"]))
+        agent = transform.normalizer.denormalize(PROPRIO_FIELD, batch["proprioception"])[:, PAST]
+        plan = np.zeros(batch["actions"].shape)
+        for i in range(n):
+            pos = agent[i]
+            for j in range(PAST, plan.shape[1]):
+                pos = plan[i, j] = expert_action(pos, targets[i])
+        return plan
+
+    result = rollout(oracle, transform, num_episodes=n, seed=seed, execute_steps=3)
+    assert result["success_rate"] == 1.0 and max(result["steps"]) <= 14
+    assert calls[0] == n and len(calls) == -(-max(result["steps"]) // 3)  # one replan per 3 executed steps
+
+    def still(batch):
+        agent = transform.normalizer.denormalize(PROPRIO_FIELD, batch["proprioception"])[:, PAST]
+        return np.repeat(agent[:, None], batch["actions"].shape[1], 1)
+
+    result = rollout(still, transform, num_episodes=n, seed=seed, max_steps=5)
+    assert result["success_rate"] == 0.0 and result["steps"] == [5] * n
+    assert 0.0 <= random_rollout(num_episodes=n, seed=seed) < 1.0
+    with pytest.raises(ValueError, match="execute_steps"):
+        rollout(still, transform, num_episodes=1, execute_steps=9)
+
+
+def test_draw_predictions(tmp_path, transform):
+    env = ReachEnv()
+    images = np.stack([transform.processor.preprocess_image(env.reset(seed=s)["image"]) for s in range(2)])
+    true = np.linspace(-0.5, 0.5, 18).reshape(1, 9, 2).repeat(2, 0)
+    pred = -true
+    mask = np.arange(9)[None].repeat(2, 0) >= PAST
+    path = draw_predictions(images, true, pred, mask, transform.processor.image_config, str(tmp_path / "p.png"))
+    from PIL import Image
+
+    img = np.asarray(Image.open(path))
+    assert img.shape == (256, 512, 3)
+    assert ((img == (240, 60, 240)).all(-1)).any() and ((img == (60, 230, 90)).all(-1)).any()
+
+
+def test_cli_on_a_briefly_trained_policy(tmp_path):
+    run = str(tmp_path / "run")
+    env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu")
+    bindings = [
+        f"experiment.output_dir = '{run}'",
+        "experiment.total_train_samples = 24",  # 3 steps of 8
+        "experiment.num_checkpoints = 1",
+        "experiment.log_every_n_steps = 1",
+        "hparams.global_batch_size = 8",
+        "hparams.per_gpu_batch_size = 8",
+        "vit_backbone.n_layers = 1",
+        "transformer.n_layers = 1",
+    ]
+    train = [sys.executable, "-m", "launch.train", "--gin_file=gin_configs/vla_quickstart.gin"]
+    out = subprocess.run(
+        train + [f"--gin_bindings={b}" for b in bindings], cwd=REPO, env=env, capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    evaluate = [sys.executable, "-m", "launch.eval_policy", f"--run_dir={run}", "--num_episodes=2"]
+    evaluate += ["--num_inference_steps=2", "--num_plot_samples=2", "--max_steps=8"]
+    out = subprocess.run(evaluate, cwd=REPO, env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-3000:]
+    summary = json.loads(out.stdout.strip().splitlines()[-1])
+    assert summary["num_episodes"] == 2 and 0.0 <= summary["success_rate"] <= 1.0
+    assert 0.0 <= summary["random_success_rate"] <= 1.0 and np.isfinite(summary["val_action_error"])
+    assert os.path.isfile(summary["plot"]) and summary["plot"].startswith(run)
