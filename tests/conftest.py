@@ -8,11 +8,20 @@ from __future__ import annotations
 import os
 import sys
 
+import gin
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, "tiny_data")
 sys.path.insert(0, ROOT)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _fresh_gin_config():
+    """No gin binding parsed by one test module reaches the params another module builds."""
+    gin.clear_config()
+    yield
+    gin.clear_config()
 
 
 def tiny_experiment(output_dir: str | None, *, steps: int = 4, batch: int = 4, seq_len: int = 16, **model_overrides):

@@ -2,15 +2,14 @@
 
 open_clip's package import pulls torchvision (no working CPU build here) for its image transforms and
 ``FrozenBatchNorm2d``; the model code does not use them, so :func:`_import_open_clip` puts inert stand-in modules
-for exactly the torchvision modules it imports into ``sys.modules`` while importing it, and removes them after.
+for the torchvision modules it imports into ``sys.modules`` while importing it, and removes them after
+(tests/torchvision_standin.py).
 """
 
 from __future__ import annotations
 
 import json
 import math
-import sys
-import types
 
 import jax
 import jax.numpy as jnp
@@ -19,6 +18,9 @@ import pytest
 from flax import nnx
 
 torch = pytest.importorskip("torch")
+
+from tests.torchvision_standin import import_without_torchvision  # noqa: E402
+
 pytest.importorskip("ftfy")
 pytest.importorskip("safetensors")
 
@@ -33,13 +35,6 @@ from vla_foundry_jax.training.optimizer import make_optimizer  # noqa: E402
 from vla_foundry_jax.training.state import frozen_prefixes, init_train_state, make_model_spec  # noqa: E402
 from vla_foundry_jax.training.step import make_train_step  # noqa: E402
 
-TORCHVISION_MODULES = (
-    "torchvision",
-    "torchvision.transforms",
-    "torchvision.transforms.functional",
-    "torchvision.ops",
-    "torchvision.ops.misc",
-)
 EMBED, IMG, CTX, VOCAB = 16, 16, 12, 100
 CONFIG = {
     "embed_dim": EMBED,
@@ -48,46 +43,8 @@ CONFIG = {
 }
 
 
-class _AnyAttr(type):
-    """A stand-in class whose every attribute is another stand-in class (``InterpolationMode.BICUBIC`` ...)."""
-
-    def __getattr__(cls, name):
-        if name.startswith("__"):
-            raise AttributeError(name)
-        return _AnyAttr(name, (), {})
-
-
-class _StandInModule(types.ModuleType):
-    def __getattr__(self, name):
-        if name.startswith("__"):
-            raise AttributeError(name)
-        value = _AnyAttr(name, (), {})
-        setattr(self, name, value)
-        return value
-
-
 def _import_open_clip():
-    if "open_clip" in sys.modules:
-        return sys.modules["open_clip"]
-    pytest.importorskip("transformers")  # imported first: it probes torchvision's spec, which a stand-in lacks
-    saved = {name: sys.modules.get(name) for name in TORCHVISION_MODULES}
-    try:
-        for name in TORCHVISION_MODULES:
-            sys.modules[name] = _StandInModule(name)
-            if "." in name:
-                parent, child = name.rsplit(".", 1)
-                setattr(sys.modules[parent], child, sys.modules[name])
-        try:
-            import open_clip
-        except ImportError as e:
-            pytest.skip(f"open_clip_torch is not installed ({e}); pip install --no-deps open_clip_torch==3.3.0")
-    finally:
-        for name, module in saved.items():
-            if module is None:
-                sys.modules.pop(name, None)
-            else:
-                sys.modules[name] = module
-    return open_clip
+    return import_without_torchvision("open_clip", "pip install --no-deps open_clip_torch==3.3.0")
 
 
 def _open_clip_model(config, seed=0):

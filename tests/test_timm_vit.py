@@ -2,14 +2,12 @@
 
 timm's package import pulls torchvision (no working CPU build here) for its data transforms and a few layers the
 ViT does not use, so :func:`_import_timm` puts inert stand-ins for exactly the torchvision modules it imports into
-``sys.modules`` while importing it (as tests/test_openclip.py does for open_clip), and removes them after.
+``sys.modules`` while importing it and removes them after (tests/torchvision_standin.py).
 """
 
 from __future__ import annotations
 
 import json
-import sys
-import types
 
 import jax.numpy as jnp
 import numpy as np
@@ -17,6 +15,9 @@ import pytest
 from flax import nnx
 
 torch = pytest.importorskip("torch")
+
+from tests.torchvision_standin import import_without_torchvision  # noqa: E402
+
 pytest.importorskip("safetensors")
 
 from vla_foundry_jax.convert import timm_vit_maps  # noqa: E402
@@ -25,14 +26,6 @@ from vla_foundry_jax.models.vlm import image_tokens_per_image  # noqa: E402
 from vla_foundry_jax.params.model_params import TransformerParams, ViTHFParams, VLMParams  # noqa: E402
 from vla_foundry_jax.registry import WEIGHT_LOADERS, build_model  # noqa: E402
 
-TORCHVISION_MODULES = (
-    "torchvision",
-    "torchvision.transforms",
-    "torchvision.transforms.functional",
-    "torchvision.ops",
-    "torchvision.ops.misc",
-    "torchvision.datasets",
-)
 TINY = {"depth": 2, "patch_size": 4, "img_size": 16, "mlp_ratio": 2.0}
 # (timm architecture, model_args written to config.json); heads / activation / LayerNorm eps not given here come
 # from the architecture (timm's registry for the oracle, TIMM_ARCHITECTURES for us).
@@ -51,46 +44,8 @@ CASES = {
 }
 
 
-class _AnyAttr(type):
-    """A stand-in class whose every attribute is another stand-in class (``InterpolationMode.BICUBIC`` ...)."""
-
-    def __getattr__(cls, name):
-        if name.startswith("__"):
-            raise AttributeError(name)
-        return _AnyAttr(name, (), {})
-
-
-class _StandInModule(types.ModuleType):
-    def __getattr__(self, name):
-        if name.startswith("__"):
-            raise AttributeError(name)
-        value = _AnyAttr(name, (), {})
-        setattr(self, name, value)
-        return value
-
-
 def _import_timm():
-    if "timm" in sys.modules:
-        return sys.modules["timm"]
-    pytest.importorskip("transformers")  # imported first: it probes torchvision's spec, which a stand-in lacks
-    saved = {name: sys.modules.get(name) for name in TORCHVISION_MODULES}
-    try:
-        for name in TORCHVISION_MODULES:
-            sys.modules[name] = _StandInModule(name)
-            if "." in name:
-                parent, child = name.rsplit(".", 1)
-                setattr(sys.modules[parent], child, sys.modules[name])
-        try:
-            import timm
-        except ImportError as e:
-            pytest.skip(f"timm is not installed ({e}); pip install --no-deps timm==1.0.31")
-    finally:
-        for name, module in saved.items():
-            if module is None:
-                sys.modules.pop(name, None)
-            else:
-                sys.modules[name] = module
-    return timm
+    return import_without_torchvision("timm", "pip install --no-deps timm==1.0.31")
 
 
 def _save_timm(root, name: str, arch: str, model_args: dict, seed: int = 0):

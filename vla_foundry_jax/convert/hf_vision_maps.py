@@ -89,20 +89,32 @@ def clip_rules(c: Any) -> list[LayeredRule]:
 
 
 def _hf_shape(rule: Rule, shape: tuple[int, ...]) -> tuple[int, ...]:
-    """The HF tensor shape a (per-layer) Flax parameter shape corresponds to."""
-    if rule.transform == "T":
+    """The checkpoint tensor shape a (per-layer) Flax parameter shape comes from (HF and timm transforms)."""
+    tr = rule.transform
+    if tr == "T":
         return tuple(reversed(shape))
-    if rule.transform == "conv":
+    if tr == "conv":
         p = math.isqrt(shape[0] // 3)
         return (shape[1], 3, p, p)
+    if tr == "reshape":  # timm's [1, 1, D] tokens / [1, N, D] position tables
+        return (1, 1, *shape) if len(shape) == 1 else (1, *shape)
+    if tr.startswith("third"):  # one of q / k / v in timm's fused qkv
+        return (3 * shape[1], shape[0]) if tr.endswith("T") else (3 * shape[0],)
     return tuple(shape)
 
 
-def _convert(rule: Rule, value: np.ndarray) -> np.ndarray:
-    if rule.transform == "T":
+def _convert(rule: Rule, value: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    tr = rule.transform
+    if tr == "T":
         return value.T
-    if rule.transform == "conv":  # [D, 3, p, p] -> [p (row), p (col), 3, D] -> [p*p*3, D]
+    if tr == "conv":  # [D, 3, p, p] -> [p (row), p (col), 3, D] -> [p*p*3, D], HFVisionTower.patchify's order
         return value.transpose(2, 3, 1, 0).reshape(-1, value.shape[0])
+    if tr == "reshape":
+        return value.reshape(shape)
+    if tr.startswith("third"):
+        j, n = int(tr[5]), value.shape[0] // 3
+        part = value[j * n : (j + 1) * n]
+        return part.T if tr.endswith("T") else part
     return value
 
 
@@ -145,13 +157,23 @@ def load_by_rules(
         if missing or unexpected or mismatched or unmapped:
             raise mismatch_error(where, missing, unexpected, mismatched, unmapped)
 
+        cached: tuple[str, np.ndarray] | None = None  # a fused tensor (timm's qkv) serves several rules in a row
+
+        def read(name: str) -> np.ndarray:
+            nonlocal cached
+            if cached is None or cached[0] != name:
+                cached = (name, reader.get(name))
+            return cached[1]
+
         values = {}
         for rule, n_layers in rules:
+            leaf = targets[rule.flax]
+            shape = tuple(leaf.shape[1:] if n_layers else leaf.shape)
             if n_layers:
-                value = np.stack([_convert(rule, reader.get(rule.hf.format(i=i))) for i in range(n_layers)])
+                value = np.stack([_convert(rule, read(rule.hf.format(i=i)), shape) for i in range(n_layers)])
             else:
-                value = _convert(rule, reader.get(rule.hf))
-            values[prefix + rule.flax] = _place(value, targets[rule.flax])
+                value = _convert(rule, read(rule.hf), shape)
+            values[prefix + rule.flax] = _place(np.asarray(value, order="C"), leaf)
     return [ckpt_lib.set_flat_params(state, values) for state in states]
 
 

@@ -47,11 +47,9 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
-import numpy as np
-
-from vla_foundry_jax import checkpoint as ckpt_lib
-from vla_foundry_jax.convert.hf_decoder_maps import Rule, _place, mismatch_error
+from vla_foundry_jax.convert.hf_decoder_maps import Rule
 from vla_foundry_jax.convert.hf_loader import HFLoadError, SafetensorsReader, resolve_hf_path
+from vla_foundry_jax.convert.hf_vision_maps import load_by_rules
 from vla_foundry_jax.models.hf_decoder import UnsupportedArchitectureError
 from vla_foundry_jax.models.hf_vision import HFVisionConfig
 
@@ -291,84 +289,12 @@ def timm_rules(c: HFVisionConfig) -> list[tuple[Rule, int | None]]:
     return rules + [(r, c.num_layers) for r in layer]
 
 
-def _timm_shape(rule: Rule, shape: tuple[int, ...]) -> tuple[int, ...]:
-    """The timm tensor shape that a (per-layer) parameter shape comes from."""
-    tr = rule.transform
-    if tr == "T":
-        return tuple(reversed(shape))
-    if tr == "conv":
-        p = math.isqrt(shape[0] // 3)
-        return (shape[1], 3, p, p)
-    if tr == "reshape":
-        return (1, 1, *shape) if len(shape) == 1 else (1, *shape)
-    if tr.startswith("third"):
-        return (3 * shape[1], shape[0]) if tr.endswith("T") else (3 * shape[0],)
-    return tuple(shape)
-
-
-def _convert(rule: Rule, value: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
-    tr = rule.transform
-    if tr == "T":
-        return value.T
-    if tr == "conv":  # [D, 3, p, p] -> [p (row), p (col), 3, D] -> [p*p*3, D], HFVisionTower.patchify's order
-        return value.transpose(2, 3, 1, 0).reshape(-1, value.shape[0])
-    if tr == "reshape":
-        return value.reshape(shape)
-    if tr.startswith("third"):
-        j, n = int(tr[5]), value.shape[0] // 3
-        part = value[j * n : (j + 1) * n]
-        return part.T if tr.endswith("T") else part
-    return value
-
-
 def load_timm_vit_weights(
     path: str, config: HFVisionConfig, states: Sequence[Any], prefix: str = "", where: str = "hf_pretrained"
 ) -> list[Any]:
     """Fill the tower's parameters under ``prefix`` in ``states`` from the timm checkpoint at ``path`` (strict)."""
     rules = timm_rules(config)
-    targets: dict[str, Any] = {}
-    for state in states:
-        for name, leaf in ckpt_lib.flat_params(state).items():
-            if name.startswith(prefix):
-                targets[name[len(prefix) :]] = leaf
-    with SafetensorsReader(path) as reader:
-        keys = reader.keys()
-        expected: dict[str, tuple[int, ...] | None] = {}
-        for rule, n_layers in rules:
-            leaf = targets.get(rule.flax)
-            want = None if leaf is None else _timm_shape(rule, tuple(leaf.shape[1:] if n_layers else leaf.shape))
-            for i in range(n_layers) if n_layers else [None]:
-                expected[rule.hf.format(i=i)] = want
-        unmapped = sorted(set(targets) - {r.flax for r, _ in rules})
-        unmapped += [f"(rule without parameter) {r.flax}" for r, _ in rules if r.flax not in targets]
-        missing = sorted(set(expected) - set(keys))
-        unexpected = sorted(k for k in set(keys) - set(expected) if not k.startswith(SKIPPED_PREFIXES))
-        mismatched = [
-            f"{k}: checkpoint {reader.shape(k)} vs model {want}"
-            for k, want in sorted(expected.items())
-            if k in reader.files and want is not None and reader.shape(k) != want
-        ]
-        if missing or unexpected or mismatched or unmapped:
-            raise mismatch_error(where, missing, unexpected, mismatched, unmapped)
-
-        cached: tuple[str, np.ndarray] | None = None  # the fused qkv tensor serves three rules in a row
-
-        def read(name: str) -> np.ndarray:
-            nonlocal cached
-            if cached is None or cached[0] != name:
-                cached = (name, reader.get(name))
-            return cached[1]
-
-        values = {}
-        for rule, n_layers in rules:
-            leaf = targets[rule.flax]
-            shape = tuple(leaf.shape[1:] if n_layers else leaf.shape)
-            if n_layers:
-                value = np.stack([_convert(rule, read(rule.hf.format(i=i)), shape) for i in range(n_layers)])
-            else:
-                value = _convert(rule, read(rule.hf), shape)
-            values[prefix + rule.flax] = _place(np.ascontiguousarray(value), leaf)
-    return [ckpt_lib.set_flat_params(state, values) for state in states]
+    return load_by_rules(path, rules, states, prefix, ignore=lambda k: k.startswith(SKIPPED_PREFIXES), where=where)
 
 
 def load_vit_hf_timm_weights(params: Any, states: Sequence[Any], prefix: str) -> list[Any]:
