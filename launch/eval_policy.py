@@ -38,32 +38,13 @@ FLAGS = flags.FLAGS
 def load_policy(run_dir: str, *, use_ema: bool = True) -> tuple[Any, Any]:
     """``(DiffusionPolicy, experiment params)`` of the latest checkpoint under ``run_dir`` (EMA weights if kept)."""
     from vla_foundry_jax import checkpoint as ckpt_lib
-    from vla_foundry_jax import parallel
-    from vla_foundry_jax.sampling import load_model
+    from vla_foundry_jax.sampling import load_run_model
 
-    exp = ckpt_lib.load_experiment_params(run_dir)
-    if exp.model.type != "diffusion_policy":
-        raise app.UsageError(f"{run_dir} holds a {exp.model.type!r} model, not a diffusion_policy.")
-    if not (use_ema and exp.ema.enabled):
-        model, exp = load_model(run_dir)
-        return model, exp
-    from vla_foundry_jax.models.diffusion_policy import model_from_state
-    from vla_foundry_jax.training.loop import make_budget
-    from vla_foundry_jax.training.optimizer import make_optimizer
-    from vla_foundry_jax.training.state import init_train_state, make_model_spec
-
-    mesh = parallel.make_mesh(exp.distributed)
-    spec = make_model_spec(exp.model, exp.hparams, mesh)
-    state = init_train_state(
-        spec, make_optimizer(exp.hparams, make_budget(exp, mesh).total_steps), exp.hparams, use_ema=True
-    )
-    step_dir = ckpt_lib.resolve_step_dir(run_dir)
-    checkpointer = ckpt_lib.RunCheckpointer(os.path.dirname(os.path.dirname(step_dir)), async_save=False)
-    try:
-        state, _ = checkpointer.restore_train(int(os.path.basename(step_dir)), state)
-    finally:
-        checkpointer.close()
-    return model_from_state(spec, state, use_ema=True), exp
+    kind = ckpt_lib.load_experiment_params(run_dir).model.type
+    if kind != "diffusion_policy":
+        raise app.UsageError(f"{run_dir} holds a {kind!r} model, not a diffusion_policy.")
+    model, exp, _ = load_run_model(run_dir, use_ema=use_ema)
+    return model, exp
 
 
 def check_reach_run(exp: Any) -> None:

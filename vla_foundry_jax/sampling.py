@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 from flax import nnx
 
 from vla_foundry_jax import checkpoint as ckpt_lib
@@ -15,8 +17,9 @@ from vla_foundry_jax.registry import build_model
 from vla_foundry_jax.training.state import model_kwargs
 
 
-def load_model(path: str) -> tuple[nnx.Module, TrainExperimentParams]:
-    """The model saved under ``path`` (run, checkpoints or step directory), built from its stored params.
+def load_run_model(path: str, *, use_ema: bool = False) -> tuple[nnx.Module, TrainExperimentParams, bool]:
+    """``(model, experiment params, used_ema)`` saved under ``path`` (run, checkpoints or step directory), built
+    from its stored params; with ``use_ema`` the trainable weights are the EMA copy when the run kept one.
 
     No gin file is needed: the experiment params JSON inside the checkpoint says what to build.
     """
@@ -25,7 +28,72 @@ def load_model(path: str) -> tuple[nnx.Module, TrainExperimentParams]:
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     rest = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), rest)
     (params,) = ckpt_lib.restore_model_weights(path, [params])
-    return nnx.merge(graphdef, params, rest), exp
+    used = False
+    if use_ema:
+        with_ema = restore_ema_params(ckpt_lib.resolve_step_dir(path), params)
+        if with_ema is not None:
+            params, used = with_ema, True
+    return nnx.merge(graphdef, params, rest), exp, used
+
+
+def load_model(path: str) -> tuple[nnx.Module, TrainExperimentParams]:
+    """The model saved under ``path`` with its trained (not EMA) weights, and its experiment params."""
+    model, exp, _ = load_run_model(path)
+    return model, exp
+
+
+def restore_ema_params(step_dir: str, params: Any) -> Any | None:
+    """``params`` with the EMA values stored in ``<step_dir>/train`` (trainable parameters), or None if no EMA."""
+    path = os.path.join(step_dir, "train")
+    meta = ocp.PyTreeCheckpointer().metadata(path)
+    tree = getattr(meta, "item_metadata", None) or getattr(meta, "tree", None) or meta
+    ema = dict(tree).get("ema")
+    if not ema:
+        return None
+    flat: dict[str, Any] = {}
+
+    def walk(prefix: str, node: Any) -> None:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                walk(f"{prefix}{k}.", v)
+        else:
+            flat[prefix[:-1]] = node
+
+    walk("", dict(ema))
+    wanted = ckpt_lib.flat_params(params)
+    flat = {k: v for k, v in flat.items() if k.endswith(".value") or k in wanted}
+    names = {(k[: -len(".value")] if k.endswith(".value") else k): k for k in flat}
+    missing = sorted(set(names) - set(wanted))
+    if missing:
+        raise ValueError(f"EMA weights in {path} name parameters the model lacks: {missing[:10]}")
+    sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    target = {"ema": {}}
+    for name, key in names.items():
+        node = target["ema"]
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        v = wanted[name]
+        node[parts[-1]] = jax.ShapeDtypeStruct(tuple(v.shape), np.float32, sharding=sharding)
+    restored = ocp.PyTreeCheckpointer().restore(
+        path,
+        args=ocp.args.PyTreeRestore(
+            target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True
+        ),
+    )
+
+    values: dict[str, Any] = {}
+
+    def collect(prefix: str, node: Any) -> None:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                collect(f"{prefix}{k}.", v)
+        else:
+            values[prefix[:-1]] = node
+
+    collect("", restored["ema"])
+    by_name = {n: values[k].astype(wanted[n].dtype) for n, k in names.items()}
+    return ckpt_lib.set_flat_params(params, by_name)
 
 
 def _tokenizer(exp: TrainExperimentParams) -> Any:

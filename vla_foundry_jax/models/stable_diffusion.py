@@ -449,87 +449,16 @@ def encode_prompts(exp: Any, prompts: list[str] | tuple[str, ...]) -> tuple[np.n
     return tokenize_prompts(tok, list(prompts), length)
 
 
-def _restore_ema(step_dir: str, params: Any) -> Any | None:
-    """``params`` with the EMA values stored in ``<step_dir>/train`` (trainable parameters), or None if no EMA."""
-    import os
-
-    import orbax.checkpoint as ocp
-
-    from vla_foundry_jax import checkpoint as ckpt_lib
-
-    path = os.path.join(step_dir, "train")
-    meta = ocp.PyTreeCheckpointer().metadata(path)
-    tree = getattr(meta, "item_metadata", None) or getattr(meta, "tree", None) or meta
-    ema = dict(tree).get("ema")
-    if not ema:
-        return None
-    flat: dict[str, Any] = {}
-
-    def walk(prefix: str, node: Any) -> None:
-        if isinstance(node, dict):
-            for k, v in node.items():
-                walk(f"{prefix}{k}.", v)
-        else:
-            flat[prefix[:-1]] = node
-
-    walk("", dict(ema))
-    wanted = ckpt_lib.flat_params(params)
-    flat = {k: v for k, v in flat.items() if k.endswith(".value") or k in wanted}
-    names = {(k[: -len(".value")] if k.endswith(".value") else k): k for k in flat}
-    missing = sorted(set(names) - set(wanted))
-    if missing:
-        raise ValueError(f"EMA weights in {path} name parameters the model lacks: {missing[:10]}")
-    sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    target = {"ema": {}}
-    for name, key in names.items():
-        node = target["ema"]
-        parts = key.split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-        v = wanted[name]
-        node[parts[-1]] = jax.ShapeDtypeStruct(tuple(v.shape), np.float32, sharding=sharding)
-    restored = ocp.PyTreeCheckpointer().restore(
-        path,
-        args=ocp.args.PyTreeRestore(
-            target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True
-        ),
-    )
-
-    values: dict[str, Any] = {}
-
-    def collect(prefix: str, node: Any) -> None:
-        if isinstance(node, dict):
-            for k, v in node.items():
-                collect(f"{prefix}{k}.", v)
-        else:
-            values[prefix[:-1]] = node
-
-    collect("", restored["ema"])
-    by_name = {n: values[k].astype(wanted[n].dtype) for n, k in names.items()}
-    return ckpt_lib.set_flat_params(params, by_name)
-
-
 def load_sd_model(path: str, *, use_ema: bool = True) -> tuple[StableDiffusion, Any, bool]:
-    """``(model, experiment params, used_ema)`` of a stable-diffusion run (run, checkpoints or step directory),
-    built from its stored params (``sampling.load_model``); with ``use_ema`` the trainable weights are the EMA
-    copy when the run kept one (``ema.enabled``)."""
+    """``(model, experiment params, used_ema)`` of a stable-diffusion run (run, checkpoints or step directory):
+    :func:`vla_foundry_jax.sampling.load_run_model` after checking the model type."""
     from vla_foundry_jax import checkpoint as ckpt_lib
-    from vla_foundry_jax.registry import build_model
-    from vla_foundry_jax.training.state import model_kwargs
+    from vla_foundry_jax.sampling import load_run_model
 
-    exp = ckpt_lib.load_experiment_params(path)
-    if exp.model.type != "stable_diffusion":
-        raise ValueError(f"{path} holds a {exp.model.type!r} model, not stable_diffusion.")
-    model = nnx.eval_shape(lambda: build_model(exp.model, rngs=nnx.Rngs(0), **model_kwargs(exp.hparams)))
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    rest = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), rest)
-    (params,) = ckpt_lib.restore_model_weights(path, [params])
-    used = False
-    if use_ema:
-        with_ema = _restore_ema(ckpt_lib.resolve_step_dir(path), params)
-        if with_ema is not None:
-            params, used = with_ema, True
-    return nnx.merge(graphdef, params, rest), exp, used
+    kind = ckpt_lib.load_experiment_params(path).model.type
+    if kind != "stable_diffusion":
+        raise ValueError(f"{path} holds a {kind!r} model, not stable_diffusion.")
+    return load_run_model(path, use_ema=use_ema)
 
 
 def fresh_model(exp: Any, seed: int | None = None) -> StableDiffusion:
