@@ -87,7 +87,7 @@ def main() -> None:
 
     from flax import nnx
 
-    from vla_foundry_jax.registry import build_model
+    from vla_foundry_jax.models import build_model
 
     model = build_model(params, rngs=nnx.Rngs(0))
     one = make_batch(1, args.cameras, 2)

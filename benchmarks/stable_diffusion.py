@@ -57,7 +57,7 @@ def bench_jax(params: StableDiffusionParams, batch: int, steps: int, sample_step
     out = time_step(state, step, batches, steps)
     from flax import nnx
 
-    from vla_foundry_jax.registry import build_model
+    from vla_foundry_jax.models import build_model
 
     model = build_model(params, rngs=nnx.Rngs(0))
     key = jax.random.PRNGKey(0)

@@ -44,9 +44,9 @@ def convert_hf(hf_pretrained: str, output_dir: str, *, model_type: str = "transf
     from vla_foundry_jax.convert.hf_decoder_maps import CONFIG_ONLY_MARKER, load_hf_decoder_weights
     from vla_foundry_jax.convert.hf_export import copy_side_files
     from vla_foundry_jax.convert.hf_loader import resolve_hf_path
+    from vla_foundry_jax.models import build_model
     from vla_foundry_jax.models.hf_decoder import hf_decoder_config
     from vla_foundry_jax.params import HyperParams, TrainExperimentParams, TransformerHFParams
-    from vla_foundry_jax.registry import build_model
 
     if model_type not in SUPPORTED_TYPES:
         raise ValueError(f"--type={model_type!r}: only {', '.join(SUPPORTED_TYPES)} can be converted.")
@@ -64,7 +64,7 @@ def convert_hf(hf_pretrained: str, output_dir: str, *, model_type: str = "transf
     stored_params = TransformerHFParams(hf_pretrained=config_dir)
     config = hf_decoder_config(stored_params)
     # abstract model: no random initialisation; the loader places each converted tensor as the parameter
-    model = nnx.eval_shape(lambda: build_model(stored_params, rngs=nnx.Rngs(0)))
+    model = nnx.eval_shape(lambda: build_model(stored_params, rngs=nnx.Rngs(0), load_weights=False))
     abstract = nnx.state(model, nnx.Param)
     (params,) = load_hf_decoder_weights(src, config, [abstract], "", source=hf_pretrained)
     exp = TrainExperimentParams(

@@ -78,8 +78,8 @@ def test_weights_only_resume_loads_weights_and_restarts(trained_run, tmp_path):
 def test_nested_resume_loads_only_the_submodel(trained_run):
     from tests.wrapper_model import WrapperParams
     from vla_foundry_jax import parallel
+    from vla_foundry_jax.models import load_weights
     from vla_foundry_jax.params import HyperParams
-    from vla_foundry_jax.training.loop import load_initial_weights
     from vla_foundry_jax.training.optimizer import make_optimizer
     from vla_foundry_jax.training.state import init_train_state, make_model_spec
 
@@ -89,7 +89,7 @@ def test_nested_resume_loads_only_the_submodel(trained_run):
     hp = HyperParams(precision="fp32")
     spec = make_model_spec(params, hp, parallel.make_mesh(result.experiment.distributed))
     state = init_train_state(spec, make_optimizer(hp, 2), hp, use_ema=False)
-    trainable, _ = load_initial_weights(spec, [state["params"], state["frozen"]])
+    trainable, _ = load_weights(spec.params, [state["params"], state["frozen"]])
     want = _leaves(result.state["params"])
     got = _leaves(trainable)
     assert set(got) == {"bias"} | {f"transformer.{k}" for k in want}

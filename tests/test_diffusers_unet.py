@@ -19,6 +19,7 @@ from safetensors.numpy import load_file, save_file  # noqa: E402
 
 from vla_foundry_jax.convert.diffusers_unet_maps import WEIGHTS_NAME, load_diffusers_unet  # noqa: E402
 from vla_foundry_jax.convert.hf_loader import HFLoadError  # noqa: E402
+from vla_foundry_jax.models import build_model  # noqa: E402
 from vla_foundry_jax.models import diffusers_unet as du  # noqa: E402
 from vla_foundry_jax.params.base import ParamsError  # noqa: E402
 from vla_foundry_jax.params.model_params import (  # noqa: E402
@@ -27,7 +28,7 @@ from vla_foundry_jax.params.model_params import (  # noqa: E402
     StableDiffusionParams,
     UNetParams,
 )
-from vla_foundry_jax.registry import build_model, get_loss  # noqa: E402
+from vla_foundry_jax.registry import get_loss  # noqa: E402
 
 SIZE, TXT = 16, 16
 BASE = dict(sample_size=SIZE, in_channels=3, out_channels=3, block_out_channels=(32, 64), layers_per_block=1,
@@ -202,15 +203,15 @@ def test_weight_loader_through_training_setup(unet2d_dir):
     """``launch.train``'s initial-weight step finds the ``unet`` loader at prefix ``unet.``."""
     from vla_foundry_jax import checkpoint as ckpt_lib
     from vla_foundry_jax import parallel
+    from vla_foundry_jax.models import load_weights
     from vla_foundry_jax.params import DistributedParams, HyperParams
-    from vla_foundry_jax.training.loop import load_initial_weights
     from vla_foundry_jax.training.state import make_model_spec
 
     params = StableDiffusionParams(unet=_unet_params(unet2d_dir), use_diffusers_unet=True)
     hp = HyperParams(precision="fp32")
     spec = make_model_spec(params, hp, parallel.make_mesh(DistributedParams(), jax.devices()[:1]))
     _, trainable, frozen, _ = nnx.split(build_model(params, rngs=nnx.Rngs(0)), *spec.filters)
-    trainable, _ = load_initial_weights(spec, [trainable, frozen])
+    trainable, _ = load_weights(spec.params, [trainable, frozen])
     got = np.asarray(ckpt_lib.flat_params(trainable)["unet.up_blocks.0.attentions.0.to_v.bias"])
     want = load_file(os.path.join(unet2d_dir, WEIGHTS_NAME))["up_blocks.0.attentions.0.to_v.bias"]
     np.testing.assert_array_equal(got, want)

@@ -12,6 +12,7 @@ import pytest
 from flax import nnx
 
 from vla_foundry_jax import parallel
+from vla_foundry_jax.models import build_model
 from vla_foundry_jax.models import diffusion_policy as dp
 from vla_foundry_jax.models.backbones import CLIPBackbone, ViTBackbone
 from vla_foundry_jax.params import DistributedParams, EMAParams, HyperParams
@@ -23,7 +24,7 @@ from vla_foundry_jax.params.model_params import (
     TransformerParams,
     ViTBackboneParams,
 )
-from vla_foundry_jax.registry import BATCH_CHECKS, WEIGHT_LOADERS, build_model, get_loss
+from vla_foundry_jax.registry import get_loss, model_record
 from vla_foundry_jax.training.optimizer import make_optimizer
 from vla_foundry_jax.training.state import frozen_prefixes, init_train_state, make_model_spec
 from vla_foundry_jax.training.step import make_train_step
@@ -153,9 +154,11 @@ def _loaded(params, *, policy_prefix=False):
     model = build_model(params, rngs=nnx.Rngs(1))
     graphdef, p, rest = nnx.split(model, nnx.Param, ...)
     if policy_prefix:
-        [p] = WEIGHT_LOADERS["clip_backbone"](params.vision_language_backbone, [p], "vision_language_backbone.")
+        [p] = model_record("clip_backbone").weight_loader(
+            params.vision_language_backbone, [p], "vision_language_backbone."
+        )
     else:
-        [p] = WEIGHT_LOADERS[params.type](params, [p], "")
+        [p] = model_record(params.type).weight_loader(params, [p], "")
     return nnx.merge(graphdef, p, rest)
 
 
@@ -478,7 +481,7 @@ def test_configuration_and_batch_errors():
         build_model(policy_params(transformer=None), rngs=nnx.Rngs(0))
     with pytest.raises(ParamsError, match="num_action_head_repeats"):
         build_model(policy_params(num_action_head_repeats=0), rngs=nnx.Rngs(0))
-    check = BATCH_CHECKS["diffusion_policy"]
+    check = model_record("diffusion_policy").batch_check
     check(policy_params(), make_batch())
     bad = make_batch()
     bad["actions"] = bad["actions"][..., :2]

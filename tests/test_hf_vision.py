@@ -17,9 +17,10 @@ transformers = pytest.importorskip("transformers")
 
 from vla_foundry_jax import parallel  # noqa: E402
 from vla_foundry_jax.convert.hf_loader import HFLoadError  # noqa: E402
+from vla_foundry_jax.models import build_model  # noqa: E402
 from vla_foundry_jax.params import DistributedParams, EMAParams, HyperParams  # noqa: E402
 from vla_foundry_jax.params.model_params import CLIPHFParams, ViTHFParams  # noqa: E402
-from vla_foundry_jax.registry import WEIGHT_LOADERS, build_model, get_loss  # noqa: E402
+from vla_foundry_jax.registry import get_loss, model_record  # noqa: E402
 from vla_foundry_jax.training.optimizer import make_optimizer  # noqa: E402
 from vla_foundry_jax.training.state import frozen_prefixes, init_train_state, make_model_spec  # noqa: E402
 from vla_foundry_jax.training.step import make_train_step  # noqa: E402
@@ -77,7 +78,7 @@ def ckpts(tmp_path_factory):
 def _loaded(params):
     model = build_model(params, rngs=nnx.Rngs(1))
     graphdef, p, rest = nnx.split(model, nnx.Param, ...)
-    [p] = WEIGHT_LOADERS[params.type](params, [p], "")
+    [p] = model_record(params.type).weight_loader(params, [p], "")
     return nnx.merge(graphdef, p, rest)
 
 

@@ -11,11 +11,12 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from vla_foundry_jax.layers.pixel_shuffle import pixel_shuffle  # noqa: E402
+from vla_foundry_jax.models import build_model  # noqa: E402
 from vla_foundry_jax.models.idefics3 import Idefics3  # noqa: E402
 from vla_foundry_jax.models.vlm import ImageTokenError  # noqa: E402
 from vla_foundry_jax.params import HyperParams  # noqa: E402
 from vla_foundry_jax.params.model_params import VLMHFParams  # noqa: E402
-from vla_foundry_jax.registry import BATCH_CHECKS, WEIGHT_LOADERS, build_model, get_loss  # noqa: E402
+from vla_foundry_jax.registry import get_loss, model_record  # noqa: E402
 
 ATOL = 1e-4
 VISION = dict(
@@ -67,7 +68,7 @@ def ckpts(tmp_path_factory):
 def _loaded(params):
     model = build_model(params, rngs=nnx.Rngs(1))
     graphdef, p, rest = nnx.split(model, nnx.Param, ...)
-    [p] = WEIGHT_LOADERS[params.type](params, [p], "")
+    [p] = model_record(params.type).weight_loader(params, [p], "")
     return nnx.merge(graphdef, p, rest)
 
 
@@ -139,11 +140,11 @@ def test_idefics3_loss_and_batch_check(ckpts):
     params = VLMHFParams(hf_pretrained=path)
     ids, images = _inputs()
     batch = {"input_ids": ids, "pixel_values": images}
-    BATCH_CHECKS["vlm_hf"](params, batch)
+    model_record("vlm_hf").batch_check(params, batch)
     bad = ids.copy()
     bad[0, ids[0] == IMAGE_TOKEN] = 5
     with pytest.raises(ImageTokenError, match="sample 0 holds 0 image tokens"):
-        BATCH_CHECKS["vlm_hf"](params, {"input_ids": bad, "pixel_values": images})
+        model_record("vlm_hf").batch_check(params, {"input_ids": bad, "pixel_values": images})
     model = _loaded(params)
     loss, _ = get_loss("vlm_hf")(
         model, {k: jnp.asarray(v) for k, v in batch.items()}, hparams=HyperParams(precision="fp32")

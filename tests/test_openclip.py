@@ -26,11 +26,12 @@ pytest.importorskip("safetensors")
 
 from vla_foundry_jax import parallel  # noqa: E402
 from vla_foundry_jax.convert.hf_loader import HFLoadError  # noqa: E402
+from vla_foundry_jax.models import build_model  # noqa: E402
 from vla_foundry_jax.models.hf_decoder import UnsupportedArchitectureError  # noqa: E402
 from vla_foundry_jax.models.openclip_configs import ARCHITECTURES, architecture_from_dict  # noqa: E402
 from vla_foundry_jax.params import DistributedParams, EMAParams, HyperParams  # noqa: E402
 from vla_foundry_jax.params.model_params import CLIP_OpenCLIPParams  # noqa: E402
-from vla_foundry_jax.registry import WEIGHT_LOADERS, build_model, get_loss  # noqa: E402
+from vla_foundry_jax.registry import get_loss, model_record  # noqa: E402
 from vla_foundry_jax.training.optimizer import make_optimizer  # noqa: E402
 from vla_foundry_jax.training.state import frozen_prefixes, init_train_state, make_model_spec  # noqa: E402
 from vla_foundry_jax.training.step import make_train_step  # noqa: E402
@@ -75,7 +76,7 @@ def _write(tmp_path, config, state_dict, name="model"):
 def _loaded(params):
     model = build_model(params, rngs=nnx.Rngs(1))
     graphdef, p, rest = nnx.split(model, nnx.Param, ...)
-    [p] = WEIGHT_LOADERS[params.type](params, [p], "")
+    [p] = model_record(params.type).weight_loader(params, [p], "")
     return nnx.merge(graphdef, p, rest)
 
 
@@ -139,7 +140,7 @@ def test_architecture_table_and_unsupported_configs():
     assert (c.text.hidden_size, c.text.num_heads, c.text.num_layers, c.projection_dim) == (512, 8, 12, 512)
     assert c.vision.activation == "gelu" and ARCHITECTURES["ViT-B-32-quickgelu"].quick_gelu
     params = CLIP_OpenCLIPParams(architecture="ViT-B-32")
-    shapes = nnx.eval_shape(lambda: build_model(params, rngs=nnx.Rngs(0)))
+    shapes = nnx.eval_shape(lambda: build_model(params, rngs=nnx.Rngs(0), load_weights=False))
     assert shapes.vision_model.embeddings.position_embedding.shape == (50, 768)
     with pytest.raises(UnsupportedArchitectureError, match="timm_model_name"):
         architecture_from_dict({"embed_dim": 8, "vision_cfg": {"timm_model_name": "vit_base"}, "text_cfg": {}})

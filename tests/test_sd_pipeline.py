@@ -133,7 +133,7 @@ def test_sd_config_errors():
     from vla_foundry_jax.models import stable_diffusion as sd
     from vla_foundry_jax.params import ImageCaptionDataParams, ParamsError
     from vla_foundry_jax.params.model_params import CLIPHFParams, StableDiffusionParams, UNetParams
-    from vla_foundry_jax.registry import BATCH_CHECKS
+    from vla_foundry_jax.registry import model_record
 
     params = StableDiffusionParams(
         unet=UNetParams(channels=[8, 16], image_size=8, time_emb_dim=8, text_emb_dim=64),
@@ -148,7 +148,9 @@ def test_sd_config_errors():
     with pytest.raises(ParamsError, match=r"image_caption\.processor = 'stable_diffusion'"):
         sd.resolve_stable_diffusion(params, ImageCaptionDataParams(processor="tiny_data/vlm_processor"))
     with pytest.raises(ValueError, match=r"pixel_values \[B, 8, 8, 3\] .* got \(2, 16, 16, 3\)"):
-        BATCH_CHECKS["stable_diffusion"](params, {"pixel_values": np.zeros((2, 16, 16, 3)), "input_ids": np.zeros(2)})
+        model_record("stable_diffusion").batch_check(
+            params, {"pixel_values": np.zeros((2, 16, 16, 3)), "input_ids": np.zeros(2)}
+        )
     with pytest.raises(ParamsError, match="do_classifier_free_guidance needs a text encoder"):
         sd.build_stable_diffusion(params.replace(clip=CLIPHFParams(), do_classifier_free_guidance=True), rngs=None)
 

@@ -21,10 +21,11 @@ from tests.torchvision_standin import import_without_torchvision  # noqa: E402
 pytest.importorskip("safetensors")
 
 from vla_foundry_jax.convert import timm_vit_maps  # noqa: E402
+from vla_foundry_jax.models import build_model  # noqa: E402
 from vla_foundry_jax.models.hf_decoder import UnsupportedArchitectureError  # noqa: E402
 from vla_foundry_jax.models.vlm import image_tokens_per_image  # noqa: E402
 from vla_foundry_jax.params.model_params import TransformerParams, ViTHFParams, VLMParams  # noqa: E402
-from vla_foundry_jax.registry import WEIGHT_LOADERS, build_model  # noqa: E402
+from vla_foundry_jax.registry import model_record  # noqa: E402
 
 TINY = {"depth": 2, "patch_size": 4, "img_size": 16, "mlp_ratio": 2.0}
 # (timm architecture, model_args written to config.json); heads / activation / LayerNorm eps not given here come
@@ -74,7 +75,7 @@ def _save_timm(root, name: str, arch: str, model_args: dict, seed: int = 0):
 def _loaded(params):
     model = build_model(params, rngs=nnx.Rngs(1))
     graphdef, p, rest = nnx.split(model, nnx.Param, ...)
-    [p] = WEIGHT_LOADERS[params.type](params, [p], "")
+    [p] = model_record(params.type).weight_loader(params, [p], "")
     return nnx.merge(graphdef, p, rest)
 
 

@@ -11,10 +11,10 @@ import pytest
 from flax import nnx
 
 from vla_foundry_jax import parallel
+from vla_foundry_jax.layers.losses import cross_entropy_with_z_loss, masked_mse
 from vla_foundry_jax.params import DistributedParams, EMAParams, HyperParams, TransformerParams
 from vla_foundry_jax.registry import get_loss
 from vla_foundry_jax.training.ema import ema_decay, ema_init, ema_update
-from vla_foundry_jax.training.losses import cross_entropy_with_z_loss, masked_mse
 from vla_foundry_jax.training.optimizer import decay_mask, lr_schedule, make_optimizer, parse_steps
 from vla_foundry_jax.training.state import init_train_state, make_model_spec
 from vla_foundry_jax.training.step import make_train_step, split_micro_batches
@@ -183,7 +183,8 @@ def test_bfloat16_compute_keeps_float32_params():
 
 
 def test_unknown_model_type_and_builder_errors():
-    from vla_foundry_jax.registry import NotBuiltYetError, UnknownTypeError, build_model, params_class
+    from vla_foundry_jax.models import build_model
+    from vla_foundry_jax.registry import NotBuiltYetError, UnknownTypeError, params_class
 
     with pytest.raises(UnknownTypeError, match="Did you mean 'transformer'"):
         params_class("transfomer", family="model")

@@ -12,10 +12,10 @@ import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
+from vla_foundry_jax.models import build_model
 from vla_foundry_jax.models.generation import filter_logits, generate, sample_next_token
 from vla_foundry_jax.models.transformer import Transformer, TransformerOutput, resize_token_embeddings
 from vla_foundry_jax.params.model_params import TransformerParams
-from vla_foundry_jax.registry import build_model
 
 V, H, NH, L, MAX = 97, 32, 4, 2, 32
 BASE = {"hidden_dim": H, "n_heads": NH, "n_layers": L, "vocab_size": V, "max_seq_len": MAX}

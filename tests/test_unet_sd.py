@@ -8,6 +8,7 @@ import pytest
 from flax import nnx
 from PIL import Image
 
+from vla_foundry_jax.models import build_model
 from vla_foundry_jax.models import stable_diffusion as sd
 from vla_foundry_jax.models.unet import UNet, sinusoidal_embedding
 from vla_foundry_jax.params.base import ParamsError
@@ -17,7 +18,7 @@ from vla_foundry_jax.params.model_params import (
     StableDiffusionParams,
     UNetParams,
 )
-from vla_foundry_jax.registry import BATCH_CHECKS, build_model, get_loss
+from vla_foundry_jax.registry import get_loss, model_record
 
 TXT = 16
 TINY_UNET = UNetParams(channels=[8, 16, 16], image_size=8, time_emb_dim=8, text_emb_dim=TXT)
@@ -170,7 +171,7 @@ def test_sd_param_errors(clip_dir):
     model = build_model(_sd_params(None), rngs=nnx.Rngs(0))
     with pytest.raises(ParamsError, match="guidance needs a text encoder"):
         sd.sample_images(model, None, jax.random.key(0), guidance_scale=3.0, batch_size=2)
-    check = BATCH_CHECKS["stable_diffusion"]
+    check = model_record("stable_diffusion").batch_check
     check(_sd_params(None), {"pixel_values": np.zeros((2, 8, 8, 3))})
     with pytest.raises(ValueError, match="pixel_values"):
         check(_sd_params(None), {"pixel_values": np.zeros((2, 3, 8, 8))})

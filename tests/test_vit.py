@@ -32,10 +32,11 @@ from vla_foundry_jax.convert.vit_weights import (
     torch_interpolate,
 )
 from vla_foundry_jax.layers.pixel_shuffle import pixel_shuffle
+from vla_foundry_jax.models import build_model
 from vla_foundry_jax.models.vit import ViT
 from vla_foundry_jax.params import TrainExperimentParams, TransformerParams, VLMParams
 from vla_foundry_jax.params.model_params import ViTBackboneParams, ViTParams
-from vla_foundry_jax.registry import WEIGHT_LOADERS, build_model
+from vla_foundry_jax.registry import model_record
 
 IMG, PATCH, H, NH, F_, L = 16, 4, 16, 2, 32, 2
 BASE = {"img_size": IMG, "patch_size": PATCH, "hidden_dim": H, "n_heads": NH, "inter_dim": F_, "n_layers": L}
@@ -336,9 +337,9 @@ class _Holder(nnx.Module):
 def _load_into_holder(p: ViTParams, seed: int = 0) -> _Holder:
     holder = _Holder(p, seed)
     spec = types.SimpleNamespace(params=VLMParams(vit=p, transformer=TransformerParams(hidden_dim=16, n_heads=2)))
-    from vla_foundry_jax.training.loop import load_initial_weights
+    from vla_foundry_jax.models import load_weights
 
-    (state,) = load_initial_weights(spec, [nnx.state(holder, nnx.Param)])  # dispatches to the vit weight loader
+    (state,) = load_weights(spec.params, [nnx.state(holder, nnx.Param)])  # dispatches to the vit weight loader
     nnx.update(holder, state)
     return holder
 
@@ -346,7 +347,10 @@ def _load_into_holder(p: ViTParams, seed: int = 0) -> _Holder:
 @pytest.mark.parametrize("mode", ["bicubic", "nearest"])
 def test_safetensors_resizes_position_embedding(tmp_path, mode):
     """Weights made at img 16 (grid 4) loaded into img 24 (grid 6) under a parent's ``vit.`` prefix."""
-    assert WEIGHT_LOADERS["vit"] is load_vit_weights and WEIGHT_LOADERS["vit_backbone"] is load_vit_weights
+    assert (
+        model_record("vit").weight_loader is load_vit_weights
+        and model_record("vit_backbone").weight_loader is load_vit_weights
+    )
     src = vit_params(cls_flag=True)
     sd = random_original_state_dict(src, 4)
     path = str(tmp_path / "w.safetensors")

@@ -17,8 +17,8 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from vla_foundry_jax.gin_utils import build_experiment, parse_gin  # noqa: E402
+from vla_foundry_jax.models import build_model  # noqa: E402
 from vla_foundry_jax.params import TrainExperimentParams, TransformerParams, ViTParams, VLMParams  # noqa: E402
-from vla_foundry_jax.registry import build_model  # noqa: E402
 from vla_foundry_jax.training.loop import write_run_files  # noqa: E402
 from vla_foundry_jax.training.state import count_params  # noqa: E402
 
@@ -163,7 +163,7 @@ def test_preset_fields_and_parameter_count(preset, sources):
     binding, bb_count, width = sources[key]
     parse_gin([f"{preset}.gin"], [*dims, binding])
     model = build_experiment().model
-    abstract = nnx.eval_shape(lambda: build_model(model, rngs=nnx.Rngs(0)))
+    abstract = nnx.eval_shape(lambda: build_model(model, rngs=nnx.Rngs(0), load_weights=False))
     D = width * (n_layers or 1)
     assert abstract.vision_language_backbone.conditioning_dim == D
     # the policy builds its own transformer with one-row (never read) token tables: embedding + untied head = 2H

@@ -10,10 +10,10 @@ import pytest
 from flax import nnx
 
 from tests.conftest import TINY, tiny_experiment
+from vla_foundry_jax.models import build_model
 from vla_foundry_jax.models.generation import generate
 from vla_foundry_jax.models.vlm import ImageTokenError, check_image_tokens, image_tokens_per_image, vlm_loss
 from vla_foundry_jax.params import HyperParams, ParamsError, TransformerParams, ViTParams, VLMParams
-from vla_foundry_jax.registry import build_model
 
 IMG = 99  # image token id
 
@@ -142,7 +142,8 @@ def test_llm_to_vlm_transformer_weights_arrive_and_vocab_grows(tmp_path):
     """Train an LLM a few steps (142-token vocabulary), start a VLM (143 = + <image>) from it."""
     from vla_foundry_jax import checkpoint as ckpt_lib
     from vla_foundry_jax import parallel
-    from vla_foundry_jax.training.loop import load_initial_weights, train
+    from vla_foundry_jax.models import load_weights
+    from vla_foundry_jax.training.loop import train
     from vla_foundry_jax.training.optimizer import make_optimizer
     from vla_foundry_jax.training.state import init_train_state, make_model_spec
 
@@ -153,7 +154,7 @@ def test_llm_to_vlm_transformer_weights_arrive_and_vocab_grows(tmp_path):
     hp = HyperParams(precision="fp32")
     spec = make_model_spec(vlm, hp, parallel.make_mesh(llm.experiment.distributed))
     fresh = init_train_state(spec, make_optimizer(hp, 2), hp, use_ema=False)
-    (loaded, _) = load_initial_weights(spec, [fresh["params"], fresh["frozen"]])
+    (loaded, _) = load_weights(spec.params, [fresh["params"], fresh["frozen"]])
     got = {k: np.asarray(v) for k, v in ckpt_lib.flat_params(loaded).items()}
     init = {k: np.asarray(v) for k, v in ckpt_lib.flat_params(fresh["params"]).items()}
     want = {k: np.asarray(v) for k, v in ckpt_lib.flat_params(llm.state["params"]).items()}

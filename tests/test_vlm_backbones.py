@@ -15,6 +15,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from vla_foundry_jax import checkpoint as ckpt_lib  # noqa: E402
+from vla_foundry_jax.models import build_model  # noqa: E402
 from vla_foundry_jax.models.vlm import VLM, ImageTokenError  # noqa: E402
 from vla_foundry_jax.models.vlm_backbones import Idefics3Backbone, PaliGemmaBackbone  # noqa: E402
 from vla_foundry_jax.params import (  # noqa: E402
@@ -25,7 +26,7 @@ from vla_foundry_jax.params import (  # noqa: E402
     VLMParams,
 )
 from vla_foundry_jax.params.model_params import VLMBackboneParams, VLMFoundryBackboneParams  # noqa: E402
-from vla_foundry_jax.registry import BATCH_CHECKS, RESUME_LOADERS, WEIGHT_LOADERS, build_model  # noqa: E402
+from vla_foundry_jax.registry import model_record  # noqa: E402
 from vla_foundry_jax.training.loop import write_run_files  # noqa: E402
 from vla_foundry_jax.training.state import frozen_prefixes, trainable_filter  # noqa: E402
 
@@ -93,7 +94,7 @@ def _split_load(params, prefix=""):
     model = build_model(params, rngs=nnx.Rngs(1))
     graphdef, p, rest = nnx.split(model, nnx.Param, ...)
     fresh = {k: np.asarray(v) for k, v in ckpt_lib.flat_params(p).items()}
-    [p] = WEIGHT_LOADERS[params.type](params, [p], prefix)
+    [p] = model_record(params.type).weight_loader(params, [p], prefix)
     return nnx.merge(graphdef, p, rest), fresh
 
 
@@ -185,9 +186,9 @@ def test_vlm_backbone_dead_head_frozen_and_batch_check(hf_ckpts):
     assert g["language_model.norm.scale"] > 0 and g["vision_tower.embeddings.patch_embedding.kernel"] > 0
     assert frozen_prefixes(params) == [("language_model", "lm_head")]  # ... so kept out of the optimizer
     assert frozen_prefixes(params.replace(freeze=True)) == [()]
-    BATCH_CHECKS["vlm_backbone"](params, {"input_ids": ids, "pixel_values": images})
+    model_record("vlm_backbone").batch_check(params, {"input_ids": ids, "pixel_values": images})
     with pytest.raises(ImageTokenError, match="sample 0 holds 3 image tokens"):
-        BATCH_CHECKS["vlm_backbone"](params, {"input_ids": ids[:, 2:], "pixel_values": images})
+        model_record("vlm_backbone").batch_check(params, {"input_ids": ids[:, 2:], "pixel_values": images})
     with pytest.raises(ParamsError, match=r"num_vlm_layers_to_use = 4 .* choose 1 \.\. 3"):
         build_model(params.replace(num_vlm_layers_to_use=4), rngs=nnx.Rngs(0))
 
@@ -241,7 +242,7 @@ def _foundry(params, prefix=""):
     graphdef, p, rest = nnx.split(model, nnx.Param, ...)
     fresh = {k: np.asarray(v) for k, v in ckpt_lib.flat_params(p).items()}
     if params.resume_from_checkpoint:
-        [p] = RESUME_LOADERS[params.type](params, [p], prefix)
+        [p] = model_record(params.type).resume_loader(params, [p], prefix)
     return nnx.merge(graphdef, p, rest), fresh
 
 
@@ -365,9 +366,9 @@ def test_foundry_run_directory_errors(vlm_run, tmp_path):
 def test_foundry_batch_check(foundry):
     params, _, _, _ = foundry
     ids, _, px = _foundry_inputs()
-    BATCH_CHECKS["vlm_foundry_backbone"](params, {"input_ids": ids, "pixel_values": px})
+    model_record("vlm_foundry_backbone").batch_check(params, {"input_ids": ids, "pixel_values": px})
     with pytest.raises(ImageTokenError, match="sample 0 holds 8 image tokens"):
-        BATCH_CHECKS["vlm_foundry_backbone"](params, {"input_ids": ids, "pixel_values": px[:, :1]})
+        model_record("vlm_foundry_backbone").batch_check(params, {"input_ids": ids, "pixel_values": px[:, :1]})
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -438,9 +439,9 @@ def policy_experiment(
 def test_policy_starts_from_the_vlm_run_and_freeze_keeps_it(reach_vlm_run, tmp_path):
     """The loop's initial-weight load puts the vlm run into the policy's backbone; freeze leaves it untouched."""
     from vla_foundry_jax import parallel
+    from vla_foundry_jax.models import load_weights
     from vla_foundry_jax.params.resolve import resolve_experiment
     from vla_foundry_jax.registry import get_loss
-    from vla_foundry_jax.training.loop import load_initial_weights
     from vla_foundry_jax.training.optimizer import make_optimizer
     from vla_foundry_jax.training.state import init_train_state, make_model_spec
     from vla_foundry_jax.training.step import make_train_step
@@ -450,7 +451,7 @@ def test_policy_starts_from_the_vlm_run_and_freeze_keeps_it(reach_vlm_run, tmp_p
     hp = exp.hparams
     spec = make_model_spec(exp.model, hp, parallel.make_mesh(exp.distributed, jax.devices()[:1]))
     state = init_train_state(spec, make_optimizer(hp, 4), hp, use_ema=False)
-    state["params"], state["frozen"] = load_initial_weights(spec, [state["params"], state["frozen"]])
+    state["params"], state["frozen"] = load_weights(spec.params, [state["params"], state["frozen"]])
     frozen = {k: np.asarray(v) for k, v in ckpt_lib.flat_params(state["frozen"]).items()}
     bb = {k[len("vision_language_backbone.") :]: v for k, v in frozen.items() if k.startswith("vision_language_")}
     assert set(bb) == set(src)  # the whole backbone is frozen ...
@@ -461,10 +462,10 @@ def test_policy_starts_from_the_vlm_run_and_freeze_keeps_it(reach_vlm_run, tmp_p
     np.testing.assert_allclose(bb["transformer.embeddings"][143], src["transformer.embeddings"].mean(0), atol=1e-6)
 
     from vla_foundry_jax.data.pipeline import build_train_iterator
-    from vla_foundry_jax.registry import BATCH_CHECKS
+    from vla_foundry_jax.registry import model_record
 
     batch = next(build_train_iterator(exp.data, global_batch_size=4, num_batches=1))
-    BATCH_CHECKS["vlm_foundry_backbone"](exp.model.vision_language_backbone, batch)
+    model_record("vlm_foundry_backbone").batch_check(exp.model.vision_language_backbone, batch)
     assert batch["pixel_values"].shape[2:4] == (32, 32)  # resized to the ViT's 16 inside the backbone
     shardings = jax.tree.map(lambda x: x.sharding, state)
     step = make_train_step(
@@ -513,8 +514,8 @@ def test_policy_run_resumes_exactly_without_growing_the_table_again(reach_vlm_ru
 def test_vlm_backbone_weights_arrive_inside_a_policy(hf_ckpts):
     """The loop's initial-weight load fills the HF backbone under ``vision_language_backbone.``; dead head frozen."""
     from vla_foundry_jax import parallel
+    from vla_foundry_jax.models import load_weights
     from vla_foundry_jax.params import DiffusionPolicyParams, DistributedParams, HyperParams
-    from vla_foundry_jax.training.loop import load_initial_weights
     from vla_foundry_jax.training.optimizer import make_optimizer
     from vla_foundry_jax.training.state import init_train_state, make_model_spec
 
@@ -528,7 +529,7 @@ def test_vlm_backbone_weights_arrive_inside_a_policy(hf_ckpts):
     spec = make_model_spec(params, hp, parallel.make_mesh(DistributedParams(), jax.devices()[:1]))
     state = init_train_state(spec, make_optimizer(hp, 2), hp, use_ema=False)
     fresh = {k: np.asarray(v) for k, v in ckpt_lib.flat_params(state["frozen"]).items()}
-    trainable, frozen = load_initial_weights(spec, [state["params"], state["frozen"]])
+    trainable, frozen = load_weights(spec.params, [state["params"], state["frozen"]])
     p = {k: np.asarray(v) for k, v in ckpt_lib.flat_params(trainable).items()}
     f = {k: np.asarray(v) for k, v in ckpt_lib.flat_params(frozen).items()}
     sd = {k: v.detach().numpy() for k, v in hf.state_dict().items()}

@@ -13,11 +13,11 @@ transformers = pytest.importorskip("transformers")
 
 from vla_foundry_jax import checkpoint as ckpt_lib  # noqa: E402
 from vla_foundry_jax import parallel  # noqa: E402
+from vla_foundry_jax.models import build_model, load_weights  # noqa: E402
 from vla_foundry_jax.models.vlm import ImageTokenError, image_tokens_per_image  # noqa: E402
 from vla_foundry_jax.params import DistributedParams, EMAParams, HyperParams  # noqa: E402
 from vla_foundry_jax.params.model_params import TransformerHFParams, ViTHFParams, VLMHFParams, VLMParams  # noqa: E402
-from vla_foundry_jax.registry import BATCH_CHECKS, WEIGHT_LOADERS, build_model, get_loss  # noqa: E402
-from vla_foundry_jax.training.loop import load_initial_weights  # noqa: E402
+from vla_foundry_jax.registry import get_loss, model_record  # noqa: E402
 from vla_foundry_jax.training.optimizer import make_optimizer  # noqa: E402
 from vla_foundry_jax.training.state import init_train_state, make_model_spec  # noqa: E402
 from vla_foundry_jax.training.step import make_train_step  # noqa: E402
@@ -103,7 +103,7 @@ def ckpts(tmp_path_factory):
 def _loaded(params):
     model = build_model(params, rngs=nnx.Rngs(1))
     graphdef, p, rest = nnx.split(model, nnx.Param, ...)
-    [p] = WEIGHT_LOADERS[params.type](params, [p], "")
+    [p] = model_record(params.type).weight_loader(params, [p], "")
     return nnx.merge(graphdef, p, rest)
 
 
@@ -149,9 +149,9 @@ def test_paligemma_loss_on_caption_tokens_and_batch_check(ckpts):
     ids, tt, images = _inputs(prompt=(3, 3))
     loss_mask = tt == 1
     batch = {"input_ids": ids, "token_type_ids": tt, "pixel_values": images[:, None], "loss_mask": loss_mask}
-    BATCH_CHECKS["vlm_hf"](params, batch)
+    model_record("vlm_hf").batch_check(params, batch)
     with pytest.raises(ImageTokenError, match="sample 0 holds 15 image tokens"):
-        BATCH_CHECKS["vlm_hf"](params, {"input_ids": ids[:, 1:], "pixel_values": images[:, None]})
+        model_record("vlm_hf").batch_check(params, {"input_ids": ids[:, 1:], "pixel_values": images[:, None]})
     model = _loaded(params)
     hp = HyperParams(precision="fp32")
     loss, _ = get_loss("vlm_hf")(model, {k: jnp.asarray(v) for k, v in batch.items()}, hparams=hp)
@@ -208,7 +208,7 @@ def test_vlm_with_hf_vision_and_hf_llm(ckpts):
 
     spec, state, step = _setup(params)
     # as the training loop does: each sub-model's weight loader runs with its prefix ("vit.", "transformer.")
-    state["params"], state["frozen"] = load_initial_weights(spec, [state["params"], state["frozen"]])
+    state["params"], state["frozen"] = load_weights(spec.params, [state["params"], state["frozen"]])
     flat = ckpt_lib.flat_params(state["params"])
     assert flat["projection"].shape == (24, 32)  # vision hidden -> LM hidden, from the HF configs
     siglip = ckpts["siglip"][1]
@@ -233,7 +233,7 @@ def test_vlm_with_hf_vision_and_hf_llm(ckpts):
         "pixel_values": jnp.asarray(rng.standard_normal((2, 1, 16, 16, 3)).astype(np.float32)),
         "loss_mask": jnp.asarray(ids != 63),
     }
-    BATCH_CHECKS["vlm"](params, {k: np.asarray(v) for k, v in batch.items()})
+    model_record("vlm").batch_check(params, {k: np.asarray(v) for k, v in batch.items()})
     state, m = step(state, batch)
     assert np.isfinite(float(m["loss"]))
 

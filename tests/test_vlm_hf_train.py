@@ -18,10 +18,10 @@ transformers = pytest.importorskip("transformers")
 from conftest import ROOT, TINY, logged_losses, subprocess_env  # noqa: E402
 
 from vla_foundry_jax import parallel  # noqa: E402
+from vla_foundry_jax.models import load_weights  # noqa: E402
 from vla_foundry_jax.params import DistributedParams, EMAParams, HyperParams  # noqa: E402
 from vla_foundry_jax.params.model_params import VLMHFParams  # noqa: E402
-from vla_foundry_jax.registry import BATCH_CHECKS, get_loss  # noqa: E402
-from vla_foundry_jax.training.loop import load_initial_weights  # noqa: E402
+from vla_foundry_jax.registry import get_loss, model_record  # noqa: E402
 from vla_foundry_jax.training.optimizer import make_optimizer  # noqa: E402
 from vla_foundry_jax.training.state import init_train_state, make_model_spec  # noqa: E402
 from vla_foundry_jax.training.step import make_train_step  # noqa: E402
@@ -88,13 +88,13 @@ def test_train_step_lowers_the_loss(ckpts, name):
     spec = make_model_spec(params, hp, mesh)
     opt = make_optimizer(hp, 100)
     state = init_train_state(spec, opt, hp, use_ema=False)
-    state["params"], state["frozen"] = load_initial_weights(spec, [state["params"], state["frozen"]])
+    state["params"], state["frozen"] = load_weights(spec.params, [state["params"], state["frozen"]])
     shardings = jax.tree.map(lambda x: x.sharding, state)
     step = make_train_step(
         spec, get_loss("vlm_hf"), opt, hp, EMAParams(), accum_steps=1, total_steps=100, state_shardings=shardings
     )
     batch = _batch(with_token_types=name == "paligemma")
-    BATCH_CHECKS["vlm_hf"](params, batch)
+    model_record("vlm_hf").batch_check(params, batch)
     batch = {k: jnp.asarray(v) for k, v in batch.items()}
     losses = []
     for _ in range(8):

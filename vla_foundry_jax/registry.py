@@ -1,23 +1,22 @@
-"""Type key -> params class, model builder and loss.
+"""Type key -> params class and model record: the bottom floor of the package.
 
-Every params class registers itself under its ``type`` key (see ``params.base.register_params``); model
-families register a builder and, for trainable top-level models, a loss under the same key.
-``build_model(params, rngs=...)`` is the single entry point that turns a params object into a module.
+Every params class registers itself under its ``type`` key (``params.base.register_params``). Every model
+family declares one :class:`ModelRecord` per model type next to its code (``register_model``): the builder,
+the loss, the weight loader, the batch check, the frozen paths and the resume loader of that type, together.
+This module imports nothing from the package and does no I/O; ``vla_foundry_jax.models`` imports every
+family (so every record exists once the package is imported) and holds ``build_model``, which also loads
+the weights the params name.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 from collections.abc import Callable
 from typing import Any
 
 PARAMS: dict[str, type] = {}
-BUILDERS: dict[str, Callable[..., Any]] = {}
-LOSSES: dict[str, Callable[..., Any]] = {}
-WEIGHT_LOADERS: dict[str, Callable[..., Any]] = {}
-BATCH_CHECKS: dict[str, Callable[..., Any]] = {}
-FROZEN_PATHS: dict[str, Callable[..., Any]] = {}
-RESUME_LOADERS: dict[str, Callable[..., Any]] = {}
+RECORDS: dict[str, ModelRecord] = {}
 
 
 class UnknownTypeError(ValueError):
@@ -26,6 +25,35 @@ class UnknownTypeError(ValueError):
 
 class NotBuiltYetError(NotImplementedError):
     """A registered params type whose model builder does not exist (yet)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelRecord:
+    """Everything the framework knows about one model type.
+
+    ``params``: the params class (its ``type_key`` is the record's key). ``builder(params, *, rngs, **kw)``
+    returns the ``nnx.Module`` with random weights; None for a type built only inside its parent (``unet``).
+    ``loss(model, batch, *, hparams, rng) -> (loss, metrics)`` for a type trained at the top level.
+    ``weight_loader(params, states, prefix) -> states`` fills a built (sub-)model's weights from the outside
+    source its params name (``hf_pretrained``, ``pretrained``); ``states`` are ``nnx.State`` parts, ``prefix``
+    the sub-model's dotted path (``""`` at the top, ``"vit."`` inside a VLM). ``batch_check(params,
+    host_batch)`` raises a clear error for a batch the model cannot take (on the host, before each step).
+    ``frozen_paths(params) -> [path tuple, ...]`` are module paths the type freezes by its own flags.
+    ``resume_loader(params, states, prefix) -> states`` replaces the same-type weights-only restore when a
+    sub-model's ``resume_from_checkpoint`` names a run of another type (a ``vlm`` run into a backbone).
+    """
+
+    params: type
+    builder: Callable[..., Any] | None
+    loss: Callable[..., Any] | None = None
+    weight_loader: Callable[..., Any] | None = None
+    batch_check: Callable[..., Any] | None = None
+    frozen_paths: Callable[..., Any] | None = None
+    resume_loader: Callable[..., Any] | None = None
+
+    @property
+    def type(self) -> str:
+        return self.params.type_key
 
 
 def _closest(key: str, known: list[str]) -> str:
@@ -39,75 +67,19 @@ def _register(table: dict[str, Any], kind: str, key: str, value: Any) -> None:
     table[key] = value
 
 
-def register_builder(key: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """Decorator: ``fn(params, *, rngs, **kw) -> nnx.Module`` builds models of type ``key``."""
-
-    def deco(fn: Callable[..., Any]) -> Callable[..., Any]:
-        _register(BUILDERS, "model builder", key, fn)
-        return fn
-
-    return deco
-
-
-def register_loss(key: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """Decorator: ``fn(model, batch, *, hparams, rng) -> (loss, metrics)`` trains type ``key``."""
-
-    def deco(fn: Callable[..., Any]) -> Callable[..., Any]:
-        _register(LOSSES, "loss", key, fn)
-        return fn
-
-    return deco
-
-
-def register_weight_loader(key: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """Decorator: ``fn(params, states, prefix) -> states`` fills a built model's weights from outside sources.
-
-    Called once after initialisation for every (sub-)model of type ``key`` (e.g. ``vit.pretrained``);
-    ``states`` are the model's ``nnx.State`` parts (trainable, frozen) and ``prefix`` is the sub-model's
-    dotted module path (``""`` at the top, ``"vit."`` inside a VLM). Returns the updated states.
-    """
-
-    def deco(fn: Callable[..., Any]) -> Callable[..., Any]:
-        _register(WEIGHT_LOADERS, "weight loader", key, fn)
-        return fn
-
-    return deco
-
-
-def register_batch_check(key: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """Decorator: ``fn(params, host_batch)`` raises a clear error for a batch the model cannot take.
-
-    Runs on the host before each step (data-dependent checks cannot raise inside ``jax.jit``).
-    """
-
-    def deco(fn: Callable[..., Any]) -> Callable[..., Any]:
-        _register(BATCH_CHECKS, "batch check", key, fn)
-        return fn
-
-    return deco
-
-
-def register_frozen_paths(key: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """Decorator: ``fn(params) -> [module path tuple, ...]`` that a model of type ``key`` freezes by its own
-    flags (e.g. CLIP's ``freeze_text_encoder`` -> ``("text_model",)``), besides ``freeze=True`` sub-models."""
-
-    def deco(fn: Callable[..., Any]) -> Callable[..., Any]:
-        _register(FROZEN_PATHS, "frozen-paths hook", key, fn)
-        return fn
-
-    return deco
-
-
-def register_resume_loader(key: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """Decorator: ``fn(params, states, prefix) -> states`` loads a nested sub-model's own
-    ``resume_from_checkpoint`` when that names a run of another type (``vlm_foundry_backbone`` starts from a
-    ``vlm`` run); the training loop calls it instead of its same-type weights-only restore."""
-
-    def deco(fn: Callable[..., Any]) -> Callable[..., Any]:
-        _register(RESUME_LOADERS, "resume loader", key, fn)
-        return fn
-
-    return deco
+def register_model(record: ModelRecord) -> ModelRecord:
+    """Declare the record of one model type; its params class must be registered under the same key."""
+    key = record.type
+    if key is None or PARAMS.get(key) is not record.params:
+        raise ValueError(
+            f"{record.params.__name__} is not a registered params class; decorate it with register_params."
+        )
+    if record.loss is not None and record.builder is None:
+        raise ValueError(f"model type {key!r} has a loss but no builder.")
+    if key in RECORDS and RECORDS[key] != record:
+        raise ValueError(f"model type {key!r} is registered twice ({RECORDS[key]} and {record}).")
+    RECORDS[key] = record
+    return record
 
 
 def params_class(key: str, *, family: str | None = None) -> type:
@@ -121,30 +93,36 @@ def params_class(key: str, *, family: str | None = None) -> type:
     return PARAMS[key]
 
 
-def _lookup(table: dict[str, Any], kind: str, key: str) -> Any:
-    if key in table:
-        return table[key]
+def model_record(key: str) -> ModelRecord:
+    """The record of model type ``key`` (unknown keys list the registered ones and the closest match)."""
+    if key in RECORDS:
+        return RECORDS[key]
     if key in PARAMS:
-        raise NotBuiltYetError(
-            f"type {key!r} has params but no {kind} in vla_foundry_jax yet; it cannot be used as a "
-            f"top-level model. Types with a {kind}: {', '.join(sorted(table))}."
-        )
-    known = sorted(table)
+        raise NotBuiltYetError(f"type {key!r} has params but no model record in vla_foundry_jax.")
+    known = sorted(RECORDS)
     raise UnknownTypeError(f"Unknown type {key!r}. Registered types: {', '.join(known)}.{_closest(key, known)}")
 
 
-def build_model(params: Any, *, rngs: Any, **kwargs: Any) -> Any:
-    """Build the NNX module for ``params`` by dispatching on ``params.type``."""
-    _ensure_models_imported()
-    return _lookup(BUILDERS, "model builder", params.type)(params, rngs=rngs, **kwargs)
+def _required(key: str, field: str, kind: str) -> Callable[..., Any]:
+    fn = getattr(model_record(key), field)
+    if fn is None:
+        have = sorted(k for k, r in RECORDS.items() if getattr(r, field) is not None)
+        raise NotBuiltYetError(
+            f"type {key!r} has params but no {kind} in vla_foundry_jax yet; it cannot be used as a "
+            f"top-level model. Types with a {kind}: {', '.join(have)}."
+        )
+    return fn
+
+
+def build_module(params: Any, *, rngs: Any, **kwargs: Any) -> Any:
+    """The NNX module for ``params`` with freshly initialised weights (no I/O).
+
+    Parents build their sub-models with this; ``vla_foundry_jax.models.build_model`` is the public entry
+    that also loads the weights the params name.
+    """
+    return _required(params.type, "builder", "model builder")(params, rngs=rngs, **kwargs)
 
 
 def get_loss(key: str) -> Callable[..., Any]:
-    """The loss registered for model type ``key``."""
-    _ensure_models_imported()
-    return _lookup(LOSSES, "loss", key)
-
-
-def _ensure_models_imported() -> None:
-    import vla_foundry_jax.models
-    import vla_foundry_jax.training.losses  # noqa: F401  (registers losses)
+    """The loss of model type ``key``."""
+    return _required(key, "loss", "loss")

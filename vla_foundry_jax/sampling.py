@@ -12,8 +12,8 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from vla_foundry_jax import checkpoint as ckpt_lib
+from vla_foundry_jax.models import build_model
 from vla_foundry_jax.params import TrainExperimentParams
-from vla_foundry_jax.registry import build_model
 from vla_foundry_jax.training.state import model_kwargs
 
 
@@ -24,7 +24,9 @@ def load_run_model(path: str, *, use_ema: bool = False) -> tuple[nnx.Module, Tra
     No gin file is needed: the experiment params JSON inside the checkpoint says what to build.
     """
     exp = ckpt_lib.load_experiment_params(path)
-    model = nnx.eval_shape(lambda: build_model(exp.model, rngs=nnx.Rngs(0), **model_kwargs(exp.hparams)))
+    model = nnx.eval_shape(
+        lambda: build_model(exp.model, rngs=nnx.Rngs(0), load_weights=False, **model_kwargs(exp.hparams))
+    )
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     rest = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), rest)
     (params,) = ckpt_lib.restore_model_weights(path, [params])

@@ -31,7 +31,6 @@ import numpy as np
 from vla_foundry_jax import checkpoint as ckpt_lib
 from vla_foundry_jax.convert.hf_decoder_maps import _place, mismatch_error
 from vla_foundry_jax.convert.hf_loader import HFLoadError, SafetensorsReader, resolve_hf_path
-from vla_foundry_jax.registry import register_weight_loader
 
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 WEIGHTS_INDEX = WEIGHTS_NAME + ".index.json"
@@ -142,7 +141,6 @@ def load_diffusers_unet(path: str, states: Sequence[Any], prefix: str = "", wher
     return [ckpt_lib.set_flat_params(state, values) for state in states]
 
 
-@register_weight_loader("unet")
 def load_unet_weights(params: Any, states: Sequence[Any], prefix: str) -> list[Any]:
     """Weight loader for ``unet``: the diffusers checkpoint named by ``unet.hf_pretrained`` (if set)."""
     if not getattr(params, "hf_pretrained", None):

@@ -41,7 +41,6 @@ from vla_foundry_jax.convert.hf_loader import (
     resolve_hf_path,
 )
 from vla_foundry_jax.models.hf_decoder import HFDecoderConfig, hf_decoder_config
-from vla_foundry_jax.registry import register_weight_loader
 
 
 @dataclasses.dataclass(frozen=True)
@@ -232,7 +231,6 @@ def load_hf_decoder_weights(
     return [ckpt_lib.set_flat_params(state, values) for state in states]
 
 
-@register_weight_loader("transformer_hf")
 def load_transformer_hf_weights(params: Any, states: Sequence[Any], prefix: str) -> list[Any]:
     """Weight loader for ``transformer_hf``: the ``hf_pretrained`` checkpoint's tensors into the built model."""
     if not params.hf_pretrained:

@@ -33,7 +33,6 @@ from vla_foundry_jax.convert.hf_decoder_maps import Rule, _place, mismatch_error
 from vla_foundry_jax.convert.hf_loader import HFLoadError, SafetensorsReader, resolve_hf_path
 from vla_foundry_jax.models.clip import clip_config
 from vla_foundry_jax.models.hf_vision import EncoderConfig, HFVisionConfig, hf_vision_config
-from vla_foundry_jax.registry import register_weight_loader
 
 LayeredRule = tuple[Rule, int | None]  # (rule, number of stacked layers or None)
 IGNORED_SUFFIXES = ("position_ids",)
@@ -188,7 +187,6 @@ def vision_source_prefix(keys: Sequence[str]) -> str:
     )
 
 
-@register_weight_loader("vit_hf")
 def load_vit_hf_weights(params: Any, states: Sequence[Any], prefix: str) -> list[Any]:
     """Weight loader for ``vit_hf``: the vision tower of ``hf_pretrained`` into the built model."""
     if not params.hf_pretrained:
@@ -209,8 +207,6 @@ def load_vit_hf_weights(params: Any, states: Sequence[Any], prefix: str) -> list
     return load_by_rules(path, rules, states, prefix, ignore=ignore, where=where)
 
 
-@register_weight_loader("clip_hf")
-@register_weight_loader("clip_backbone")
 def load_clip_hf_weights(params: Any, states: Sequence[Any], prefix: str) -> list[Any]:
     """Weight loader for ``clip_hf`` / ``clip_backbone``: every tensor of the ``CLIPModel`` checkpoint."""
     if not params.hf_pretrained:

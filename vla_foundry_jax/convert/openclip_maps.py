@@ -38,7 +38,6 @@ from vla_foundry_jax.convert.hf_decoder_maps import _place
 from vla_foundry_jax.convert.hf_loader import HFLoadError, SafetensorsReader
 from vla_foundry_jax.models.clip import CLIPConfig
 from vla_foundry_jax.models.openclip_configs import openclip_config
-from vla_foundry_jax.registry import register_weight_loader
 
 
 def _copy(x: np.ndarray) -> np.ndarray:
@@ -181,7 +180,6 @@ def load_openclip(
     return [ckpt_lib.set_flat_params(state, values) for state in states]
 
 
-@register_weight_loader("clip_openclip")
 def load_clip_openclip_weights(params: Any, states: Sequence[Any], prefix: str) -> list[Any]:
     """Weight loader for ``clip_openclip``: every tensor of ``pretrained_weights`` into the built model."""
     if not params.pretrained_weights:

@@ -31,7 +31,6 @@ import numpy as np
 
 from vla_foundry_jax import checkpoint as ckpt_lib
 from vla_foundry_jax.params.model_params import ModelParams, ViTParams, submodel_params
-from vla_foundry_jax.registry import register_weight_loader
 
 INTERPOLATION_MODES = ("bicubic", "bilinear", "nearest")
 VIT_TYPES = ("vit", "vit_backbone")
@@ -384,8 +383,6 @@ def _resolve_source(path: str) -> tuple[str, Callable[..., list[Any]]]:
     )
 
 
-@register_weight_loader("vit")
-@register_weight_loader("vit_backbone")
 def load_vit_weights(params: ViTParams, states: Sequence[Any], prefix: str) -> list[Any]:
     """Weight loader for ``vit.pretrained``: ``states`` (nnx.State parts) -> updated states; no-op when unset."""
     if params.pretrained is None:

@@ -33,7 +33,6 @@ from vla_foundry_jax.convert.hf_vision_maps import LayeredRule, load_by_rules, v
 from vla_foundry_jax.convert.idefics3_maps import idefics3_rules
 from vla_foundry_jax.models.idefics3 import Idefics3Config
 from vla_foundry_jax.models.vlm_hf import PaliGemmaConfig, vlm_hf_config
-from vla_foundry_jax.registry import register_weight_loader
 
 VISION_PREFIXES = (
     "vision_tower.vision_model.",
@@ -88,7 +87,6 @@ def paligemma_rules(c: PaliGemmaConfig, keys: Sequence[str]) -> tuple[list[Layer
     return rules, norms, skip
 
 
-@register_weight_loader("vlm_hf")
 def load_vlm_hf_weights(params: Any, states: Sequence[Any], prefix: str) -> list[Any]:
     """Weight loader for ``vlm_hf``: every PaliGemma / Idefics3 tensor of ``hf_pretrained`` into the built model."""
     if not params.hf_pretrained:

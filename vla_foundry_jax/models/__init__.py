@@ -1,13 +1,10 @@
-"""Model families; importing registers their builders, losses and weight loaders."""
+"""Model families, one file each: the family's maths and one record per model type.
 
-from vla_foundry_jax.convert import (  # noqa: F401  (weight loaders)
-    hf_decoder_maps,
-    hf_vision_maps,
-    openclip_maps,
-    vit_weights,
-    vlm_hf_maps,
-)
-from vla_foundry_jax.models import (  # noqa: F401  (builders and losses)
+Importing this package imports every family, so every record exists; ``build_model`` builds the model a
+params object describes, with the weights it names.
+"""
+
+from vla_foundry_jax.models import (  # noqa: F401  (each family registers its records)
     backbones,
     clip,
     diffusion_policy,
@@ -23,3 +20,6 @@ from vla_foundry_jax.models import (  # noqa: F401  (builders and losses)
     vlm_backbones,
     vlm_hf,
 )
+from vla_foundry_jax.models.build import build_model, load_weights
+
+__all__ = ["build_model", "load_weights"]

@@ -49,11 +49,12 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from vla_foundry_jax.convert.vit_weights import load_vit_weights
 from vla_foundry_jax.models.clip import CLIPModel, _l2_normalize, clip_config
 from vla_foundry_jax.models.clip import frozen_paths as clip_frozen_paths
 from vla_foundry_jax.models.vit import ViT
 from vla_foundry_jax.params.model_params import CLIPBackboneParams, ViTBackboneParams
-from vla_foundry_jax.registry import register_builder, register_frozen_paths
+from vla_foundry_jax.registry import ModelRecord, register_model
 
 
 @runtime_checkable
@@ -166,13 +167,11 @@ class ViTBackbone(ViT):
         return tokens.reshape(tokens.shape[0], -1, tokens.shape[-1])
 
 
-@register_builder("clip_backbone")
 def build_clip_backbone(params: CLIPBackboneParams, *, rngs: nnx.Rngs, **kwargs: Any) -> CLIPBackbone:
     """Registry builder for ``type = "clip_backbone"`` (random weights; the ``clip_hf`` loader fills them)."""
     return CLIPBackbone(params, rngs=rngs, **kwargs)
 
 
-@register_frozen_paths("clip_backbone")
 def clip_backbone_frozen_paths(params: CLIPBackboneParams) -> list[tuple[str, ...]]:
     """CLIP's freeze flags, plus the parameters the backbone never reads (module docstring)."""
     out = [*clip_frozen_paths(params), ("logit_scale",)]
@@ -181,7 +180,6 @@ def clip_backbone_frozen_paths(params: CLIPBackboneParams) -> list[tuple[str, ..
     return list(dict.fromkeys(out))
 
 
-@register_builder("vit_backbone")
 def build_vit_backbone(
     params: ViTBackboneParams,
     *,
@@ -192,3 +190,20 @@ def build_vit_backbone(
 ) -> ViTBackbone:
     """Registry builder for ``type = "vit_backbone"``."""
     return ViTBackbone(params, rngs=rngs, dtype=dtype, param_dtype=param_dtype, remat_policy=remat_policy)
+
+
+def load_clip_hf_weights(params, states, prefix):  # TEMP until configs/ lands: the loader module reads this one
+    from vla_foundry_jax.convert.hf_vision_maps import load_clip_hf_weights as load
+
+    return load(params, states, prefix)
+
+
+register_model(
+    ModelRecord(
+        params=CLIPBackboneParams,
+        builder=build_clip_backbone,
+        weight_loader=load_clip_hf_weights,
+        frozen_paths=clip_backbone_frozen_paths,
+    )
+)
+register_model(ModelRecord(params=ViTBackboneParams, builder=build_vit_backbone, weight_loader=load_vit_weights))

@@ -46,7 +46,8 @@ from flax import nnx
 from vla_foundry_jax.layers.norms import make_norm
 from vla_foundry_jax.models.hf_decoder import Dense, UnsupportedArchitectureError
 from vla_foundry_jax.models.hf_vision import Encoder, EncoderConfig, HFVisionConfig, HFVisionTower
-from vla_foundry_jax.registry import register_builder, register_frozen_paths, register_loss
+from vla_foundry_jax.params.model_params import CLIPHFParams
+from vla_foundry_jax.registry import ModelRecord, register_model
 
 LEGACY_EOS_ID = 2  # HF: configs from before PR #24773 pool at the argmax of the ids
 
@@ -234,11 +235,6 @@ def build_clip_hf(params: Any, *, rngs: nnx.Rngs, **kwargs: Any) -> CLIPModel:
     return build_clip(clip_config(params), params, rngs=rngs, **kwargs)
 
 
-register_builder("clip_hf")(build_clip_hf)
-register_frozen_paths("clip_hf")(frozen_paths)
-
-
-@register_loss("clip_hf")
 def clip_contrastive_loss(
     model: CLIPModel, batch: dict[str, jax.Array], *, hparams: Any = None, rng: Any = None
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
@@ -253,3 +249,20 @@ def clip_contrastive_loss(
     loss = 0.5 * (t2i + i2t)
     acc = jnp.mean((jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32))
     return loss, {"contrastive_loss": loss, "text_to_image_accuracy": acc}
+
+
+def load_clip_hf_weights(params, states, prefix):  # TEMP until configs/ lands: the loader module reads this one
+    from vla_foundry_jax.convert.hf_vision_maps import load_clip_hf_weights as load
+
+    return load(params, states, prefix)
+
+
+register_model(
+    ModelRecord(
+        params=CLIPHFParams,
+        builder=build_clip_hf,
+        loss=clip_contrastive_loss,
+        weight_loader=load_clip_hf_weights,
+        frozen_paths=frozen_paths,
+    )
+)

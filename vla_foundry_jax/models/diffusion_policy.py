@@ -64,19 +64,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from vla_foundry_jax.layers.losses import masked_mse
 from vla_foundry_jax.models.backbones import ViTBackbone
 from vla_foundry_jax.models.noise_scheduler import NoiseScheduler, make_scheduler
 from vla_foundry_jax.models.unet import sinusoidal_embedding
 from vla_foundry_jax.params.base import ParamsError
 from vla_foundry_jax.params.model_params import DiffusionPolicyParams, NoiseSchedulerParams
-from vla_foundry_jax.registry import (
-    build_model,
-    register_batch_check,
-    register_builder,
-    register_frozen_paths,
-    register_loss,
-)
-from vla_foundry_jax.training.losses import masked_mse
+from vla_foundry_jax.registry import ModelRecord, build_module, register_model
 
 ACTION_KEYS = ("actions", "past_mask", "future_mask", "proprioception")  # repeated R times per sample
 
@@ -145,7 +139,7 @@ class DiffusionPolicy(nnx.Module):
         check_policy_params(params)
         kw = {"dtype": dtype, "param_dtype": param_dtype, "remat_policy": remat_policy}
         self.dtype = dtype
-        self.vision_language_backbone = build_model(params.vision_language_backbone, rngs=rngs, **kw)
+        self.vision_language_backbone = build_module(params.vision_language_backbone, rngs=rngs, **kw)
         D_bb = int(self.vision_language_backbone.conditioning_dim)
         if D_bb % 2 or D_bb < 4:
             raise ParamsError(
@@ -155,7 +149,7 @@ class DiffusionPolicy(nnx.Module):
         tp = params.transformer
         if tp.type == "transformer" and not tp.resume_from_checkpoint:
             tp = tp.replace(vocab_size=1)  # the token table and head are never read (module docstring)
-        self.transformer = build_model(tp, rngs=rngs, **kw)
+        self.transformer = build_module(tp, rngs=rngs, **kw)
         H = int(self.transformer.hidden_dim)
         A, P = int(params.action_dim), int(params.proprioception_dim)
         T = int(params.noise_scheduler.num_timesteps)
@@ -292,13 +286,11 @@ def scheduler_key(params: DiffusionPolicyParams) -> tuple[Any, ...]:
     )
 
 
-@register_builder("diffusion_policy")
 def build_diffusion_policy(params: DiffusionPolicyParams, *, rngs: nnx.Rngs, **kwargs: Any) -> DiffusionPolicy:
     """Registry builder for ``type = "diffusion_policy"``."""
     return DiffusionPolicy(params, rngs=rngs, **kwargs)
 
 
-@register_frozen_paths("diffusion_policy")
 def policy_frozen_paths(params: DiffusionPolicyParams) -> list[tuple[str, ...]]:
     """The denoiser's parameters the policy never reads, kept out of the optimizer (torch's AdamW skips
     parameters without gradients): the own transformer's token table, head and final norm; an HF denoiser's
@@ -360,7 +352,6 @@ def training_forward(
     return pred, sched.training_target(actions, noise), {"t": t, "noise": noise, "future_mask": future}
 
 
-@register_loss("diffusion_policy")
 def diffusion_policy_loss(
     model: DiffusionPolicy, batch: dict[str, jax.Array], *, hparams: Any = None, rng: jax.Array | None = None
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
@@ -373,7 +364,6 @@ def diffusion_policy_loss(
     return loss, {"mse": loss, "num_future_steps": n, "pred_abs_mean": jnp.mean(jnp.abs(pred.astype(jnp.float32)))}
 
 
-@register_batch_check("diffusion_policy")
 def check_policy_batch(params: DiffusionPolicyParams, batch: dict[str, Any]) -> None:
     """Host-side shape checks of a robotics training batch against the policy's params."""
     A, P = params.action_dim, params.proprioception_dim
@@ -525,3 +515,14 @@ def model_from_state(spec: Any, state: dict[str, Any], *, use_ema: bool = True) 
     if params is state.get("ema"):
         params = jax.tree.map(lambda e, p: e.astype(p.dtype), params, state["params"])
     return spec.merge(params, state["frozen"], state["rest"])
+
+
+register_model(
+    ModelRecord(
+        params=DiffusionPolicyParams,
+        builder=build_diffusion_policy,
+        loss=diffusion_policy_loss,
+        batch_check=check_policy_batch,
+        frozen_paths=policy_frozen_paths,
+    )
+)

@@ -57,8 +57,10 @@ from flax import nnx
 
 from vla_foundry_jax.layers.attention import empty_kv_cache
 from vla_foundry_jax.layers.feed_forward import trunc_normal
+from vla_foundry_jax.layers.losses import next_token_loss
 from vla_foundry_jax.models.transformer import LAYERS_AXIS, TransformerOutput, check_remat_policy
-from vla_foundry_jax.registry import register_builder, register_loss
+from vla_foundry_jax.params.model_params import TransformerHFParams
+from vla_foundry_jax.registry import ModelRecord, register_model
 
 SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3", "mistral", "gemma", "gemma2")
 ACTIVATIONS = {
@@ -474,7 +476,6 @@ def hf_decoder_config(params: Any) -> HFDecoderConfig:
     return HFDecoderConfig.from_hf(load_hf_config(params.hf_pretrained))
 
 
-@register_builder("transformer_hf")
 def build_transformer_hf(
     params: Any,
     *,
@@ -489,10 +490,17 @@ def build_transformer_hf(
     )
 
 
-def _register_loss() -> None:
-    from vla_foundry_jax.training.losses import next_token_loss
+def load_transformer_hf_weights(params, states, prefix):  # TEMP until configs/ lands: the loader module reads this one
+    from vla_foundry_jax.convert.hf_decoder_maps import load_transformer_hf_weights as load
 
-    register_loss("transformer_hf")(next_token_loss)
+    return load(params, states, prefix)
 
 
-_register_loss()
+register_model(
+    ModelRecord(
+        params=TransformerHFParams,
+        builder=build_transformer_hf,
+        loss=next_token_loss,
+        weight_loader=load_transformer_hf_weights,
+    )
+)

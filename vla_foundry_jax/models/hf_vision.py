@@ -62,7 +62,8 @@ from vla_foundry_jax.models.hf_decoder import ACTIVATIONS as DECODER_ACTIVATIONS
 from vla_foundry_jax.models.hf_decoder import Dense, UnsupportedArchitectureError
 from vla_foundry_jax.models.transformer import LAYERS_AXIS, check_remat_policy
 from vla_foundry_jax.models.vit import head_major_attention
-from vla_foundry_jax.registry import register_builder
+from vla_foundry_jax.params.model_params import ViTHFParams
+from vla_foundry_jax.registry import ModelRecord, register_model
 
 SUPPORTED_MODEL_TYPES = ("siglip_vision_model", "siglip", "clip_vision_model", "clip")
 ACTIVATIONS = {**DECODER_ACTIVATIONS, "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x)}
@@ -416,7 +417,6 @@ def hf_vision_config(params: Any) -> HFVisionConfig:
     return c
 
 
-@register_builder("vit_hf")
 def build_vit_hf(
     params: Any,
     *,
@@ -434,3 +434,12 @@ def build_vit_hf(
         remat_policy=remat_policy,
         where=params.gin_name,
     )
+
+
+def load_vit_hf_weights(params, states, prefix):  # TEMP until configs/ lands: the loader module reads this one
+    from vla_foundry_jax.convert.hf_vision_maps import load_vit_hf_weights as load
+
+    return load(params, states, prefix)
+
+
+register_model(ModelRecord(params=ViTHFParams, builder=build_vit_hf, weight_loader=load_vit_hf_weights))

@@ -74,6 +74,7 @@ import numpy as np
 
 from vla_foundry_jax.params.base import ParamsError
 from vla_foundry_jax.params.model_params import NoiseSchedulerParams
+from vla_foundry_jax.registry import ModelRecord, register_model
 
 logger = logging.getLogger(__name__)
 
@@ -298,3 +299,7 @@ def make_scheduler_from(model_params) -> NoiseScheduler:
         use_diffusers_scheduler=model_params.use_diffusers_scheduler,
         use_flow_matching_scheduler=model_params.use_flow_matching_scheduler,
     )
+
+
+# Tables, not weights: built inside its parent by make_scheduler, never by build_model.
+register_model(ModelRecord(params=NoiseSchedulerParams, builder=None))

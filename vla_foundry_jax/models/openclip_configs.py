@@ -45,7 +45,8 @@ from vla_foundry_jax.models.clip import (
 )
 from vla_foundry_jax.models.hf_decoder import UnsupportedArchitectureError
 from vla_foundry_jax.models.hf_vision import HFVisionConfig
-from vla_foundry_jax.registry import register_builder, register_frozen_paths, register_loss
+from vla_foundry_jax.params.model_params import CLIP_OpenCLIPParams
+from vla_foundry_jax.registry import ModelRecord, register_model
 
 LAYER_NORM_EPS = 1e-5  # torch nn.LayerNorm default, used by OpenCLIP
 
@@ -257,11 +258,23 @@ def openclip_config(params: Any) -> CLIPConfig:
     return resolve_architecture(params.architecture, params.gin_name).to_clip_config()
 
 
-@register_builder("clip_openclip")
 def build_clip_openclip(params: Any, *, rngs: nnx.Rngs, **kwargs: Any) -> CLIPModel:
     """Registry builder for ``clip_openclip`` (the weight loader fills ``pretrained_weights``)."""
     return build_clip(openclip_config(params), params, rngs=rngs, **kwargs)
 
 
-register_frozen_paths("clip_openclip")(frozen_paths)
-register_loss("clip_openclip")(clip_contrastive_loss)  # the same symmetric InfoNCE as clip_hf
+def load_clip_openclip_weights(params, states, prefix):  # TEMP until configs/ lands: the loader module reads this one
+    from vla_foundry_jax.convert.openclip_maps import load_clip_openclip_weights as load
+
+    return load(params, states, prefix)
+
+
+register_model(
+    ModelRecord(
+        params=CLIP_OpenCLIPParams,
+        builder=build_clip_openclip,
+        loss=clip_contrastive_loss,  # the same symmetric InfoNCE as clip_hf
+        weight_loader=load_clip_openclip_weights,
+        frozen_paths=frozen_paths,
+    )
+)

@@ -61,14 +61,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from vla_foundry_jax.layers.losses import masked_mse
 from vla_foundry_jax.models.clip import CLIPModel, clip_config
 from vla_foundry_jax.models.diffusers_unet import build_diffusers_unet
 from vla_foundry_jax.models.noise_scheduler import NoiseScheduler, make_scheduler
 from vla_foundry_jax.models.unet import UNet
 from vla_foundry_jax.params.base import ParamsError
 from vla_foundry_jax.params.model_params import NoiseSchedulerParams, StableDiffusionParams
-from vla_foundry_jax.registry import register_batch_check, register_builder, register_loss
-from vla_foundry_jax.training.losses import masked_mse
+from vla_foundry_jax.registry import ModelRecord, register_model
 
 logger = logging.getLogger(__name__)
 
@@ -195,7 +195,6 @@ def make_unet(params: StableDiffusionParams, text_width: int | None, **kw: Any) 
     return UNet(params.unet, where=where, **kw)
 
 
-@register_builder("stable_diffusion")
 def build_stable_diffusion(params: StableDiffusionParams, *, rngs: nnx.Rngs, **kwargs: Any) -> StableDiffusion:
     """Registry builder for ``type = "stable_diffusion"``."""
     return StableDiffusion(params, rngs=rngs, **kwargs)
@@ -231,7 +230,6 @@ def training_forward(
     return pred, sched.training_target(x0, noise), extras
 
 
-@register_loss("stable_diffusion")
 def stable_diffusion_loss(
     model: StableDiffusion, batch: dict[str, jax.Array], *, hparams: Any = None, rng: jax.Array | None = None
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
@@ -242,7 +240,6 @@ def stable_diffusion_loss(
     return loss, {"mse": loss}
 
 
-@register_batch_check("stable_diffusion")
 def check_stable_diffusion_batch(params: StableDiffusionParams, batch: dict[str, Any]) -> None:
     """Host-side shape checks of a training batch."""
     u = params.unet
@@ -464,15 +461,18 @@ def load_sd_model(path: str, *, use_ema: bool = True) -> tuple[StableDiffusion, 
 def fresh_model(exp: Any, seed: int | None = None) -> StableDiffusion:
     """The run's model before training: fresh init with ``seed`` (None: the run's ``hparams.seed``, as training
     initialises) and the text encoder's ``clip.hf_pretrained`` weights loaded, i.e. the baseline of an evaluation."""
-    from vla_foundry_jax.params import submodel_params
-    from vla_foundry_jax.registry import WEIGHT_LOADERS, build_model
+    from vla_foundry_jax.models.build import build_model
     from vla_foundry_jax.training.state import model_kwargs
 
     seed = exp.hparams.seed if seed is None else seed
-    model = build_model(exp.model, rngs=nnx.Rngs(seed), **model_kwargs(exp.hparams))
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    for name, child in submodel_params(exp.model).items():  # e.g. clip.hf_pretrained, as training starts
-        loader = WEIGHT_LOADERS.get(child.type)
-        if loader is not None:
-            (params,) = loader(child, [params], f"{name}.")
-    return nnx.merge(graphdef, params, rest)
+    return build_model(exp.model, rngs=nnx.Rngs(seed), **model_kwargs(exp.hparams))
+
+
+register_model(
+    ModelRecord(
+        params=StableDiffusionParams,
+        builder=build_stable_diffusion,
+        loss=stable_diffusion_loss,
+        batch_check=check_stable_diffusion_batch,
+    )
+)

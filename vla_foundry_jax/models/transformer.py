@@ -44,10 +44,11 @@ from flax import nnx
 
 from vla_foundry_jax.layers.attention import dot_product_attention, empty_kv_cache
 from vla_foundry_jax.layers.feed_forward import FeedForward, Linear, trunc_normal
+from vla_foundry_jax.layers.losses import next_token_loss
 from vla_foundry_jax.layers.norms import make_norm
 from vla_foundry_jax.layers.positional import LearnedPositionalEmbedding, apply_rotary
 from vla_foundry_jax.params.model_params import TransformerParams
-from vla_foundry_jax.registry import register_builder
+from vla_foundry_jax.registry import ModelRecord, register_model
 
 # Names in ``jax.checkpoint_policies`` that are policies themselves (not policy factories).
 REMAT_POLICIES = (
@@ -369,7 +370,6 @@ def resize_token_embeddings(model: Transformer, new_num_tokens: int | None, rngs
     return model.resize_token_embeddings(new_num_tokens, rngs)
 
 
-@register_builder("transformer")
 def build_transformer(
     params: TransformerParams,
     *,
@@ -380,3 +380,6 @@ def build_transformer(
 ) -> Transformer:
     """Registry builder for ``type = "transformer"``."""
     return Transformer(params, rngs=rngs, dtype=dtype, param_dtype=param_dtype, remat_policy=remat_policy)
+
+
+register_model(ModelRecord(params=TransformerParams, builder=build_transformer, loss=next_token_loss))

@@ -48,11 +48,12 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from vla_foundry_jax.convert.vit_weights import load_vit_weights
 from vla_foundry_jax.layers.attention import dot_product_attention
 from vla_foundry_jax.layers.norms import make_norm
 from vla_foundry_jax.models.transformer import LAYERS_AXIS, check_remat_policy
 from vla_foundry_jax.params.model_params import ViTParams
-from vla_foundry_jax.registry import register_builder
+from vla_foundry_jax.registry import ModelRecord, register_model
 
 INIT_STD = 0.02
 
@@ -375,7 +376,9 @@ def _build(
     return ViT(params, rngs=rngs, dtype=dtype, param_dtype=param_dtype, remat_policy=remat_policy)
 
 
-@register_builder("vit")
 def build_vit(params: ViTParams, *, rngs: nnx.Rngs, **kwargs: Any) -> ViT:
     """Registry builder for ``type = "vit"``."""
     return _build(params, rngs=rngs, **kwargs)
+
+
+register_model(ModelRecord(params=ViTParams, builder=build_vit, weight_loader=load_vit_weights))

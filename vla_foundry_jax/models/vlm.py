@@ -16,11 +16,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from vla_foundry_jax.layers.losses import cross_entropy_with_z_loss
 from vla_foundry_jax.layers.pixel_shuffle import pixel_shuffle
 from vla_foundry_jax.models.transformer import TransformerOutput
 from vla_foundry_jax.params import ParamsError, VLMParams
-from vla_foundry_jax.registry import build_model, register_batch_check, register_builder, register_loss
-from vla_foundry_jax.training.losses import cross_entropy_with_z_loss
+from vla_foundry_jax.registry import ModelRecord, build_module, register_model
 
 
 class ImageTokenError(ValueError):
@@ -113,8 +113,8 @@ class VLM(nnx.Module):
         self.params = params
         self.dtype = dtype
         kw = {"rngs": rngs, "dtype": dtype, "param_dtype": param_dtype, "remat_policy": remat_policy}
-        self.vit = build_model(params.vit, **kw)
-        self.transformer = build_model(params.transformer, **kw)
+        self.vit = build_module(params.vit, **kw)
+        self.transformer = build_module(params.transformer, **kw)
         s = params.vit.projector_pixel_shuffle_factor
         init = nnx.with_partitioning(nnx.initializers.normal(0.02), ("mlp", "embed"))
         # widths of the built towers (vit_hf / transformer_hf: their HF configs)
@@ -177,15 +177,10 @@ class VLM(nnx.Module):
         return self.transformer.num_hidden_layers
 
 
-register_batch_check("vlm")(check_batch)
-
-
-@register_builder("vlm")
 def build_vlm(params: VLMParams, *, rngs: nnx.Rngs, **kwargs: Any) -> VLM:
     return VLM(params, rngs=rngs, **kwargs)
 
 
-@register_loss("vlm")
 def vlm_loss(model: VLM, batch: dict[str, jax.Array], *, hparams: Any, rng: jax.Array | None = None) -> Any:
     """Next-token loss on caption tokens only (``loss_mask`` is False on image tokens and padding)."""
     ids = batch["input_ids"]
@@ -193,3 +188,6 @@ def vlm_loss(model: VLM, batch: dict[str, jax.Array], *, hparams: Any, rng: jax.
     mask = batch["loss_mask"][:, 1:] if "loss_mask" in batch else targets != model.params.image_token_id
     logits = model(inputs, batch.get("pixel_values")).logits
     return cross_entropy_with_z_loss(logits, targets, mask, hparams.z_loss_coefficient)
+
+
+register_model(ModelRecord(params=VLMParams, builder=build_vlm, loss=vlm_loss, batch_check=check_batch))

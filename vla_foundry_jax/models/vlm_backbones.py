@@ -68,13 +68,7 @@ from vla_foundry_jax.models.vlm import VLM, check_image_tokens, vision_geometry
 from vla_foundry_jax.models.vlm_hf import PaliGemma, vlm_hf_config
 from vla_foundry_jax.params import ParamsError, TrainExperimentParams, VLMParams, params_from_dict
 from vla_foundry_jax.params.model_params import VLMBackboneParams, VLMFoundryBackboneParams
-from vla_foundry_jax.registry import (
-    register_batch_check,
-    register_builder,
-    register_frozen_paths,
-    register_resume_loader,
-    register_weight_loader,
-)
+from vla_foundry_jax.registry import ModelRecord, register_model
 
 # ----------------------------------------------------------------------------------------------------------
 # Shared pieces
@@ -214,7 +208,6 @@ class Idefics3Backbone(_HFBackboneMixin, Idefics3):
     """``vlm_backbone`` over an Idefics3 / SmolVLM checkpoint."""
 
 
-@register_builder("vlm_backbone")
 def build_vlm_backbone(
     params: VLMBackboneParams, *, rngs: nnx.Rngs, **kwargs: Any
 ) -> PaliGemmaBackbone | Idefics3Backbone:
@@ -236,7 +229,6 @@ class _Slot:
         return getattr(self.sharding, "is_fully_addressable", True)
 
 
-@register_weight_loader("vlm_backbone")
 def load_vlm_backbone_weights(params: VLMBackboneParams, states: Sequence[Any], prefix: str) -> list[Any]:
     """Every tensor of ``hf_pretrained`` (``V``-row tables) into the backbone, then the action row (module doc)."""
     from vla_foundry_jax.convert.vlm_hf_maps import load_vlm_hf_weights
@@ -270,13 +262,11 @@ def load_vlm_backbone_weights(params: VLMBackboneParams, states: Sequence[Any], 
     return [ckpt_lib.set_flat_params(s, values) for s in states]
 
 
-@register_frozen_paths("vlm_backbone")
 def vlm_backbone_frozen_paths(params: VLMBackboneParams) -> list[tuple[str, ...]]:
     """The untied LM head is never read (hidden states only)."""
     return [("language_model", "lm_head")]
 
 
-@register_batch_check("vlm_backbone")
 def check_vlm_backbone_batch(params: VLMBackboneParams, batch: dict[str, np.ndarray]) -> None:
     """Host-side: each sample holds exactly its images' image tokens (the action token is appended later)."""
     check_hf_image_tokens(vlm_hf_config(params), batch["input_ids"], batch.get("pixel_values"))
@@ -385,7 +375,6 @@ class VLMFoundryBackbone(VLM):
         return action_features(out.hidden_states, self.num_vlm_layers_to_use)
 
 
-@register_builder("vlm_foundry_backbone")
 def build_vlm_foundry_backbone(
     params: VLMFoundryBackboneParams, *, rngs: nnx.Rngs, **kwargs: Any
 ) -> VLMFoundryBackbone:
@@ -397,7 +386,6 @@ def _embedding_name(vlm_params: VLMParams) -> str:
     return "transformer.embed_tokens" if vlm_params.transformer.type == "transformer_hf" else "transformer.embeddings"
 
 
-@register_resume_loader("vlm_foundry_backbone")
 def load_source_vlm(params: VLMFoundryBackboneParams, states: Sequence[Any], prefix: str) -> list[Any]:
     """The source VLM's weights (``resume_from_checkpoint``, strict) into the backbone, then the action row."""
     vlm_params = source_vlm_params(params)
@@ -410,7 +398,6 @@ def load_source_vlm(params: VLMFoundryBackboneParams, states: Sequence[Any], pre
     return remean_action_row(states, name, emb.shape[0] - 1)
 
 
-@register_weight_loader("vlm_foundry_backbone")
 def warn_without_weights(params: VLMFoundryBackboneParams, states: Sequence[Any], prefix: str) -> list[Any]:
     """No weights of its own: they come from ``resume_from_checkpoint`` (resume loader); warn when it is unset."""
     if not params.resume_from_checkpoint:
@@ -423,7 +410,6 @@ def warn_without_weights(params: VLMFoundryBackboneParams, states: Sequence[Any]
     return list(states)
 
 
-@register_frozen_paths("vlm_foundry_backbone")
 def vlm_foundry_frozen_paths(params: VLMFoundryBackboneParams) -> list[tuple[str, ...]]:
     """Never-read parameters: the untied head; the ``transformer``'s final norm (its hidden states are pre-norm)."""
     if source_vlm_params(params).transformer.type == "transformer_hf":
@@ -431,7 +417,27 @@ def vlm_foundry_frozen_paths(params: VLMFoundryBackboneParams) -> list[tuple[str
     return [("transformer", "output"), ("transformer", "norm")]
 
 
-@register_batch_check("vlm_foundry_backbone")
 def check_vlm_foundry_batch(params: VLMFoundryBackboneParams, batch: dict[str, np.ndarray]) -> None:
     """Host-side: each sample holds exactly its images' image tokens of the source VLM."""
     check_image_tokens(source_vlm_params(params), batch["input_ids"], batch.get("pixel_values"))
+
+
+register_model(
+    ModelRecord(
+        params=VLMBackboneParams,
+        builder=build_vlm_backbone,
+        weight_loader=load_vlm_backbone_weights,
+        batch_check=check_vlm_backbone_batch,
+        frozen_paths=vlm_backbone_frozen_paths,
+    )
+)
+register_model(
+    ModelRecord(
+        params=VLMFoundryBackboneParams,
+        builder=build_vlm_foundry_backbone,
+        weight_loader=warn_without_weights,
+        batch_check=check_vlm_foundry_batch,
+        frozen_paths=vlm_foundry_frozen_paths,
+        resume_loader=load_source_vlm,
+    )
+)

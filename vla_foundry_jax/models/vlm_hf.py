@@ -39,14 +39,15 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from vla_foundry_jax.layers.losses import cross_entropy_with_z_loss
 from vla_foundry_jax.models.hf_decoder import Dense, HFDecoder, HFDecoderConfig, UnsupportedArchitectureError
 from vla_foundry_jax.models.hf_vision import HFVisionConfig, HFVisionTower
 from vla_foundry_jax.models.hf_vlm_common import HFVLM, check_image_tokens
 from vla_foundry_jax.models.idefics3 import MODEL_TYPES as IDEFICS3_MODEL_TYPES
 from vla_foundry_jax.models.idefics3 import Idefics3, Idefics3Config
 from vla_foundry_jax.models.vlm import merge_image_tokens
-from vla_foundry_jax.registry import register_batch_check, register_builder, register_loss
-from vla_foundry_jax.training.losses import cross_entropy_with_z_loss
+from vla_foundry_jax.params.model_params import VLMHFParams
+from vla_foundry_jax.registry import ModelRecord, register_model
 
 SUPPORTED_MODEL_TYPES = ("paligemma", *IDEFICS3_MODEL_TYPES)
 
@@ -144,13 +145,11 @@ class PaliGemma(HFVLM):
         return merge_image_tokens(tokens, images, is_img)
 
 
-@register_batch_check("vlm_hf")
 def check_batch(params: Any, batch: dict[str, np.ndarray]) -> None:
     """Host-side check of a training batch (registered for ``vlm_hf``)."""
     check_image_tokens(vlm_hf_config(params), batch["input_ids"], batch.get("pixel_values"))
 
 
-@register_builder("vlm_hf")
 def build_vlm_hf(
     params: Any,
     *,
@@ -165,7 +164,6 @@ def build_vlm_hf(
     return cls(config, rngs=rngs, dtype=dtype, param_dtype=param_dtype, remat_policy=remat_policy)
 
 
-@register_loss("vlm_hf")
 def vlm_hf_loss(model: PaliGemma, batch: dict[str, jax.Array], *, hparams: Any, rng: jax.Array | None = None) -> Any:
     """Next-token loss on caption tokens only (``loss_mask``; else every non-image target), as ``vlm``."""
     ids = batch["input_ids"]
@@ -174,3 +172,20 @@ def vlm_hf_loss(model: PaliGemma, batch: dict[str, jax.Array], *, hparams: Any, 
     tt = batch.get("token_type_ids")
     out = model(inputs, batch.get("pixel_values"), token_type_ids=None if tt is None else tt[:, :-1])
     return cross_entropy_with_z_loss(out.logits, targets, mask, hparams.z_loss_coefficient)
+
+
+def load_vlm_hf_weights(params, states, prefix):  # TEMP until configs/ lands: the loader module reads this one
+    from vla_foundry_jax.convert.vlm_hf_maps import load_vlm_hf_weights as load
+
+    return load(params, states, prefix)
+
+
+register_model(
+    ModelRecord(
+        params=VLMHFParams,
+        builder=build_vlm_hf,
+        loss=vlm_hf_loss,
+        weight_loader=load_vlm_hf_weights,
+        batch_check=check_batch,
+    )
+)

@@ -20,9 +20,10 @@ from tqdm import tqdm
 
 from vla_foundry_jax import checkpoint as ckpt_lib
 from vla_foundry_jax import parallel
-from vla_foundry_jax.params import ModelParams, ParamsError, TrainExperimentParams, submodel_params
+from vla_foundry_jax.models import load_weights
+from vla_foundry_jax.params import ParamsError, TrainExperimentParams
 from vla_foundry_jax.params.resolve import resolve_experiment
-from vla_foundry_jax.registry import BATCH_CHECKS, RESUME_LOADERS, WEIGHT_LOADERS, get_loss
+from vla_foundry_jax.registry import get_loss, model_record
 from vla_foundry_jax.training.metrics import MetricsWriter
 from vla_foundry_jax.training.optimizer import make_optimizer
 from vla_foundry_jax.training.state import ModelSpec, count_params, init_train_state, make_model_spec
@@ -90,52 +91,6 @@ def default_output_dir(exp: TrainExperimentParams) -> str:
     )
 
 
-def nested_resumes(params: ModelParams, prefix: str = "") -> list[tuple[str, ModelParams]]:
-    """(module path prefix, params) of every sub-model whose params set ``resume_from_checkpoint``."""
-    out = []
-    for name, child in submodel_params(params).items():
-        path = f"{prefix}{name}."
-        if child.resume_from_checkpoint:
-            out.append((path, child))
-        out += nested_resumes(child, path)
-    return out
-
-
-def _submodels(params: ModelParams, prefix: str = "") -> list[tuple[str, ModelParams]]:
-    """(module path prefix, params) of ``params`` and every nested sub-model, parents first."""
-    out = [(prefix, params)]
-    for name, child in submodel_params(params).items():
-        out += _submodels(child, f"{prefix}{name}.")
-    return out
-
-
-def load_initial_weights(spec: ModelSpec, states: list[Any]) -> list[Any]:
-    """Outside weights a freshly built model starts from, before any checkpoint resume.
-
-    First each sub-model's registered weight loader (e.g. ``vit.pretrained``), then the weights-only loads
-    requested on sub-models (e.g. ``vlm.transformer.resume_from_checkpoint``).
-    """
-    for path, child in _submodels(spec.params):
-        loader = WEIGHT_LOADERS.get(child.type)
-        if loader is not None:
-            states = list(loader(child, states, path))
-    for path, child in nested_resumes(spec.params):
-        if child.type in RESUME_LOADERS:  # e.g. vlm_foundry_backbone: a vlm run into the backbone
-            states = list(RESUME_LOADERS[child.type](child, states, path))
-            continue
-        stored = ckpt_lib.load_experiment_params(child.resume_from_checkpoint).model
-        if stored.type != child.type:
-            raise ckpt_lib.CheckpointError(
-                f"{path[:-1]}.resume_from_checkpoint = {child.resume_from_checkpoint!r} holds a {stored.type!r} "
-                f"model but {path[:-1]} is a {child.type!r}."
-            )
-        logging.info("loading %s weights from %s", path[:-1], child.resume_from_checkpoint)
-        states = ckpt_lib.restore_model_weights(
-            child.resume_from_checkpoint, states, target_prefix=path, grow_vocab=True
-        )
-    return states
-
-
 def write_run_files(output_dir: str, exp: TrainExperimentParams, gin_config: str | None) -> None:
     if jax.process_index() != 0:
         return
@@ -174,7 +129,9 @@ def train(exp: TrainExperimentParams, *, gin_config: str | None = None) -> Train
         output_dir, max_to_keep=exp.max_checkpoint_limit, async_save=exp.async_checkpointing
     )
     state = init_train_state(spec, optimizer, hp, use_ema=exp.ema.enabled)
-    state["params"], state["frozen"] = load_initial_weights(spec, [state["params"], state["frozen"]])
+    state["params"], state["frozen"] = load_weights(
+        spec.params, [state["params"], state["frozen"]], top_level_resume=False
+    )
     data_state = None
     latest = checkpointer.latest_step()
     top_resume = exp.model.resume_from_checkpoint
@@ -228,7 +185,7 @@ def train(exp: TrainExperimentParams, *, gin_config: str | None = None) -> Train
     bar = tqdm(total=budget.total_steps, initial=start, disable=jax.process_index() != 0, desc="train")
     t_last, steps_since = time.perf_counter(), 0
     tokens_per_step = 0
-    batch_check = BATCH_CHECKS.get(exp.model.type)
+    batch_check = model_record(exp.model.type).batch_check
     for step in range(start, budget.total_steps):
         host_batch = next(iterator)
         if batch_check is not None:

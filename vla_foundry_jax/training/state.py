@@ -16,9 +16,10 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh
 
-from vla_foundry_jax import parallel, registry
+from vla_foundry_jax import parallel
+from vla_foundry_jax.models import build_model
 from vla_foundry_jax.params import HyperParams, ModelParams, submodel_params
-from vla_foundry_jax.registry import build_model
+from vla_foundry_jax.registry import model_record
 from vla_foundry_jax.training.ema import ema_init
 
 
@@ -31,7 +32,7 @@ def frozen_prefixes(params: ModelParams, prefix: tuple[str, ...] = ()) -> list[t
     """
     if params.freeze:
         return [prefix]
-    hook = registry.FROZEN_PATHS.get(params.type)
+    hook = model_record(params.type).frozen_paths
     out = [(*prefix, *path) for path in hook(params)] if hook else []
     for name, child in submodel_params(params).items():
         out += frozen_prefixes(child, (*prefix, name))
@@ -85,7 +86,7 @@ def make_model_spec(params: ModelParams, hparams: HyperParams, mesh: Mesh) -> Mo
     """Trace the model abstractly (no memory) to get its graph and per-parameter shardings."""
     kwargs = model_kwargs(hparams)
     filters = (trainable_filter(params), nnx.Param, ...)
-    abstract_model = nnx.eval_shape(lambda: build_model(params, rngs=nnx.Rngs(0), **kwargs))
+    abstract_model = nnx.eval_shape(lambda: build_model(params, rngs=nnx.Rngs(0), load_weights=False, **kwargs))
     graphdef, *states = nnx.split(abstract_model, *filters)
     shardings = tuple(parallel.state_shardings(s, mesh) for s in states)
     return ModelSpec(params, graphdef, filters, tuple(states), shardings, mesh)
@@ -96,7 +97,7 @@ def init_model_states(spec: ModelSpec, hparams: HyperParams, seed: int) -> tuple
     kwargs = model_kwargs(hparams)
 
     def init() -> tuple[Any, ...]:
-        model = build_model(spec.params, rngs=nnx.Rngs(seed), **kwargs)
+        model = build_model(spec.params, rngs=nnx.Rngs(seed), load_weights=False, **kwargs)
         return tuple(nnx.split(model, *spec.filters)[1:])
 
     return jax.jit(init, out_shardings=spec.shardings)()

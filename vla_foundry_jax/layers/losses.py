@@ -1,4 +1,5 @@
-"""Losses: cross-entropy with z-loss and masked MSE (reference §3.9), and the language-model loss."""
+"""Loss building blocks: cross-entropy with z-loss and masked MSE (reference §3.9), and the language-model loss
+shared by every causal LM type."""
 
 from __future__ import annotations
 
@@ -8,7 +9,6 @@ import jax
 import jax.numpy as jnp
 
 from vla_foundry_jax.params import HyperParams
-from vla_foundry_jax.registry import register_loss
 
 
 def cross_entropy_with_z_loss(
@@ -65,6 +65,3 @@ def next_token_loss(
     if hparams.loss_function == "mse":
         raise ValueError("hparams.loss_function = 'mse' cannot train a language model; use 'cross_entropy'.")
     return cross_entropy_with_z_loss(logits, targets, mask, hparams.z_loss_coefficient)
-
-
-register_loss("transformer")(next_token_loss)
