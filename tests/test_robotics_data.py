@@ -15,7 +15,14 @@ import yaml
 from vla_foundry_jax.data import DataError, ShardDataSource, build_eval_iterator, build_train_iterator, write_shards
 from vla_foundry_jax.data.normalization import Normalizer, merge_stats
 from vla_foundry_jax.data.processor import VLMProcessor, load_processor
-from vla_foundry_jax.data.robotics import crop_window, image_key, robotics_text, robotics_transform, select_instruction
+from vla_foundry_jax.data.robotics import (
+    crop_window,
+    image_key,
+    resolve_robotics_data,
+    robotics_text,
+    robotics_transform,
+    select_instruction,
+)
 from vla_foundry_jax.data.tiny_robotics import (
     ACTION_FIELD,
     MAX_STEP,
@@ -45,7 +52,7 @@ from vla_foundry_jax.params.data_params import (
     NormalizationParams,
     RoboticsDataParams,
 )
-from vla_foundry_jax.params.resolve import resolve_experiment
+from vla_foundry_jax.training.resolve import resolve_experiment
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROCESSOR = os.path.join(REPO, "tiny_data", "vlm_processor")
@@ -177,7 +184,7 @@ def test_params_resolution_from_dataset_files(lbm):
     data = lbm_data(lbm)
     assert data.normalization.centered_norm  # forced by the default std method
     assert isinstance(data.normalization.field_configs[GRIP], FieldNormalizationParams)
-    r = data.resolved()
+    r = resolve_robotics_data(data)
     assert r.camera_names == CAMS and r.image_indices == (-1, 0)
     assert r.image_names == ("scene_right_0_t-1", "wrist_left_plus_t-1", "scene_right_0_t0", "wrist_left_plus_t0")
     assert (r.action_dim, r.proprioception_dim) == (4, 3)
@@ -185,9 +192,9 @@ def test_params_resolution_from_dataset_files(lbm):
     n = r.normalization
     assert (n.lowdim_past_timesteps, n.lowdim_future_timesteps) == (1, 4) and n.include_fields == (PROP, ACT, GRIP)
     assert n.field_configs[ACT] == FieldNormalizationParams() and n.field_configs[PROP].method == "min_max"
-    assert r.resolved() == r  # idempotent
+    assert resolve_robotics_data(r) == r  # idempotent
     # unset windows default to the stats' window; JSON round trip keeps everything
-    full = lbm_data(lbm, lowdim_past_timesteps=None, lowdim_future_timesteps=None).resolved()
+    full = resolve_robotics_data(lbm_data(lbm, lowdim_past_timesteps=None, lowdim_future_timesteps=None))
     assert (full.lowdim_past_timesteps, full.lowdim_future_timesteps) == (1, 4)
     again = params_from_dict(json.loads(r.to_json()), family="data")
     assert again == r and again.normalization.field_configs[GRIP].scope == "per_timestep"
@@ -262,28 +269,30 @@ def test_param_errors(lbm, tmp_path):
         NormalizationParams(field_configs={ACT: {"scope": "episode"}})
     missing = os.path.join(str(tmp_path), "nowhere", "stats.json")
     with pytest.raises(ParamsError, match=r"nowhere/stats.json.* not found.*robotics.dataset_statistics"):
-        lbm_data(lbm, dataset_statistics=[missing]).resolved()
+        resolve_robotics_data(lbm_data(lbm, dataset_statistics=[missing]))
     with pytest.raises(ParamsError, match=r"robotics.dataset_statistics is empty"):
-        lbm_data(lbm, dataset_statistics=[]).resolved()
+        resolve_robotics_data(lbm_data(lbm, dataset_statistics=[]))
     with pytest.raises(ParamsError, match=r"robotics.action_dim = 5 but the action fields .* have 4 features"):
-        lbm_data(lbm, action_dim=5).resolved()
+        resolve_robotics_data(lbm_data(lbm, action_dim=5))
     with pytest.raises(ParamsError, match=r"robotics.proprioception_dim = 2 but .* have 3 features"):
-        lbm_data(lbm, proprioception_dim=2).resolved()
+        resolve_robotics_data(lbm_data(lbm, proprioception_dim=2))
     with pytest.raises(ParamsError, match=r"action_fields entry 'robot__nope' is not in the statistics"):
-        lbm_data(lbm, action_fields=["robot__nope"]).resolved()
+        resolve_robotics_data(lbm_data(lbm, action_fields=["robot__nope"]))
     with pytest.raises(ParamsError, match=r"robotics.action_fields is empty"):
-        lbm_data(lbm, action_fields=[]).resolved()
+        resolve_robotics_data(lbm_data(lbm, action_fields=[]))
     with pytest.raises(ParamsError, match=r"robotics.lowdim_future_timesteps = 5 exceeds the 4 steps"):
-        lbm_data(lbm, lowdim_future_timesteps=5).resolved()
+        resolve_robotics_data(lbm_data(lbm, lowdim_future_timesteps=5))
     # a second dataset whose preprocessing config names other cameras
     other = write_lbm(str(tmp_path / "other"), [lbm_sample(0)], cams=("scene_left_0",))
     with pytest.raises(ParamsError, match=r"camera_names is unset and the datasets disagree"):
-        lbm_data(lbm, dataset_manifest=[lbm, other]).resolved()
-    lbm_data(lbm, dataset_manifest=[lbm, other], camera_names=list(CAMS)).resolved()  # explicit cameras: fine
+        resolve_robotics_data(lbm_data(lbm, dataset_manifest=[lbm, other]))
+    resolve_robotics_data(
+        lbm_data(lbm, dataset_manifest=[lbm, other], camera_names=list(CAMS))
+    )  # explicit cameras: fine
     os.makedirs(tmp_path / "bare")
     bare = write_shards(str(tmp_path / "bare"), [lbm_sample(0)], samples_per_shard=4)
     with pytest.raises(ParamsError, match=r"preprocessing_config.yaml.*set robotics.camera_names"):
-        lbm_data(lbm, dataset_manifest=[bare]).resolved()
+        resolve_robotics_data(lbm_data(lbm, dataset_manifest=[bare]))
     with pytest.raises(DataError, match=r"robotics.processor is not set"):
         robotics_transform(lbm_data(lbm, processor=None))
     assert os.path.isfile(os.path.join(root, "stats.json"))
@@ -541,7 +550,7 @@ def reach_data(manifest: str, **kw) -> RoboticsDataParams:
 
 def test_reach_dataset_matches_the_env_and_the_contract(reach):
     manifest = reach["reach_val"]
-    data = reach_data(manifest).resolved()
+    data = resolve_robotics_data(reach_data(manifest))
     assert (data.image_names, data.action_dim, data.proprioception_dim) == (("scene_t0",), 2, 2)
     assert (data.lowdim_past_timesteps, data.lowdim_future_timesteps) == (1, 7)
     b = eval_batch(data, manifest, 12)
@@ -651,7 +660,7 @@ def test_bundled_reach_data_is_small_deterministic_and_readable(tmp_path):
             open(os.path.join(REACH, "val", name), "rb") as g,
         ):
             assert f.read() == g.read(), name
-    data = reach_data(os.path.join(REACH, "train", "manifest.jsonl")).resolved()
+    data = resolve_robotics_data(reach_data(os.path.join(REACH, "train", "manifest.jsonl")))
     assert len(ShardDataSource(data.dataset_manifest[0])) == 544 and data.action_dim == 2
     b = next(build_train_iterator(data, global_batch_size=8, num_batches=1))
     assert b["actions"].shape == (8, 9, 2) and np.isfinite(b["actions"]).all()

@@ -117,7 +117,7 @@ def test_captioning_with_cache_matches_full_recompute(model):
 
 def test_resolve_from_processor_and_mismatch_errors():
     from vla_foundry_jax.params.data_params import ImageCaptionDataParams
-    from vla_foundry_jax.params.resolve import resolve_vlm
+    from vla_foundry_jax.training.resolve import resolve_vlm
 
     # the processor directory makes 32 x 32 images; a 32-pixel ViT with 8-pixel patches and shuffle 2 gives 4 tokens
     data = ImageCaptionDataParams(

@@ -440,9 +440,9 @@ def test_policy_starts_from_the_vlm_run_and_freeze_keeps_it(reach_vlm_run, tmp_p
     """The loop's initial-weight load puts the vlm run into the policy's backbone; freeze leaves it untouched."""
     from vla_foundry_jax import parallel
     from vla_foundry_jax.models import load_weights
-    from vla_foundry_jax.params.resolve import resolve_experiment
     from vla_foundry_jax.registry import get_loss
     from vla_foundry_jax.training.optimizer import make_optimizer
+    from vla_foundry_jax.training.resolve import resolve_experiment
     from vla_foundry_jax.training.state import init_train_state, make_model_spec
     from vla_foundry_jax.training.step import make_train_step
 

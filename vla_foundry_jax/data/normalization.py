@@ -196,7 +196,7 @@ class Normalizer:
                 raise DataError(
                     f"Per-timestep normalisation of {field!r}: a {steps}-step window cannot be aligned with the "
                     f"{center.shape[0]}-step stats without normalization.lowdim_past_timesteps (resolve the data "
-                    "params first: RoboticsDataParams.resolved())."
+                    "params first: data.robotics.resolve_robotics_data)."
                 )
             return center, scale
         rows = stats_past - anchor + np.arange(steps)

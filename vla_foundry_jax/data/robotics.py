@@ -280,13 +280,13 @@ def _load_json(raw: bytes, name: str, where: str) -> Any:
 class RoboticsTransform:
     """Raw shard sample -> the per-sample arrays of the module docstring; used with ``MapDataset.random_map``.
 
-    ``data`` must be resolved (``RoboticsDataParams.resolved()``); ``train=False`` centres crops and skips the
+    ``data`` must be resolved (:func:`resolve_robotics_data`); ``train=False`` centres crops and skips the
     colour jitter (instructions are still drawn from the per-sample generator).
     """
 
     def __init__(self, data: Any, processor: VLMProcessor, normalizer: Normalizer, *, train: bool = True) -> None:
         if data.lowdim_past_timesteps is None or data.lowdim_future_timesteps is None or not data.image_names:
-            raise ValueError("RoboticsTransform needs resolved data params (RoboticsDataParams.resolved()).")
+            raise ValueError("RoboticsTransform needs resolved data params (data.robotics.resolve_robotics_data)).")
         self.data = data
         self.processor = processor
         self.normalizer = normalizer

@@ -107,7 +107,7 @@ def check_policy_params(params: DiffusionPolicyParams) -> None:
     if params.action_dim is None or params.action_dim <= 0:
         raise ParamsError(
             f"diffusion_policy.action_dim = {params.action_dim} must be a positive int; robotics data fills it from "
-            "its stats.json (params/resolve.py), otherwise bind `diffusion_policy.action_dim`."
+            "its stats.json (training/resolve.py), otherwise bind `diffusion_policy.action_dim`."
         )
     if params.proprioception_dim < 0:
         raise ParamsError(f"diffusion_policy.proprioception_dim = {params.proprioception_dim} must be >= 0.")

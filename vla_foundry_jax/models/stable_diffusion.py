@@ -384,42 +384,6 @@ def save_image_grid(images: Any, path: str, ncols: int | None = None, *, scale: 
 # ------------------------------------------------------------------------------------------------ data, prompts, runs
 
 
-def resolve_stable_diffusion(model: StableDiffusionParams, data: Any) -> tuple[StableDiffusionParams, Any]:
-    """Shared attributes of a stable-diffusion experiment (called by ``params.resolve.resolve_experiment``).
-
-    The data must be ``image_caption`` read with ``image_caption.processor = "stable_diffusion"``; its
-    ``image_size`` becomes ``unet.image_size`` (the original's ``ImageCaptionDataParams`` rule); with a text
-    encoder its ``tokenizer`` defaults to ``clip.hf_pretrained`` (the CLIP tokenizer of the same checkpoint), and
-    the padded prompt length ``seq_len + 1`` must fit the text tower's ``max_position_embeddings`` (longer captions
-    are truncated to ``seq_len + 1`` tokens, keeping their end-of-text token).
-    """
-    from vla_foundry_jax.data.processor import STABLE_DIFFUSION
-
-    where = getattr(data, "gin_name", "data")
-    if getattr(data, "type", None) != "image_caption" or getattr(data, "processor", None) != STABLE_DIFFUSION:
-        raise ParamsError(
-            f"stable_diffusion trains on image_caption data read with the stable_diffusion processor; got data type "
-            f"{getattr(data, 'type', None)!r} with processor {getattr(data, 'processor', None)!r}. Set "
-            "experiment.data = @image_caption() and image_caption.processor = 'stable_diffusion'."
-        )
-    if model.unet.in_channels != 3:
-        raise ParamsError(f"stable_diffusion.unet.in_channels = {model.unet.in_channels}: image data is RGB (3).")
-    if data.image_size != model.unet.image_size:
-        logger.info("%s.image_size %d -> unet.image_size %d", where, data.image_size, model.unet.image_size)
-        data = data.replace(image_size=model.unet.image_size)
-    if model.clip.hf_pretrained is not None:
-        if data.tokenizer is None:
-            data = data.replace(tokenizer=model.clip.hf_pretrained)
-        max_pos = clip_config(model.clip).text.max_position_embeddings
-        if data.seq_len + 1 > max_pos:
-            raise ParamsError(
-                f"{where}.seq_len = {data.seq_len}: prompts are padded to seq_len + 1 = {data.seq_len + 1} tokens but "
-                f"the CLIP text tower of clip.hf_pretrained = {model.clip.hf_pretrained!r} has {max_pos} positions; "
-                f"set {where}.seq_len <= {max_pos - 1} (longer captions are truncated)."
-            )
-    return model, data
-
-
 def prompt_tokenizer(exp: Any) -> Any:
     """The run's prompt tokenizer: ``data.tokenizer`` (resolved to ``clip.hf_pretrained``), else the CLIP path."""
     from transformers import AutoTokenizer

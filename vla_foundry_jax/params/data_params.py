@@ -198,20 +198,6 @@ class ImageCaptionDataParams(DataParams):
         if self.image_size <= 0:
             raise ParamsError(f"image_caption.image_size must be positive, got {self.image_size}.")
 
-    @property
-    def image_token_id(self) -> int:
-        """Id of ``<image>`` in the processor's tokenizer (loads the processor)."""
-        from vla_foundry_jax.data.processor import processor_for_data
-
-        return processor_for_data(self).image_token_id
-
-    @property
-    def pad_token_id(self) -> int:
-        """The processor's pad id (loads the processor)."""
-        from vla_foundry_jax.data.processor import processor_for_data
-
-        return processor_for_data(self).pad_token_id
-
 
 # ---------------------------------------------------------------- robotics
 
@@ -312,7 +298,8 @@ class RoboticsDataParams(DataParams):
 
     Files beside each ``manifest.jsonl``: ``preprocessing_config.yaml`` (window and cameras), ``stats.json``
     (listed in ``dataset_statistics``). Several fields are derived from them when the experiment is resolved
-    (:meth:`resolved`): ``camera_names`` / ``image_indices`` (each dataset's preprocessing config; they must agree),
+    (``data.robotics.resolve_robotics_data``): ``camera_names`` / ``image_indices`` (each dataset's preprocessing
+    config; they must agree),
     ``image_names`` (``f"{camera}_t{index}"``, time-major then camera), ``lowdim_past_timesteps`` /
     ``lowdim_future_timesteps`` (default: the normalisation window; the stats' window may not be exceeded),
     ``action_dim`` / ``proprioception_dim`` (sum of the fields' feature sizes in the stats; a given value must
@@ -398,24 +385,3 @@ class RoboticsDataParams(DataParams):
     def text_length(self) -> int:
         """Static length of ``input_ids``: ``max_text_seq_len``, else ``seq_len``."""
         return self.max_text_seq_len if self.max_text_seq_len is not None else self.seq_len
-
-    @property
-    def image_token_id(self) -> int:
-        """Id of ``<image>`` in the processor's tokenizer (loads the processor)."""
-        from vla_foundry_jax.data.processor import processor_for_data
-
-        return processor_for_data(self).image_token_id
-
-    @property
-    def pad_token_id(self) -> int:
-        """The processor's pad id (loads the processor)."""
-        from vla_foundry_jax.data.processor import processor_for_data
-
-        return processor_for_data(self).pad_token_id
-
-    def resolved(self) -> RoboticsDataParams:
-        """A copy with every derived field filled from the files beside the manifests and stats (idempotent);
-        see ``data.robotics.resolve_robotics_data``."""
-        from vla_foundry_jax.data.robotics import resolve_robotics_data
-
-        return resolve_robotics_data(self)

@@ -22,10 +22,10 @@ from vla_foundry_jax import checkpoint as ckpt_lib
 from vla_foundry_jax import parallel
 from vla_foundry_jax.models import load_weights
 from vla_foundry_jax.params import ParamsError, TrainExperimentParams
-from vla_foundry_jax.params.resolve import resolve_experiment
 from vla_foundry_jax.registry import get_loss, model_record
 from vla_foundry_jax.training.metrics import MetricsWriter
 from vla_foundry_jax.training.optimizer import make_optimizer
+from vla_foundry_jax.training.resolve import resolve_experiment
 from vla_foundry_jax.training.state import ModelSpec, count_params, init_train_state, make_model_spec
 from vla_foundry_jax.training.step import make_train_step
 

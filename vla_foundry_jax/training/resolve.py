@@ -7,9 +7,14 @@ function from an experiment to a completed experiment.
 from __future__ import annotations
 
 import logging
+from typing import Any
 
-from vla_foundry_jax.params.base import ParamsError
-from vla_foundry_jax.params.train_params import TrainExperimentParams
+from vla_foundry_jax.data.processor import STABLE_DIFFUSION, processor_for_data
+from vla_foundry_jax.data.robotics import resolve_robotics_data
+from vla_foundry_jax.data.text import tokenizer_info
+from vla_foundry_jax.models.clip import clip_config
+from vla_foundry_jax.models.vlm import image_tokens_per_image, vision_geometry
+from vla_foundry_jax.params import ParamsError, StableDiffusionParams, TrainExperimentParams
 
 
 def resolve_experiment(exp: TrainExperimentParams) -> TrainExperimentParams:
@@ -27,18 +32,14 @@ def resolve_experiment(exp: TrainExperimentParams) -> TrainExperimentParams:
     data = exp.data.replace(seed=exp.hparams.seed)
     model = exp.model
     if data.type == "robotics":
-        data = data.resolved()
+        data = resolve_robotics_data(data)
     if model.type == "vlm":
         model = resolve_vlm(model, data)
     if model.type == "diffusion_policy":
         model = resolve_diffusion_policy(model, data)
     if model.type == "stable_diffusion":
-        from vla_foundry_jax.models.stable_diffusion import resolve_stable_diffusion
-
         model, data = resolve_stable_diffusion(model, data)
     if data.type == "text_untokenized" and model.type == "transformer":
-        from vla_foundry_jax.data.text import tokenizer_info
-
         vocab_len, _ = tokenizer_info(data)
         if model.vocab_size < vocab_len:
             raise ParamsError(
@@ -58,9 +59,6 @@ def resolve_vlm(model, data):
     language model's ``vocab_size`` becomes ``len(tokenizer)`` when it holds the transformer default
     (50432, 0) as in the original. The data's ``img_num_tokens`` and ``image_size`` must agree with the ViT.
     """
-    from vla_foundry_jax.data.processor import processor_for_data
-    from vla_foundry_jax.models.vlm import image_tokens_per_image, vision_geometry
-
     processor_name = model.processor or getattr(data, "processor", None)
     if not processor_name or not hasattr(data, "img_num_tokens"):
         if model.image_token_id is None:
@@ -137,3 +135,37 @@ def resolve_diffusion_policy(model, data):
                 "normalised to [0, 1]); set normalization.centered_norm = True or a different clamp_range."
             )
     return model.replace(**changes) if changes else model
+
+
+def resolve_stable_diffusion(model: StableDiffusionParams, data: Any) -> tuple[StableDiffusionParams, Any]:
+    """Shared attributes of a stable-diffusion experiment (called by :func:`resolve_experiment`).
+
+    The data must be ``image_caption`` read with ``image_caption.processor = "stable_diffusion"``; its
+    ``image_size`` becomes ``unet.image_size`` (the original's ``ImageCaptionDataParams`` rule); with a text
+    encoder its ``tokenizer`` defaults to ``clip.hf_pretrained`` (the CLIP tokenizer of the same checkpoint), and
+    the padded prompt length ``seq_len + 1`` must fit the text tower's ``max_position_embeddings`` (longer captions
+    are truncated to ``seq_len + 1`` tokens, keeping their end-of-text token).
+    """
+    where = getattr(data, "gin_name", "data")
+    if getattr(data, "type", None) != "image_caption" or getattr(data, "processor", None) != STABLE_DIFFUSION:
+        raise ParamsError(
+            f"stable_diffusion trains on image_caption data read with the stable_diffusion processor; got data type "
+            f"{getattr(data, 'type', None)!r} with processor {getattr(data, 'processor', None)!r}. Set "
+            "experiment.data = @image_caption() and image_caption.processor = 'stable_diffusion'."
+        )
+    if model.unet.in_channels != 3:
+        raise ParamsError(f"stable_diffusion.unet.in_channels = {model.unet.in_channels}: image data is RGB (3).")
+    if data.image_size != model.unet.image_size:
+        logging.info("%s.image_size %d -> unet.image_size %d", where, data.image_size, model.unet.image_size)
+        data = data.replace(image_size=model.unet.image_size)
+    if model.clip.hf_pretrained is not None:
+        if data.tokenizer is None:
+            data = data.replace(tokenizer=model.clip.hf_pretrained)
+        max_pos = clip_config(model.clip).text.max_position_embeddings
+        if data.seq_len + 1 > max_pos:
+            raise ParamsError(
+                f"{where}.seq_len = {data.seq_len}: prompts are padded to seq_len + 1 = {data.seq_len + 1} tokens but "
+                f"the CLIP text tower of clip.hf_pretrained = {model.clip.hf_pretrained!r} has {max_pos} positions; "
+                f"set {where}.seq_len <= {max_pos - 1} (longer captions are truncated)."
+            )
+    return model, data
