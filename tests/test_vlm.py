@@ -136,6 +136,9 @@ def test_resolve_from_processor_and_mismatch_errors():
         resolve_vlm(params(), data)
     with pytest.raises(ParamsError, match=r"makes \(32, 32\) images but vit.img_size = 16"):
         resolve_vlm(params(img=16), data)
+    # the processor and the ViT agree on 32 but the data says 224: loud, not silently ignored
+    with pytest.raises(ParamsError, match=r"image_caption.image_size = 224 but .* take 32 x 32 images"):
+        resolve_vlm(params(vocab=50432), data.replace(image_size=224))
 
 
 def test_llm_to_vlm_transformer_weights_arrive_and_vocab_grows(tmp_path):

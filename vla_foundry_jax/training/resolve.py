@@ -90,6 +90,11 @@ def resolve_vlm(model, data):
             f"the processor {processor_name!r} makes {info.image_size} images but {what} = {side}; set "
             f"{data.gin_name}.image_size (or the processor's size) equal to {side}."
         )
+    if data.image_size != side:
+        raise ParamsError(
+            f"{data.gin_name}.image_size = {data.image_size} but the ViT and the processor {processor_name!r} take "
+            f"{side} x {side} images; set {data.gin_name}.image_size = {side}."
+        )
     vocab = getattr(model.transformer, "vocab_size", None)
     if model.transformer.type == "transformer" and vocab < info.vocab_len:
         raise ParamsError(
