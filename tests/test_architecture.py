@@ -150,7 +150,7 @@ def test_every_model_type_has_one_complete_record(key):
         assert key in WITH_HF_PRETRAINED and callable(record.weight_loader), f"{key} names weights it cannot load"
     if "pretrained" in record.params.__dataclass_fields__:
         assert callable(record.weight_loader)
-    for field in ("loss", "weight_loader", "batch_check", "frozen_paths", "resume_loader"):
+    for field in ("loss", "weight_loader", "batch_check", "frozen_paths", "resume_loader", "eval_metrics"):
         value = getattr(record, field)
         assert value is None or callable(value)
 

@@ -55,7 +55,11 @@ def chain(tmp_path_factory):
     _train(
         "chain_vla.gin",
         vla,
-        [f"vlm_foundry_backbone.resume_from_checkpoint = '{vlm}'", "vlm_foundry_backbone.freeze = True"],
+        [
+            f"vlm_foundry_backbone.resume_from_checkpoint = '{vlm}'",
+            "vlm_foundry_backbone.freeze = True",
+            "experiment.total_val_samples = 8",  # validation with the policy's sampled-action error
+        ],
     )
     return llm, vlm, vla
 
@@ -83,8 +87,12 @@ def test_policy_token_table_has_the_action_row(chain):
 def test_policy_trains_and_evaluates(chain):
     _, _, vla = chain
     with open(os.path.join(vla, "metrics.jsonl")) as f:
-        losses = [json.loads(line)["loss"] for line in f]
+        rows = [json.loads(line) for line in f]
+    losses = [r["loss"] for r in rows if "loss" in r]
     assert len(losses) >= 1 and all(np.isfinite(losses))
+    (val,) = [r for r in rows if "val_loss" in r]
+    assert val["step"] == STEPS and val["val_samples"] == 8
+    assert np.isfinite(val["val_loss"]) and 0.0 < val["val_action_mse"] < 10.0
     proc = subprocess.run(
         [sys.executable, "-m", "launch.eval_policy", f"--run_dir={vla}", "--num_episodes=2"],
         cwd=ROOT,

@@ -41,6 +41,8 @@ class ModelRecord:
     ``frozen_paths(params) -> [path tuple, ...]`` are module paths the type freezes by its own flags.
     ``resume_loader(params, states, prefix) -> states`` replaces the same-type weights-only restore when a
     sub-model's ``resume_from_checkpoint`` names a run of another type (a ``vlm`` run into a backbone).
+    ``eval_metrics(model, batch, rng) -> {name: scalar}``: held-out figures beyond the loss that validation during
+    training logs (a policy's sampled-action error); traceable under ``jax.jit``.
     """
 
     params: type
@@ -50,6 +52,7 @@ class ModelRecord:
     batch_check: Callable[..., Any] | None = None
     frozen_paths: Callable[..., Any] | None = None
     resume_loader: Callable[..., Any] | None = None
+    eval_metrics: Callable[..., Any] | None = None
 
     @property
     def type(self) -> str:

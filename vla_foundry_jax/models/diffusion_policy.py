@@ -517,6 +517,13 @@ def model_from_state(spec: Any, state: dict[str, Any], *, use_ema: bool = True) 
     return spec.merge(params, state["frozen"], state["rest"])
 
 
+def policy_eval_metrics(model: DiffusionPolicy, batch: dict[str, Any], rng: jax.Array) -> dict[str, jax.Array]:
+    """``val_action_mse``: actions sampled with the model's default inference steps against the data's, masked MSE
+    over the future steps in the normalised action space."""
+    pred = sample_actions(model, batch, rng)
+    return {"val_action_mse": masked_mse(pred, batch["actions"], batch["future_mask"])}
+
+
 register_model(
     ModelRecord(
         params=DiffusionPolicyParams,
@@ -524,5 +531,6 @@ register_model(
         loss=diffusion_policy_loss,
         batch_check=check_policy_batch,
         frozen_paths=policy_frozen_paths,
+        eval_metrics=policy_eval_metrics,
     )
 )

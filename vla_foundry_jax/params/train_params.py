@@ -151,3 +151,9 @@ class TrainExperimentParams(BaseParams):
             raise ParamsError(f"experiment.num_checkpoints must be positive, got {self.num_checkpoints}.")
         if self.max_checkpoint_limit is not None and self.max_checkpoint_limit <= 0:
             raise ParamsError("experiment.max_checkpoint_limit must be positive (or None to keep all).")
+        if self.total_val_samples is not None and self.total_val_samples <= 0:
+            raise ParamsError(f"experiment.total_val_samples must be positive (or None), got {self.total_val_samples}.")
+        if self.val_every_n_checkpoints <= 0:
+            raise ParamsError(
+                f"experiment.val_every_n_checkpoints must be positive, got {self.val_every_n_checkpoints}."
+            )

@@ -28,6 +28,7 @@ from vla_foundry_jax.training.optimizer import make_optimizer
 from vla_foundry_jax.training.resolve import resolve_experiment
 from vla_foundry_jax.training.state import ModelSpec, count_params, init_train_state, make_model_spec
 from vla_foundry_jax.training.step import make_train_step
+from vla_foundry_jax.training.validation import make_validator
 
 
 @dataclasses.dataclass
@@ -168,6 +169,7 @@ def train(exp: TrainExperimentParams, *, gin_config: str | None = None) -> Train
         total_steps=budget.total_steps,
         state_shardings=state_shardings,
     )
+    validator = make_validator(exp, spec, get_loss(exp.model.type), mesh)
     iterator = build_train_iterator(
         exp.data,
         global_batch_size=hp.global_batch_size,
@@ -219,6 +221,11 @@ def train(exp: TrainExperimentParams, *, gin_config: str | None = None) -> Train
         bar.update(1)
         if done in budget.checkpoint_steps:
             checkpointer.save(done, state, exp, iterator.get_state())
+            index = budget.checkpoint_steps.index(done) + 1
+            if validator is not None and validator.due(index):
+                val = validator(state)
+                writer.write(done, val)
+                logging.info("step %d validation: %s", done, " ".join(f"{k} {v:.4g}" for k, v in val.items()))
     bar.close()
     checkpointer.wait()
     checkpointer.close()

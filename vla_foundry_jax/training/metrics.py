@@ -34,7 +34,8 @@ class MetricsWriter:
         if self._tb is not None:
             for k, v in record.items():
                 if k != "step" and isinstance(v, (int, float)):
-                    self._tb.add_scalar(f"train/{k}", v, step)
+                    tag = f"val/{k[4:]}" if k.startswith("val_") else f"train/{k}"
+                    self._tb.add_scalar(tag, v, step)
 
     def close(self) -> None:
         if self._jsonl is not None:
