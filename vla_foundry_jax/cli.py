@@ -1,0 +1,54 @@
+"""Entry-point plumbing: every ``launch/`` script runs its ``main`` through :func:`run`.
+
+Expected errors (the project's :class:`~vla_foundry_jax.errors.VLAFoundryError` classes and missing or unreadable
+files) print one line ``error: <message>`` on stderr and exit with status 2; ``VLA_FOUNDRY_TRACEBACK=1`` in the
+environment shows the traceback instead. Anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from absl import app
+
+from vla_foundry_jax.errors import VLAFoundryError
+
+EXIT_USAGE = 2
+TRACEBACK_ENV = "VLA_FOUNDRY_TRACEBACK"
+FILE_ERRORS = (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
+
+
+def error_line(exc: BaseException) -> str:
+    """The one line (or short block) printed for an expected error."""
+    if isinstance(exc, FILE_ERRORS) and exc.filename is not None:
+        return f"error: {exc.strerror or type(exc).__name__}: {exc.filename!r}"
+    return f"error: {exc}"
+
+
+def fail(message: str) -> None:
+    """Print ``error: message`` and exit 2 (for checks made in a launch script itself)."""
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    sys.exit(EXIT_USAGE)
+
+
+def guarded(main: Callable[[list[str]], Any]) -> Callable[[list[str]], Any]:
+    """``main`` with expected errors turned into ``error: ...`` and exit status 2."""
+
+    def wrapped(argv: list[str]) -> Any:
+        try:
+            return main(argv)
+        except (VLAFoundryError, *FILE_ERRORS) as exc:
+            if os.environ.get(TRACEBACK_ENV, "") not in ("", "0"):
+                raise
+            print(error_line(exc), file=sys.stderr, flush=True)
+            sys.exit(EXIT_USAGE)
+
+    return wrapped
+
+
+def run(main: Callable[[list[str]], Any]) -> None:
+    """``absl.app.run(main)`` with the project's error reporting (module docstring)."""
+    app.run(guarded(main))
