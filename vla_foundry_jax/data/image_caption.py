@@ -15,41 +15,35 @@ With the ``stable_diffusion`` processor (``image_caption.processor = "stable_dif
 ``attention_mask`` int32 ``[seq_len + 1]`` (CLIP tokens of the bare caption; see
 ``data.processor.StableDiffusionProcessor``), so batches are ``pixel_values [B, s, s, 3]``.
 
-Missing members are dataset errors: a sample without a caption or an image raises ``DataError`` naming the
-shard, the key and the fields found (the original silently drops such samples, which a random-access source
-cannot do without changing its length).
-
-Corrupted images (bytes PIL cannot decode): **skip and count**. ``ImageCaptionSource`` replaces the sample by
-the next sample of the same dataset (index + 1, + 2, ... modulo its length) that decodes, logs a warning
-naming shard and key (the first 20 distinct ones), and counts: ``skipped`` (replacements made by this process)
-and ``corrupt_keys`` (distinct ``shard/key`` seen). The replacement is deterministic, so a resumed run reads
-the same samples; the neighbour is then seen twice in that epoch. More than ``max_consecutive_corrupt``
-undecodable samples in a row raise ``DataError`` (a broken dataset, not a stray file).
+Bad samples (``BadSampleError``; skipped, warned and counted by the pipeline as for every modality, see
+``data.bad_samples``): a sample without a caption or an image (the original drops such samples), a caption that
+is not UTF-8, and image bytes PIL cannot decode (``CorruptImageError``). The replacement is the next element of
+the same dataset, so it is deterministic and a resumed run reads the same samples; the neighbour is then seen
+twice in that epoch. ``ImageCaptionSource`` applies the same policy to decoded samples for direct reading.
 """
 
 from __future__ import annotations
 
 import io
 import json
-import logging
-import threading
 from typing import Any
 
+import grain
 import numpy as np
 
 from vla_foundry_jax.data.augment import augment_images
+from vla_foundry_jax.data.bad_samples import MAX_CONSECUTIVE_BAD, BadSampleLog, SkipBadSamples
 from vla_foundry_jax.data.processor import StableDiffusionProcessor, VLMProcessor, caption_text
-from vla_foundry_jax.data.shards import DataError, ShardDataSource
+from vla_foundry_jax.data.shards import BadSampleError, ShardDataSource
 from vla_foundry_jax.data.text import pad_or_truncate, sample_text
 from vla_foundry_jax.params.data_params import DataAugmentationParams
 
 IMAGE_FIELDS = ("jpg", "png", "jpeg", "webp")
 CAPTION_FIELD = "txt"
 METADATA_FIELD = "json"
-_MAX_LOGGED = 20
 
 
-class CorruptImageError(DataError):
+class CorruptImageError(BadSampleError):
     """Image bytes that PIL cannot decode."""
 
 
@@ -66,8 +60,10 @@ def image_field(sample: dict[str, Any]) -> str | None:
     return None
 
 
-def decode_image(data: bytes, *, where: str = "image") -> np.ndarray:
-    """Image bytes -> RGB uint8 ``[H, W, 3]`` (PIL; palette, grey and alpha images converted to RGB)."""
+def decode_image(data: bytes, *, where: str = "image", sample: dict[str, Any] | None = None) -> np.ndarray:
+    """Image bytes -> RGB uint8 ``[H, W, 3]`` (PIL; palette, grey and alpha images converted to RGB).
+
+    Undecodable bytes raise ``CorruptImageError`` (naming the shard and key of the raw ``sample`` when given)."""
     from PIL import Image
 
     try:
@@ -75,35 +71,39 @@ def decode_image(data: bytes, *, where: str = "image") -> np.ndarray:
             im.load()
             return np.asarray(im.convert("RGB"), dtype=np.uint8)
     except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as e:
-        raise CorruptImageError(f"{where}: cannot decode the image ({type(e).__name__}: {e}).") from e
+        raise CorruptImageError.of(sample or {}, f"{where}: cannot decode the image ({type(e).__name__}: {e}).") from e
 
 
 def decode_sample(sample: dict[str, Any]) -> dict[str, Any]:
     """Raw shard sample -> ``{"__key__", "__shard__", "caption": str, "image": uint8 [H, W, 3], "metadata"}``.
 
-    Raises ``DataError`` for a missing caption / image and ``CorruptImageError`` for undecodable image bytes.
+    Raises ``BadSampleError`` for a missing caption / image or a caption that is not UTF-8, and its subclass
+    ``CorruptImageError`` for undecodable image bytes.
     """
     where = _where(sample)
     fields = sorted(k for k in sample if not k.startswith("__"))
     field = image_field(sample)
     if field is None:
-        raise DataError(
+        raise BadSampleError.of(
+            sample,
             f"image_caption data: {where} has no image member (<key>.jpg/.png/.jpeg/.webp); fields: {fields}. "
-            "Is this manifest really image_caption data (data.dataset_modality)?"
+            "Is this manifest really image_caption data (data.dataset_modality)?",
         )
     if CAPTION_FIELD not in sample:
-        raise DataError(f"image_caption data: {where} has no caption member (<key>.txt); fields: {fields}.")
+        raise BadSampleError.of(
+            sample, f"image_caption data: {where} has no caption member (<key>.txt); fields: {fields}."
+        )
     try:
         caption = sample[CAPTION_FIELD].decode("utf-8").strip()
     except UnicodeDecodeError as e:
-        raise DataError(f"image_caption data: the caption of {where} is not UTF-8: {e}") from e
+        raise BadSampleError.of(sample, f"image_caption data: the caption of {where} is not UTF-8: {e}") from e
     metadata = None
     if METADATA_FIELD in sample:
         try:
             metadata = json.loads(sample[METADATA_FIELD])
         except (json.JSONDecodeError, UnicodeDecodeError):
             metadata = None  # metadata is informative only
-    image = decode_image(sample[field], where=f"image_caption data: {where}")
+    image = decode_image(sample[field], where=f"image_caption data: {where}", sample=sample)
     return {
         "__key__": sample["__key__"],
         "__shard__": sample["__shard__"],
@@ -114,44 +114,35 @@ def decode_sample(sample: dict[str, Any]) -> dict[str, Any]:
 
 
 class ImageCaptionSource:
-    """Random-access source of decoded image-caption samples over a :class:`ShardDataSource`; corrupted images
-    are skipped and counted (see the module docstring)."""
+    """Random-access decoded image-caption samples (``decode_sample``) over a :class:`ShardDataSource`, with the
+    bad-sample policy of ``data.bad_samples``: a bad sample is replaced by the next good one (index + 1, + 2,
+    ... modulo the length). ``skipped``: replacements made so far; ``corrupt_keys``: distinct ``shard/key`` met."""
 
-    def __init__(self, source: ShardDataSource, *, max_consecutive_corrupt: int = 16) -> None:
+    def __init__(self, source: ShardDataSource, *, max_consecutive_corrupt: int = MAX_CONSECUTIVE_BAD) -> None:
         self.source = source
-        self.max_consecutive_corrupt = max_consecutive_corrupt
-        self._lock = threading.Lock()
-        self.skipped = 0
-        self.corrupt_keys: set[str] = set()
+        self.log = BadSampleLog()
+        self._decoded = SkipBadSamples(
+            grain.MapDataset.source(source).map(decode_sample),
+            self.log,
+            [source],
+            max_consecutive=max_consecutive_corrupt,
+            count_key=None,
+            what=f"image_caption data {source.manifest_path!r}",
+        )
+
+    @property
+    def skipped(self) -> int:
+        return self.log.count
+
+    @property
+    def corrupt_keys(self) -> set[str]:
+        return set(self.log.keys)
 
     def __len__(self) -> int:
         return len(self.source)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        n = len(self.source)
-        index = int(index) % n
-        errors: list[str] = []
-        for k in range(min(self.max_consecutive_corrupt + 1, n)):
-            raw = self.source[(index + k) % n]
-            try:
-                return decode_sample(raw)
-            except CorruptImageError as e:
-                self._record(raw, e)
-                errors.append(str(e))
-        raise DataError(
-            f"image_caption data {self.source.manifest_path!r}: {len(errors)} consecutive samples from index {index} "
-            f"have undecodable images (the dataset looks broken); first: {errors[0]}"
-        )
-
-    def _record(self, raw: dict[str, Any], error: Exception) -> None:
-        name = f"{raw.get('__shard__')}/{raw.get('__key__')}"
-        with self._lock:
-            self.skipped += 1
-            new = name not in self.corrupt_keys
-            self.corrupt_keys.add(name)
-            log = new and len(self.corrupt_keys) <= _MAX_LOGGED
-        if log:
-            logging.warning("Skipping a corrupted image (replaced by the next sample): %s", error)
+        return self._decoded[int(index)]
 
     def __repr__(self) -> str:
         return f"ImageCaptionSource({self.source!r}, skipped={self.skipped})"
@@ -178,7 +169,7 @@ class ImageCaptionTransform:
         self.append_eos = append_eos
 
     def __call__(self, sample: dict[str, Any], rng: np.random.Generator | None = None) -> dict[str, np.ndarray]:
-        if "image" not in sample:  # a raw shard sample (not from ImageCaptionSource)
+        if "image" not in sample:  # a raw shard sample (not yet decoded by ImageCaptionSource)
             sample = decode_sample(sample)
         (image,) = augment_images(
             [sample["image"]], self.augmentation, rng, train=self.train, where=f"image_caption data: {_where(sample)}"
@@ -205,9 +196,10 @@ class ProcessorTextTransform:
     def __call__(self, sample: dict[str, Any], rng: np.random.Generator | None = None) -> dict[str, np.ndarray]:
         del rng
         if self.field not in sample:
-            raise DataError(
-                f"text_untokenized data: {_where(sample)} has no {self.field!r} member (fields: {sorted(sample)})."
+            raise BadSampleError.of(
+                sample,
+                f"text_untokenized data: {_where(sample)} has no {self.field!r} member (fields: {sorted(sample)}).",
             )
-        text = sample_text(sample[self.field], where=_where(sample))
+        text = sample_text(sample[self.field], where=_where(sample), sample=sample)
         ids = np.asarray(self.processor.token_ids(text), dtype=np.int64)
         return pad_or_truncate(ids, self.seq_len + 1, self.processor.pad_token_id)

@@ -6,9 +6,14 @@ Per manifest i (grain ``MapDataset`` chain)::
            -> repeat()                 if data.allow_multiple_epochs (reshuffled each epoch)
            -> random_map(modality transform, seed'_i)      (decode / window / tokenize / augment + process)
 
-The source is a ``ShardDataSource`` (raw members), or for ``image_caption`` an ``ImageCaptionSource`` that
-decodes the image and skips corrupted ones (see ``data.image_caption``). ``robotics`` samples (the original's
-robotics layout) are windowed, normalised and processed by ``data.robotics.RoboticsTransform``.
+           -> SkipBadSamples                                (a bad sample -> the next good one, counted)
+
+The source is a ``ShardDataSource`` (raw members); the transform decodes them (``data.text``,
+``data.image_caption``; ``robotics`` samples, the original's robotics layout, are windowed, normalised and
+processed by ``data.robotics.RoboticsTransform``). Bad samples follow one policy in every modality (see
+``data.bad_samples``): skipped (replaced by the next element), warned once per shard, counted exactly per batch
+(``TrainIterator.bad_samples`` / ``bad_sample_stats``), and the iterator stops with a ``DataError`` once they
+pass ``data.max_bad_sample_fraction`` of the samples it yields.
 
 Mixing. When every used manifest has the same modality, samples are mixed: ``MapDataset.mix(datasets,
 dataset_weighting)`` (grain's deterministic interleave: every window of sum(proportions) consecutive samples
@@ -38,13 +43,14 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import grain
 import numpy as np
 
-from vla_foundry_jax.data.image_caption import ImageCaptionSource, ImageCaptionTransform, ProcessorTextTransform
+from vla_foundry_jax.data.bad_samples import BadSampleBudget, BadSampleLog, SkipBadSamples
+from vla_foundry_jax.data.image_caption import ImageCaptionTransform, ProcessorTextTransform
 from vla_foundry_jax.data.shards import DataError, ShardDataSource
 from vla_foundry_jax.data.text import TextTransform, TextUntokenizedTransform, load_tokenizer, tokenizer_name
 
@@ -99,7 +105,7 @@ def _source_and_transform(data: Any, modality: str, manifest: str, *, train: boo
         return ShardDataSource(manifest), TextUntokenizedTransform(data.seq_len, name)
     processor = _processor(data, modality, manifest)
     transform = ImageCaptionTransform(processor, data.seq_len, data.augmentation, train=train)
-    return ImageCaptionSource(ShardDataSource(manifest)), transform
+    return ShardDataSource(manifest), transform  # the transform decodes (a corrupt image is a bad sample)
 
 
 class _BatchSelect(grain.MapDataset):
@@ -155,9 +161,14 @@ class TrainIterator(Iterator[dict[str, np.ndarray]]):
     ``"pixel_values": float32 [b, 1, H, W, 3]`` for image_caption batches; robotics batches hold the arrays of
     ``data.robotics`` (``input_ids``, ``attention_mask``, ``pixel_values [b, N, H, W, 3]``, ``actions``, masks, ...).
 
-    ``get_state()`` is JSON-serialisable: ``{"version": 1, "next_batch": k, "fingerprint": {...}}`` where k
-    counts the batches already returned. It is a *global* position (global batch k), so it can be restored
-    with any process count. ``set_state`` restarts the grain iterator at batch k, exactly where it stopped.
+    ``get_state()`` is JSON-serialisable: ``{"version": 1, "next_batch": k, "fingerprint": {...},
+    "bad_samples": n}`` where k counts the batches already returned. It is a *global* position (global batch k),
+    so it can be restored with any process count. ``set_state`` restarts the grain iterator at batch k, exactly
+    where it stopped (and restores this host's bad-sample count).
+
+    ``bad_samples``: bad samples skipped (replaced) to fill the batches returned so far on this host; exact and
+    deterministic. ``bad_sample_stats``: that count, its fraction of the planned samples and the per-shard counts,
+    for metrics. Past ``data.max_bad_sample_fraction`` of the planned samples, ``next`` raises ``DataError``.
     """
 
     def __init__(
@@ -172,6 +183,7 @@ class TrainIterator(Iterator[dict[str, np.ndarray]]):
         dataset_sizes: list[int],
         sources: list[Any] = (),
         batch_datasets: np.ndarray | None = None,
+        budget: BadSampleBudget | None = None,
     ) -> None:
         self._ds = host_batches
         self._fingerprint = fingerprint
@@ -188,11 +200,23 @@ class TrainIterator(Iterator[dict[str, np.ndarray]]):
         self.batch_datasets = batch_datasets
         self._next = 0
         self._it: Any = None
+        planned = self.num_batches * host_batch_size
+        self._budget = budget or BadSampleBudget(BadSampleLog(), fraction=1.0, planned=planned, field="data")
+
+    @property
+    def bad_samples(self) -> int:
+        """Bad samples skipped (replaced by the next good one) to fill this host's batches returned so far."""
+        return self._budget.count
+
+    @property
+    def bad_sample_stats(self) -> dict[str, Any]:
+        """``{"bad_samples", "bad_sample_fraction", "bad_samples_by_shard"}`` (see ``BadSampleBudget.stats``)."""
+        return self._budget.stats()
 
     @property
     def corrupt_images_skipped(self) -> int:
-        """Corrupted images replaced by their neighbour so far in this process (image_caption sources)."""
-        return sum(getattr(src, "skipped", 0) for src in self.sources)
+        """Bad samples skipped so far (the former image-only counter; every modality counts now)."""
+        return self.bad_samples
 
     def _start(self) -> None:
         self.close()
@@ -209,8 +233,10 @@ class TrainIterator(Iterator[dict[str, np.ndarray]]):
             raise StopIteration
         if self._it is None:
             self._start()
-        batch = next(self._it)
+        batch = self._budget.take(next(self._it))
         self._next += 1
+        if self._next == self.num_batches and (summary := self._budget.summary()):
+            logging.warning("Data iterator finished: %s", summary)
         return batch
 
     def get_state(self) -> dict[str, Any]:
@@ -218,6 +244,7 @@ class TrainIterator(Iterator[dict[str, np.ndarray]]):
             "version": STATE_VERSION,
             "next_batch": self._next,
             "fingerprint": dataclasses.asdict(self._fingerprint),
+            "bad_samples": self._budget.count,
         }
 
     def set_state(self, state: dict[str, Any], *, strict: bool = True) -> None:
@@ -239,6 +266,7 @@ class TrainIterator(Iterator[dict[str, np.ndarray]]):
         if not 0 <= k <= self.num_batches:
             raise DataError(f"Data iterator state next_batch={k} is outside [0, {self.num_batches}].")
         self._next = k
+        self._budget.count = int(state.get("bad_samples", 0))
         if k < self.num_batches:
             self._start()
         else:
@@ -310,6 +338,7 @@ def build_train_iterator(
     sources: list[Any] = []
     parts: list[grain.MapDataset] = []
     used: list[int] = []
+    log = BadSampleLog()
     for i, (manifest, weight, modality) in enumerate(zip(manifests, weights, modalities, strict=True)):
         source, transform = _source_and_transform(data, modality, manifest)
         sizes.append(len(source))
@@ -323,7 +352,7 @@ def build_train_iterator(
         if data.allow_multiple_epochs:
             ds = ds.repeat()  # each epoch reshuffled (grain folds the epoch into the shuffle seed)
         ds = ds.random_map(transform, seed=_derive_seed(data.seed, i, 1))
-        parts.append(ds)
+        parts.append(SkipBadSamples(ds, log, [source], what=f"{modality} data {manifest!r}"))
         used.append(i)
     used_weights = [weights[i] for i in used]
     needed = num_batches * global_batch_size
@@ -377,7 +406,13 @@ def build_train_iterator(
         dataset_sizes=sizes,
         sources=sources,
         batch_datasets=choices,
+        budget=_budget(data, log, num_batches * b),
     )
+
+
+def _budget(data: Any, log: BadSampleLog, planned: int) -> BadSampleBudget:
+    fraction = float(getattr(data, "max_bad_sample_fraction", 0.0))
+    return BadSampleBudget(log, fraction=fraction, planned=planned, field=f"{data.gin_name}.max_bad_sample_fraction")
 
 
 # ---------------------------------------------------------------- evaluation
@@ -423,17 +458,33 @@ class EvalIterator:
     masked loss ignores them without looking at ``valid``.
     """
 
-    def __init__(self, host_batches: grain.MapDataset, read_options: grain.ReadOptions, num_samples: int) -> None:
+    def __init__(
+        self,
+        host_batches: grain.MapDataset,
+        read_options: grain.ReadOptions,
+        num_samples: int,
+        budget: Callable[[], BadSampleBudget] | None = None,
+    ) -> None:
         self._ds = host_batches
         self._read_options = read_options
         self.num_batches = len(host_batches)
         self.num_samples = num_samples
+        self._new_budget = budget
+        self.bad_samples = 0  # bad samples skipped (replaced) in the current / last pass on this host
 
     def __len__(self) -> int:
         return self.num_batches
 
     def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
-        return iter(self._ds.to_iter_dataset(self._read_options))
+        budget = self._new_budget() if self._new_budget is not None else None
+        self.bad_samples = 0
+        for batch in self._ds.to_iter_dataset(self._read_options):
+            if budget is not None:
+                batch = budget.take(batch)
+                self.bad_samples = budget.count
+            yield batch
+        if budget is not None and (summary := budget.summary()):
+            logging.warning("Evaluation pass finished: %s", summary)
 
 
 def build_eval_iterator(
@@ -465,6 +516,8 @@ def build_eval_iterator(
     parts = [grain.MapDataset.source(src) for src, _ in pairs]
     ds = parts[0] if len(parts) == 1 else grain.MapDataset.concatenate(parts)
     ds = ds.random_map(pairs[0][1], seed=_derive_seed(data.seed, 2**20, 1))
+    log = BadSampleLog()
+    ds = SkipBadSamples(ds, log, [src for src, _ in pairs], what=f"{modality} evaluation data {manifests!r}")
     n = len(ds)
     num_batches = -(-n // global_batch_size)
     example = ds[0]
@@ -474,4 +527,7 @@ def build_eval_iterator(
         pad_id = load_tokenizer(tokenizer_name(data)).pad_token_id if modality == "text_untokenized" else 0
     padded = _PadToLength(ds, num_batches * global_batch_size, _padding_sample(example, pad_id))
     host = padded.batch(b, drop_remainder=True)[process_index::process_count]
-    return EvalIterator(host, _read_options(data.num_workers, data.prefetch_factor), n)
+    planned = len(host) * b
+    return EvalIterator(
+        host, _read_options(data.num_workers, data.prefetch_factor), n, lambda: _budget(data, log, planned)
+    )

@@ -37,9 +37,14 @@ Output: ``input_ids`` int32 [S], ``attention_mask`` int32 [S], ``pixel_values`` 
 ``attention_mask_images`` bool [N], ``actions`` float32 [Ta, A], ``past_mask`` / ``future_mask`` bool [Ta],
 ``proprioception`` float32 [past + 1, P]. Batched by the pipeline to the shared robotics batch contract.
 
-Differences from the original: a sample without lowdim / metadata / images raises ``DataError`` (the original
-drops it; a random-access source cannot); normalisation runs per sample (same numbers); intrinsics / extrinsics /
-metadata / strings stay out of the batch (the jitted step takes arrays only and the policy reads none of them).
+Bad samples (``BadSampleError``; skipped, warned and counted like every modality, see ``data.bad_samples``): a
+sample without lowdim.npz / metadata.json / images, an unreadable lowdim.npz, a member that is not valid JSON,
+metadata without ``anchor_relative_idx``, a lowdim field missing from the npz, a missing image (unless
+``pad_missing_images``) and an undecodable image. The original drops such samples; here the next sample replaces
+it. A window too short for the configured steps and a prompt too long stay hard errors (the config is wrong).
+
+Differences from the original: normalisation runs per sample (same numbers); metadata / strings stay out of the
+batch (the jitted step takes arrays only and the policy reads none of them).
 """
 
 from __future__ import annotations
@@ -47,6 +52,8 @@ from __future__ import annotations
 import io
 import json
 import os
+import zipfile
+import zlib
 from typing import Any
 
 import numpy as np
@@ -55,7 +62,7 @@ from vla_foundry_jax.data.augment import augment_images
 from vla_foundry_jax.data.image_caption import decode_image
 from vla_foundry_jax.data.normalization import Normalizer, load_stats, merge_stats
 from vla_foundry_jax.data.processor import VLMProcessor
-from vla_foundry_jax.data.shards import DataError
+from vla_foundry_jax.data.shards import BadSampleError, DataError
 from vla_foundry_jax.params.base import ParamsError
 from vla_foundry_jax.params.data_params import FieldNormalizationParams
 
@@ -270,11 +277,11 @@ def robotics_text(processor: VLMProcessor, num_images: int, instruction: str) ->
     return f"{processor.image_token} " * num_images + instruction if processor.image_token else instruction
 
 
-def _load_json(raw: bytes, name: str, where: str) -> Any:
+def _load_json(sample: dict[str, Any], name: str, where: str) -> Any:
     try:
-        return json.loads(raw)
+        return json.loads(sample[name])
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DataError(f"{where}: member {name!r} is not valid JSON: {e}") from e
+        raise BadSampleError.of(sample, f"{where}: member {name!r} is not valid JSON: {e}") from e
 
 
 class RoboticsTransform:
@@ -305,19 +312,24 @@ class RoboticsTransform:
                 fields.setdefault(names[0], field)
                 fields.setdefault(names[1], field)
         if not fields:
-            raise DataError(f"{where} has no image members (<key>.<camera>_t<idx>.jpg); fields: {sorted(sample)}.")
+            raise BadSampleError.of(
+                sample, f"{where} has no image members (<key>.<camera>_t<idx>.jpg); fields: {sorted(sample)}."
+            )
         present, missing = [], []
         for name in self.data.image_names:
             (present if name in fields else missing).append(name)
         if missing and not self.data.pad_missing_images:
-            raise DataError(
+            raise BadSampleError.of(
+                sample,
                 f"{where} has no image {missing[0]!r} (robotics.image_names, from camera_names x image_indices); "
                 f"images present: {sorted({image_key(f)[1] for f in fields.values()})}. Fix robotics.camera_names / "
-                "image_indices, or set robotics.pad_missing_images = True to zero-fill missing images."
+                "image_indices, or set robotics.pad_missing_images = True to zero-fill missing images.",
             )
         if not present:
-            raise DataError(f"{where} has none of the images {list(self.data.image_names)}; cannot pad them all.")
-        decoded = [decode_image(sample[fields[n]], where=f"{where}, image {n!r}") for n in present]
+            raise BadSampleError.of(
+                sample, f"{where} has none of the images {list(self.data.image_names)}; cannot pad them all."
+            )
+        decoded = [decode_image(sample[fields[n]], where=f"{where}, image {n!r}", sample=sample) for n in present]
         decoded = augment_images(decoded, self.data.augmentation, rng, train=self.train, where=where)
         by_name = dict(zip(present, decoded, strict=True))
         zero = np.zeros_like(decoded[0])
@@ -358,31 +370,40 @@ class RoboticsTransform:
         lowdim_field = next((f for f in sample if f.endswith(LOWDIM_FIELD)), None)
         meta_field = next((f for f in sample if f.endswith(METADATA_FIELD)), None)
         if lowdim_field is None or meta_field is None:
-            raise DataError(
+            raise BadSampleError.of(
+                sample,
                 f"{where} lacks {'lowdim.npz' if lowdim_field is None else 'metadata.json'}; fields: "
-                f"{sorted(k for k in sample if not k.startswith('__'))}. Is this robotics data (data.dataset_modality)?"
+                f"{sorted(k for k in sample if not k.startswith('__'))}. Is this robotics data "
+                "(data.dataset_modality)?",
             )
-        meta = _load_json(sample[meta_field], meta_field, where)
+        meta = _load_json(sample, meta_field, where)
         anchor = meta.get("anchor_relative_idx") if isinstance(meta, dict) else None
         if anchor is None:
-            raise DataError(
-                f"{where}: metadata.json has no anchor_relative_idx (row of the current step in the window)."
+            raise BadSampleError.of(
+                sample, f"{where}: metadata.json has no anchor_relative_idx (row of the current step in the window)."
             )
+        unreadable = (OSError, EOFError, ValueError, zipfile.BadZipFile, zlib.error)
         try:
             npz = np.load(io.BytesIO(sample[lowdim_field]), allow_pickle=False)
-        except (OSError, ValueError) as e:
-            raise DataError(f"{where}: cannot read lowdim.npz: {e}") from e
+        except unreadable as e:
+            raise BadSampleError.of(sample, f"{where}: cannot read lowdim.npz ({type(e).__name__}: {e}).") from e
         out: dict[str, np.ndarray] = {}
         with npz:
             available = set(npz.files)
 
             def get(name: str) -> np.ndarray:
                 if name not in available:
-                    raise DataError(
+                    raise BadSampleError.of(
+                        sample,
                         f"{where}: lowdim field {name!r} (robotics.action_fields / proprioception_fields) is not in "
-                        f"lowdim.npz; fields there: {sorted(available)}."
+                        f"lowdim.npz; fields there: {sorted(available)}.",
                     )
-                return np.asarray(npz[name])
+                try:
+                    return np.asarray(npz[name])
+                except unreadable as e:
+                    raise BadSampleError.of(
+                        sample, f"{where}: cannot read field {name!r} of lowdim.npz ({type(e).__name__}: {e})."
+                    ) from e
 
             for name in dict.fromkeys([*self.data.action_fields, *self.data.proprioception_fields]):
                 x = crop_window(get(name), int(anchor), self.past, self.future, where=f"{where}, field {name!r}")
@@ -394,7 +415,7 @@ class RoboticsTransform:
                 ("future_mask", np.arange(steps) >= self.past),
             ):
                 if name in available:
-                    m = crop_window(np.asarray(npz[name]).reshape(-1), int(anchor), self.past, self.future, where=where)
+                    m = crop_window(get(name).reshape(-1), int(anchor), self.past, self.future, where=where)
                     out[name] = m.astype(bool)
                 else:
                     out[name] = default
@@ -407,7 +428,7 @@ class RoboticsTransform:
         instructions = None
         instr_field = next((f for f in sample if f.endswith(INSTRUCTIONS_FIELD)), None)
         if instr_field is not None:
-            instructions = _load_json(sample[instr_field], instr_field, where)
+            instructions = _load_json(sample, instr_field, where)
         instruction = select_instruction(instructions, self.data.language_instruction_types, rng)
         input_ids, attention_mask = self._text(instruction, len(images), where)
         pixels = np.stack([self.processor.preprocess_image(im) for im in images]).astype(np.float32)

@@ -8,9 +8,12 @@ members with the same key form one sample.
 
 The original streams shards; grain wants random access. ``ShardDataSource`` therefore indexes every shard
 once (member headers only, via ``tarfile``: no member data is read) and serves sample ``i`` by reading just
-that sample's members at their recorded offsets. ``num_sequences`` is not trusted (the original never checks
-it either, and its tiny text shards claim 512 samples but hold 32): ``len()`` is the number of samples
-actually found in the tars.
+that sample's members at their recorded offsets. ``len()`` is the number of samples actually found in the
+tars; ``num_sequences`` is checked against it (the original never checks it, and its tiny text shards claim 512
+samples but hold 32): a shard that differs is named in one warning with both counts, and an empty shard whose
+manifest line claims samples is a ``DataError`` (a failed copy or write, not a dataset choice). A tar cut short
+(copy interrupted) keeps the samples before the cut, with a warning; a member whose bytes run past the end of
+the file is read as a bad sample (``BadSampleError``; see ``data.bad_samples`` for the skip policy).
 """
 
 from __future__ import annotations
@@ -19,21 +22,46 @@ import bisect
 import concurrent.futures
 import dataclasses
 import json
+import logging
 import os
 import tarfile
 from collections.abc import Sequence
 
 import numpy as np
 
+logger = logging.getLogger(__name__)
+
 
 class DataError(ValueError):
     """A dataset on disk is missing or malformed; the message names the file and what to check."""
 
 
+class BadSampleError(DataError):
+    """One sample cannot be used (corrupt, undecodable or incomplete bytes); the pipeline skips it (see
+    ``data.bad_samples``). ``shard`` and ``key`` name it (the ``__shard__`` / ``__key__`` of the raw sample)."""
+
+    def __init__(self, message: str, *, shard: str | None = None, key: str | None = None) -> None:
+        super().__init__(message)
+        self.shard = shard
+        self.key = key
+
+    @classmethod
+    def of(cls, sample: dict, message: str) -> BadSampleError:
+        """The error for the raw ``sample`` (its ``__shard__`` and ``__key__``)."""
+        return cls(message, shard=sample.get("__shard__"), key=sample.get("__key__"))
+
+    def __reduce__(self):  # keep shard / key when the error crosses a thread or process boundary
+        return (_rebuild_bad_sample_error, (type(self), str(self), self.shard, self.key))
+
+
+def _rebuild_bad_sample_error(cls: type, message: str, shard: str | None, key: str | None) -> BadSampleError:
+    return cls(message, shard=shard, key=key)
+
+
 @dataclasses.dataclass(frozen=True)
 class ManifestEntry:
     shard: str
-    num_sequences: int
+    num_sequences: int | None  # None when the manifest line has no num_sequences
     path: str
 
 
@@ -59,7 +87,7 @@ def read_manifest(manifest_path: str) -> list[ManifestEntry]:
             try:
                 obj = json.loads(line)
                 shard = str(obj["shard"])
-                num = int(obj.get("num_sequences", 0))
+                num = None if obj.get("num_sequences") is None else int(obj["num_sequences"])
             except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
                 raise DataError(
                     f"{manifest_path}:{lineno}: expected a JSON object with a 'shard' name and 'num_sequences', "
@@ -89,6 +117,7 @@ class _ShardIndex:
     fields: list[str]  # per member
     offsets: np.ndarray  # int64 per member: byte offset of the member data
     sizes: np.ndarray  # int64 per member
+    truncated: str | None = None  # why reading the headers stopped early (a tar cut short), else None
 
 
 def index_shard(path: str) -> _ShardIndex:
@@ -98,6 +127,7 @@ def index_shard(path: str) -> _ShardIndex:
     fields: list[str] = []
     offsets: list[int] = []
     sizes: list[int] = []
+    truncated = None
     try:
         with tarfile.open(path, mode="r:") as tar:
             for info in tar:  # iterating reads headers and seeks past the data
@@ -114,7 +144,9 @@ def index_shard(path: str) -> _ShardIndex:
                 offsets.append(info.offset_data)
                 sizes.append(info.size)
     except tarfile.ReadError as e:
-        raise DataError(f"Cannot read shard {path!r} as an uncompressed tar file: {e}") from e
+        if not fields:
+            raise DataError(f"Cannot read shard {path!r} as an uncompressed tar file: {e}") from e
+        truncated = str(e)  # members before the cut are usable; a short last member reads as a bad sample
     starts.append(len(fields))
     return _ShardIndex(
         keys=keys,
@@ -122,6 +154,7 @@ def index_shard(path: str) -> _ShardIndex:
         fields=fields,
         offsets=np.asarray(offsets, np.int64),
         sizes=np.asarray(sizes, np.int64),
+        truncated=truncated,
     )
 
 
@@ -146,15 +179,56 @@ class ShardDataSource:
             self._shards = list(pool.map(index_shard, [e.path for e in self.entries]))
         counts = [len(s.keys) for s in self._shards]
         self._cum = np.cumsum([0, *counts]).tolist()
+        self._paths = {e.shard: e.path for e in self.entries}
+        self._check_counts(counts)
         if self._cum[-1] == 0:
             raise DataError(f"Dataset {manifest_path!r}: its {len(self.entries)} shard(s) contain no samples.")
+
+    def _check_counts(self, counts: list[int]) -> None:
+        """Empty shards the manifest says hold samples raise; other count mismatches and cut tars warn (once)."""
+        empty = [(e, n) for e, n in zip(self.entries, counts, strict=True) if n == 0 and (e.num_sequences or 0) > 0]
+        if empty:
+            e = empty[0][0]
+            more = f" ({len(empty) - 1} more shard(s) like it)" if len(empty) > 1 else ""
+            raise DataError(
+                f"Shard {e.path!r} holds no samples but manifest {self.manifest_path!r} says num_sequences = "
+                f"{e.num_sequences}{more}: the file is empty or not a webdataset tar (an interrupted copy?). "
+                "Regenerate the shard, or remove its line from the manifest."
+            )
+        odd = [
+            f"{e.path} (manifest {e.num_sequences}, found {n})"
+            for e, n in zip(self.entries, counts, strict=True)
+            if e.num_sequences is not None and e.num_sequences != n
+        ]
+        if odd:
+            shown = "; ".join(odd[:5]) + (f"; and {len(odd) - 5} more" if len(odd) > 5 else "")
+            logger.warning(
+                "Manifest %s: %d shard(s) hold a different number of samples than its num_sequences says: %s. "
+                "Using the samples found.",
+                self.manifest_path,
+                len(odd),
+                shown,
+            )
+        for e, idx in zip(self.entries, self._shards, strict=True):
+            if idx.truncated:
+                logger.warning(
+                    "Shard %s is cut short (%s): using its first %d sample(s); a sample cut in the middle is "
+                    "skipped as a bad sample.",
+                    e.path,
+                    idx.truncated,
+                    len(idx.keys),
+                )
+
+    def shard_path(self, shard: str) -> str:
+        """The file of the shard named ``shard`` in the manifest (the ``__shard__`` of its samples)."""
+        return self._paths.get(shard, shard)
 
     def __len__(self) -> int:
         return self._cum[-1]
 
     @property
     def samples_per_shard(self) -> list[int]:
-        """Samples actually found in each shard (the manifest's num_sequences is not used)."""
+        """Samples actually found in each shard (what is read; the manifest's num_sequences is only checked)."""
         return [len(s.keys) for s in self._shards]
 
     def locate(self, index: int) -> tuple[int, int]:
@@ -174,7 +248,15 @@ class ShardDataSource:
         with open(self.entries[shard].path, "rb") as f:
             for m in range(lo, hi):
                 f.seek(int(idx.offsets[m]))
-                sample[idx.fields[m]] = f.read(int(idx.sizes[m]))
+                size = int(idx.sizes[m])
+                data = f.read(size)
+                if len(data) != size:
+                    raise BadSampleError.of(
+                        sample,
+                        f"sample {idx.keys[local]!r} of shard {self.entries[shard].path!r}: member "
+                        f"{idx.fields[m]!r} is cut short ({len(data)} of {size} bytes; the tar file is truncated).",
+                    )
+                sample[idx.fields[m]] = data
         return sample
 
     def __repr__(self) -> str:

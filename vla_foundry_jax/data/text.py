@@ -12,6 +12,11 @@ Differences from the original, all forced or made harmless by random access:
   (seed, index) RNG instead of once per batch from the global torch RNG.
 * ``text_untokenized``: tokenized per sample (in grain's reader threads) instead of per batch; the result is
   the same ``padding="max_length", truncation`` output.
+
+Bad samples (``BadSampleError``, skipped and counted by the pipeline, see ``data.bad_samples``): a missing
+member, a ``json.gz`` that is not a gzip JSON list of ids (truncated, corrupt), text that is not UTF-8, and a
+``json`` member that starts like a JSON object but does not parse or has no string ``text`` field (it is never
+trained on as literal text).
 """
 
 from __future__ import annotations
@@ -20,11 +25,12 @@ import functools
 import gzip
 import json
 import threading
+import zlib
 from typing import Any
 
 import numpy as np
 
-from vla_foundry_jax.data.shards import DataError
+from vla_foundry_jax.data.shards import BadSampleError, DataError
 
 TEXT_PAD_ID = 0  # fills (masked) positions of pre-tokenized samples shorter than seq_len + 1
 _TOKENIZER_LOCK = threading.Lock()
@@ -46,13 +52,20 @@ class TextTransform:
 
     def __call__(self, sample: dict[str, Any], rng: np.random.Generator) -> dict[str, np.ndarray]:
         if self.field not in sample:
-            raise DataError(f"text data: {_where(sample)} has no {self.field!r} member (fields: {sorted(sample)}).")
+            raise BadSampleError.of(
+                sample, f"text data: {_where(sample)} has no {self.field!r} member (fields: {sorted(sample)})."
+            )
         try:
             ids = np.asarray(json.loads(gzip.decompress(sample[self.field])), dtype=np.int64)
-        except (OSError, ValueError) as e:
-            raise DataError(f"text data: cannot decode {_where(sample)} as a gzip JSON list of ids: {e}") from e
+        except (OSError, EOFError, zlib.error, ValueError, TypeError, OverflowError) as e:
+            raise BadSampleError.of(
+                sample,
+                f"text data: cannot decode {_where(sample)} as a gzip JSON list of ids ({type(e).__name__}: {e}).",
+            ) from e
         if ids.ndim != 1:
-            raise DataError(f"text data: {_where(sample)} is not a flat list of token ids (shape {ids.shape}).")
+            raise BadSampleError.of(
+                sample, f"text data: {_where(sample)} is not a flat list of token ids (shape {ids.shape})."
+            )
         width = self.seq_len + 1
         if len(ids) > width:
             start = int(rng.integers(0, len(ids) - self.seq_len))
@@ -72,10 +85,11 @@ class TextUntokenizedTransform:
     def __call__(self, sample: dict[str, Any], rng: np.random.Generator | None = None) -> dict[str, np.ndarray]:
         del rng
         if self.field not in sample:
-            raise DataError(
-                f"text_untokenized data: {_where(sample)} has no {self.field!r} member (fields: {sorted(sample)})."
+            raise BadSampleError.of(
+                sample,
+                f"text_untokenized data: {_where(sample)} has no {self.field!r} member (fields: {sorted(sample)}).",
             )
-        text = sample_text(sample[self.field], where=_where(sample))
+        text = sample_text(sample[self.field], where=_where(sample), sample=sample)
         tok = load_tokenizer(self.tokenizer_name)
         # No truncation/padding arguments: those mutate the shared Rust tokenizer, which is not safe from
         # several reader threads at once; we cut and pad in numpy instead.
@@ -83,19 +97,30 @@ class TextUntokenizedTransform:
         return pad_or_truncate(ids, self.seq_len + 1, tok.pad_token_id)
 
 
-def sample_text(raw: bytes, *, where: str = "sample") -> str:
-    """Raw member bytes -> text; a payload starting with ``{`` is JSON and its "text" field is used."""
+def sample_text(raw: bytes, *, where: str = "sample", sample: dict[str, Any] | None = None) -> str:
+    """Raw member bytes -> text; a payload starting with ``{`` is a JSON object and its "text" field is used.
+
+    Raises ``BadSampleError`` (for ``sample``, the raw sample, when given) for bytes that are not UTF-8 and for
+    a JSON object that does not parse or has no string "text" field.
+    """
+    sample = sample or {}
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise DataError(f"text_untokenized data: {where} is not UTF-8 text: {e}") from e
+        raise BadSampleError.of(sample, f"text_untokenized data: {where} is not UTF-8 text: {e}") from e
     if text.lstrip().startswith("{"):
         try:
             obj = json.loads(text)
-        except json.JSONDecodeError:
-            return text
-        if isinstance(obj, dict) and "text" in obj:
-            return str(obj["text"])
+        except json.JSONDecodeError as e:
+            raise BadSampleError.of(
+                sample, f"text_untokenized data: {where} starts like a JSON object but is not valid JSON: {e}"
+            ) from e
+        if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
+            keys = sorted(obj) if isinstance(obj, dict) else type(obj).__name__
+            raise BadSampleError.of(
+                sample, f"text_untokenized data: {where} is a JSON object without a string 'text' field ({keys})."
+            )
+        return obj["text"]
     return text
 
 

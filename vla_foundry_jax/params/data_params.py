@@ -43,6 +43,9 @@ class DataParams(BaseParams):
     shuffle: bool = True
     # Overwritten from hparams.seed when the experiment is resolved.
     seed: int = 42
+    # (JAX) Bad samples (corrupt / undecodable / incomplete; see data.bad_samples) are skipped, warned and counted;
+    # the run stops once they pass this fraction of the samples it trains on (0: stop at the first one).
+    max_bad_sample_fraction: float = 0.01
 
     def validate(self) -> None:
         where = self.gin_name
@@ -70,6 +73,11 @@ class DataParams(BaseParams):
             )
         if self.seq_len <= 0:
             raise ParamsError(f"{where}.seq_len must be positive, got {self.seq_len}.")
+        if not 0.0 <= self.max_bad_sample_fraction <= 1.0:
+            raise ParamsError(
+                f"{where}.max_bad_sample_fraction = {self.max_bad_sample_fraction} (data.max_bad_sample_fraction) "
+                "must be in [0, 1]: the fraction of a run's samples that may be skipped as bad (0.01 = 1%)."
+            )
 
     @property
     def weights(self) -> tuple[float, ...]:
