@@ -163,7 +163,6 @@ def lbm_data(manifest: str, **kw) -> RoboticsDataParams:
         language_instruction_types=["original", "randomized"],
         action_fields=[ACT, GRIP],
         proprioception_fields=[PROP],
-        intrinsics_fields=["intrinsics.scene_right_0"],
         lowdim_past_timesteps=1,
         lowdim_future_timesteps=2,
         normalization=NormalizationParams(field_configs=field_configs),

@@ -319,11 +319,11 @@ class RoboticsDataParams(DataParams):
     (truncating longer texts) or, when that is None, to ``seq_len`` (a longer text is an error), so batches have
     static shapes.
 
-    Accepted but not used: ``val_dataset_statistics`` (validation is normalised with the training stats, as in
-    the original, where the field is unused too), ``pose_groups`` (inference-time relative poses),
-    ``intrinsics_fields`` / ``extrinsics_fields`` (the original passes them to the model, which ignores them; the
-    batch here holds arrays the policy reads only). Not supported (an error when set): ``tactile_fields``,
-    ``use_point_cloud``.
+    Not supported (a ``ParamsError`` naming the field when set, rather than accepted and ignored):
+    ``val_dataset_statistics`` (validation is normalised with the training stats, as in the original, where the
+    field is unused too), ``pose_groups`` (inference-time relative poses), ``intrinsics_fields`` /
+    ``extrinsics_fields`` (the original passes them to the model, which ignores them; the batch here holds only
+    arrays the policy reads), ``tactile_fields``, ``use_point_cloud`` and ``point_cloud_num_points``.
     """
 
     dataset_statistics: list[str] = dataclasses.field(default_factory=list)
@@ -377,6 +377,25 @@ class RoboticsDataParams(DataParams):
         if self.use_point_cloud:
             raise ParamsError(
                 "robotics.use_point_cloud = True: point clouds are not supported by this port; set it to False."
+            )
+        for name, why in (
+            (
+                "val_dataset_statistics",
+                "validation data is normalised with the training statistics (dataset_statistics)",
+            ),
+            ("pose_groups", "relative poses are not computed by this port (no model reads them)"),
+            ("intrinsics_fields", "camera intrinsics are not read by any policy here"),
+            ("extrinsics_fields", "camera extrinsics are not read by any policy here"),
+        ):
+            if getattr(self, name):
+                raise ParamsError(
+                    f"robotics.{name} = {list(getattr(self, name))} would be ignored: {why}. Leave robotics.{name} "
+                    "empty."
+                )
+        if self.point_cloud_num_points != 4096:
+            raise ParamsError(
+                f"robotics.point_cloud_num_points = {self.point_cloud_num_points} would be ignored: point clouds are "
+                "not supported by this port. Remove the binding."
             )
         if self.img_num_tokens <= 0 or self.image_size <= 0:
             raise ParamsError(

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
+import logging
+import math
 
 from vla_foundry_jax.params.base import BaseParams, ParamsError, register_params
 from vla_foundry_jax.params.data_params import DataParams
@@ -56,9 +59,32 @@ class HyperParams(BaseParams):
                 raise ParamsError(f"hparams.{name} = {value!r} is not supported; choose one of {list(choices)}.")
         for name in ("warmup", "decay"):
             try:
-                float(getattr(self, name))
+                value = float(getattr(self, name))
             except ValueError:
                 raise ParamsError(f"hparams.{name} = {getattr(self, name)!r} must be a number as a string") from None
+            if not math.isfinite(value) or value < 0:
+                raise ParamsError(
+                    f"hparams.{name} = {getattr(self, name)!r} must be >= 0 (a fraction of the run's steps below 1, "
+                    "else a number of steps)."
+                )
+        for name, ok, rule in (
+            ("lr", self.lr >= 0, ">= 0 (a negative lr trains by gradient ascent)"),
+            ("wd", self.wd >= 0, ">= 0 (weight decay pulls weights towards 0)"),
+            ("lr_cooldown_end", self.lr_cooldown_end >= 0, ">= 0"),
+            ("force_min_lr", self.force_min_lr >= 0, ">= 0"),
+            ("z_loss_coefficient", self.z_loss_coefficient >= 0, ">= 0"),
+            ("beta1", 0 <= self.beta1 < 1, "in [0, 1)"),
+            ("beta2", 0 <= self.beta2 < 1, "in [0, 1)"),
+            ("eps", self.eps > 0, "> 0"),
+            (
+                "grad_clip_norm",
+                self.grad_clip_norm is None or self.grad_clip_norm >= 0,
+                ">= 0, or None for no clipping",
+            ),
+        ):
+            value = getattr(self, name)
+            if value is not None and (not math.isfinite(value) or not ok):
+                raise ParamsError(f"hparams.{name} = {value} must be {rule}.")
         if self.lr_cooldown_end > self.lr:
             raise ParamsError(f"hparams.lr_cooldown_end = {self.lr_cooldown_end} must be <= hparams.lr = {self.lr}.")
         if self.global_batch_size <= 0 or self.per_gpu_batch_size <= 0:
@@ -157,3 +183,49 @@ class TrainExperimentParams(BaseParams):
             raise ParamsError(
                 f"experiment.val_every_n_checkpoints must be positive, got {self.val_every_n_checkpoints}."
             )
+        if self.log_every_n_steps <= 0:
+            raise ParamsError(f"experiment.log_every_n_steps must be positive, got {self.log_every_n_steps}.")
+        if self.num_epochs is not None:
+            raise ParamsError(
+                f"experiment.num_epochs = {self.num_epochs} is not supported as a budget: the run length is "
+                "experiment.total_train_samples (steps = samples / hparams.global_batch_size). Remove num_epochs and "
+                "set total_train_samples = epochs x the samples in your data (with data.allow_multiple_epochs = True "
+                "for more than one epoch)."
+            )
+        if self.total_train_samples is not None and self.total_train_samples <= 0:
+            raise ParamsError(f"experiment.total_train_samples must be positive, got {self.total_train_samples}.")
+        if self.total_train_samples is not None:
+            _check_warmup(self.hparams, self.total_train_samples // self.hparams.global_batch_size)
+
+
+def _check_warmup(hp: HyperParams, total_steps: int) -> None:
+    """A warmup longer than the run never reaches ``hparams.lr``: say so (once per setting)."""
+    warmup = float(hp.warmup)
+    if warmup >= 1 and total_steps > 0 and int(warmup) > total_steps:
+        _warn_once(
+            f"hparams.warmup = {hp.warmup!r} steps is longer than the run's {total_steps} steps "
+            "(experiment.total_train_samples / hparams.global_batch_size): the learning rate never reaches "
+            f"hparams.lr = {hp.lr} (it ends at {hp.lr * total_steps / int(warmup):.3g}). Lower hparams.warmup, or "
+            "give it as a fraction of the run (e.g. '0.1')."
+        )
+
+
+@functools.cache
+def _warn_once(message: str) -> None:
+    logging.getLogger(__name__).warning(message)
+
+
+def check_sequence_fits(model: ModelParams, data: DataParams) -> None:
+    """A ``transformer`` language model (alone or inside a ``vlm``) reads ``data.seq_len`` tokens per sample (the
+    inputs of ``seq_len + 1``-token rows): its ``max_seq_len`` must hold them. Raises ``ParamsError``; called when
+    the experiment is resolved (``training.resolve``), so a mismatch fails before training starts, not at step 1.
+    (Not in ``validate``: params objects may hold a partial combination, e.g. the default seq_len, until then.)"""
+    lm = model if model.type == "transformer" else getattr(model, "transformer", None) if model.type == "vlm" else None
+    if lm is None or getattr(lm, "type", None) != "transformer" or data.type == "robotics":
+        return
+    if lm.max_seq_len < data.seq_len:
+        raise ParamsError(
+            f"transformer.max_seq_len = {lm.max_seq_len} is smaller than {data.gin_name}.seq_len = {data.seq_len}: the "
+            f"model reads {data.seq_len} tokens per sample. Raise transformer.max_seq_len to at least {data.seq_len} "
+            f"or lower {data.gin_name}.seq_len."
+        )
