@@ -19,6 +19,7 @@ inside gin files resolve the same way.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import inspect
 import os
 import re
@@ -68,7 +69,9 @@ def parse_gin(gin_files: Sequence[str], gin_bindings: Sequence[str], search_path
     # Includes resolve like gin files, and also next to the top-level gin files.
     prefixes = _search_prefixes([*search_paths, *(os.path.dirname(path) for _, path in paths)])
     saved = list(gin.config._LOCATION_PREFIXES)
+    saved_readers = list(gin.config._FILE_READERS)
     gin.config._LOCATION_PREFIXES[:] = prefixes
+    gin.config._FILE_READERS[:] = [_quiet(entry) for entry in saved_readers]
     try:
         for name, path in paths:
             _parse(lambda path=path: gin.parse_config_file(path), where=f"gin file {name!r}", prefixes=prefixes)
@@ -81,6 +84,7 @@ def parse_gin(gin_files: Sequence[str], gin_bindings: Sequence[str], search_path
         raise
     finally:
         gin.config._LOCATION_PREFIXES[:] = saved
+        gin.config._FILE_READERS[:] = saved_readers
 
 
 def build_experiment() -> TrainExperimentParams:
@@ -135,6 +139,28 @@ def _search_prefixes(search_paths: Sequence[str]) -> list[str]:
     """'' (as given: absolute, or relative to the working directory), ``search_paths``, gin_configs/, the repo."""
     prefixes = ["", *(os.path.expanduser(p) for p in search_paths), str(GIN_CONFIGS_DIR), str(REPO_ROOT)]
     return list(dict.fromkeys(prefixes))
+
+
+def _quiet(entry: tuple[Callable, Callable]) -> tuple[Callable, Callable]:
+    """gin's Python-package reader (``gin.resource_reader``) logs ``E ... Path not found: x.gin`` for every search
+    prefix where a file is not a package resource, i.e. on every normal include. Its existence check is replaced
+    during parsing by the same check without the log lines; package-resource includes
+    (``include 'some.package/x.gin'``) still resolve."""
+    reader, exists = entry
+    if getattr(exists, "__module__", None) != "gin.resource_reader":
+        return entry
+
+    def quiet_exists(config_path: str) -> bool:
+        head, filename = os.path.split(config_path)
+        try:
+            spec = importlib.util.find_spec(head.replace("/", "."))
+        except (ImportError, ValueError):  # not a package path (gin logs an error here)
+            return False
+        if spec is None or not spec.origin:
+            return False
+        return os.path.isfile(os.path.join(os.path.dirname(spec.origin), filename))
+
+    return reader, quiet_exists
 
 
 def _find_gin_file(name: str, prefixes: list[str]) -> str:
