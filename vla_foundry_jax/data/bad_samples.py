@@ -14,9 +14,9 @@ Policy (``SkipBadSamples``, wrapped around each manifest's transformed dataset, 
   replacement is fixed by the data seed: a resumed run reads exactly the same samples;
 * **warn**: one warning line per shard, at its first bad sample, naming the shard file, the sample key and
   why; later ones are counted only. The iterator logs a summary (count, fraction, shards) when it finishes;
-* **count**: every element carries the number of bad samples skipped to fill it (``BAD_SAMPLES_KEY``); the
-  iterators pop it and add it up, so ``TrainIterator.bad_samples`` is exact per batch, deterministic, and saved
-  in the iterator state;
+* **count**: every element carries the number of bad samples skipped to fill it (``BAD_SAMPLES_KEY``) and a
+  note naming the first of them (``BAD_SAMPLE_NOTE_KEY``); the iterators pop both and add up, so
+  ``TrainIterator.bad_samples`` is exact per batch, deterministic, and saved in the iterator state;
 * **stop**: once the skipped count passes ``data.max_bad_sample_fraction`` of the samples the run trains on
   (this host's rows of all its batches), the iterator raises one ``DataError`` naming the field, the count,
   the shards and the first reason. So a run never finishes having skipped more than that fraction, and a mostly
@@ -40,6 +40,7 @@ from vla_foundry_jax.data.shards import BadSampleError, DataError
 logger = logging.getLogger(__name__)
 
 BAD_SAMPLES_KEY = "__bad_samples__"  # per element: bad samples skipped to fill it (popped by the iterators)
+BAD_SAMPLE_NOTE_KEY = "__bad_sample__"  # per element: "" or the first skipped sample (shard file, key, why)
 MAX_CONSECUTIVE_BAD = 16
 
 
@@ -127,16 +128,19 @@ class SkipBadSamples(grain.MapDataset):
         n = len(self._parent)
         index = int(index) % n
         reasons: list[str] = []
+        note = ""
         for k in range(min(self._max_consecutive + 1, n)):
             j = (index + k) % n
             try:
                 element = self._parent[j]
             except BadSampleError as e:
-                self._log.record(self._shard_path(j, e.shard), e.shard, e.key, str(e))
+                path = self._shard_path(j, e.shard)
+                self._log.record(path, e.shard, e.key, str(e))
                 reasons.append(str(e))
+                note = note or f"sample {e.key!r} of shard {path}: {e}"
                 continue
             if self._count_key is not None:
-                element = {**element, self._count_key: np.int32(k)}
+                element = {**element, self._count_key: np.int32(k), BAD_SAMPLE_NOTE_KEY: np.str_(note)}
             return element
         raise DataError(
             f"{self._what}: {len(reasons)} consecutive samples from element {index} are bad (undecodable or "
@@ -162,19 +166,23 @@ class BadSampleBudget:
         self.field = field
         self.allowed = int(np.floor(fraction * planned + 1e-9))
         self.count = 0
+        self.first: str | None = None  # the first bad sample counted (in batch order), when known
 
     def take(self, batch: dict[str, Any]) -> dict[str, Any]:
         """Pop the per-row counts from ``batch``, add them up, raise past the budget; the batch without them."""
         counts = batch.pop(BAD_SAMPLES_KEY, None)
+        notes = batch.pop(BAD_SAMPLE_NOTE_KEY, None)
         if counts is not None:
             self.count += int(np.sum(counts))
+            if self.first is None and notes is not None:
+                self.first = next((str(x) for x in np.ravel(notes) if x), None)
             if self.count > self.allowed:
-                first = (self.log.first_reason or "").rstrip(".")
+                first = (self.first or self.log.first_reason or "").rstrip(".")
                 raise DataError(
                     f"{self.count} bad samples were skipped, more than data.max_bad_sample_fraction = {self.fraction} "
-                    f"of the {self.planned} samples this run reads on this host (at most {self.allowed}); bad samples "
-                    f"in {self.log.shards_summary()}; first: {first}. Fix or remove those shards, or raise "
-                    f"{self.field} to accept more skipped samples."
+                    f"of the {self.planned} samples this run reads on this host (at most {self.allowed}). First: "
+                    f"{first}. Bad samples met so far in {self.log.shards_summary()}. Fix or remove those shards, "
+                    f"or raise {self.field} to accept more skipped samples."
                 )
         return batch
 

@@ -128,6 +128,8 @@ def index_shard(path: str) -> _ShardIndex:
     offsets: list[int] = []
     sizes: list[int] = []
     truncated = None
+    if os.path.getsize(path) == 0:  # an empty file: no samples (checked against the manifest by the source)
+        return _ShardIndex([], np.zeros(1, np.int64), [], np.zeros(0, np.int64), np.zeros(0, np.int64))
     try:
         with tarfile.open(path, mode="r:") as tar:
             for info in tar:  # iterating reads headers and seeks past the data
