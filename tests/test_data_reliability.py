@@ -336,6 +336,8 @@ def test_accepted_and_ignored_fields_now_fail():
     ):
         with pytest.raises(ParamsError, match=rf"robotics\.{field} = .* would be ignored"):
             RoboticsDataParams(**{field: value})
+    with pytest.raises(ParamsError, match=r"text\.val_dataset_weighting = \[1\.0\] would be ignored"):
+        TextDataParams(val_dataset_manifest=["v"], val_dataset_weighting=[1.0])
     with pytest.raises(ParamsError, match=r"robotics\.point_cloud_num_points"):
         RoboticsDataParams(point_cloud_num_points=1024)
     for bad in (-0.1, 1.5):

@@ -73,6 +73,11 @@ class DataParams(BaseParams):
             )
         if self.seq_len <= 0:
             raise ParamsError(f"{where}.seq_len must be positive, got {self.seq_len}.")
+        if self.val_dataset_weighting:
+            raise ParamsError(
+                f"{where}.val_dataset_weighting = {list(self.val_dataset_weighting)} would be ignored: validation "
+                f"reads every manifest of {where}.val_dataset_manifest in order, unweighted. Leave it empty."
+            )
         if not 0.0 <= self.max_bad_sample_fraction <= 1.0:
             raise ParamsError(
                 f"{where}.max_bad_sample_fraction = {self.max_bad_sample_fraction} (data.max_bad_sample_fraction) "
