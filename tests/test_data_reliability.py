@@ -32,7 +32,7 @@ from vla_foundry_jax.params import (
     TransformerParams,
     VLMParams,
 )
-from vla_foundry_jax.params.train_params import check_sequence_fits
+from vla_foundry_jax.params.train_params import check_sequence_fits, check_warmup
 
 SEQ = 8
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -348,11 +348,14 @@ def test_accepted_and_ignored_fields_now_fail():
 
 
 def test_warmup_longer_than_the_run_warns(caplog):
+    from vla_foundry_jax.params import train_params
+
+    train_params._warn_once.cache_clear()  # warned once per message and process
     caplog.set_level(logging.WARNING)
-    TrainExperimentParams(total_train_samples=64, hparams=HyperParams(global_batch_size=8, warmup="1000"))
+    check_warmup(TrainExperimentParams(total_train_samples=64, hparams=HyperParams(global_batch_size=8, warmup="1000")))
     assert any("hparams.warmup = '1000' steps is longer than the run's 8 steps" in m for m in _warnings(caplog))
     caplog.clear()
-    TrainExperimentParams(total_train_samples=64, hparams=HyperParams(global_batch_size=8, warmup="0.5"))
+    check_warmup(TrainExperimentParams(total_train_samples=64, hparams=HyperParams(global_batch_size=8, warmup="0.5")))
     assert not _warnings(caplog)
 
 

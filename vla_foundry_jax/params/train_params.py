@@ -194,12 +194,15 @@ class TrainExperimentParams(BaseParams):
             )
         if self.total_train_samples is not None and self.total_train_samples <= 0:
             raise ParamsError(f"experiment.total_train_samples must be positive, got {self.total_train_samples}.")
-        if self.total_train_samples is not None:
-            _check_warmup(self.hparams, self.total_train_samples // self.hparams.global_batch_size)
 
 
-def _check_warmup(hp: HyperParams, total_steps: int) -> None:
-    """A warmup longer than the run never reaches ``hparams.lr``: say so (once per setting)."""
+def check_warmup(exp: TrainExperimentParams) -> None:
+    """A warmup longer than the run never reaches ``hparams.lr``: say so, once per setting (a warning, not an
+    error: short test and smoke runs keep their schedules). Called when the experiment is resolved for training."""
+    hp = exp.hparams
+    if exp.total_train_samples is None:
+        return
+    total_steps = exp.total_train_samples // hp.global_batch_size
     warmup = float(hp.warmup)
     if warmup >= 1 and total_steps > 0 and int(warmup) > total_steps:
         _warn_once(

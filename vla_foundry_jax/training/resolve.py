@@ -15,7 +15,7 @@ from vla_foundry_jax.data.text import tokenizer_info
 from vla_foundry_jax.models.clip import clip_config
 from vla_foundry_jax.models.vlm import image_tokens_per_image, vision_geometry
 from vla_foundry_jax.params import ParamsError, StableDiffusionParams, TrainExperimentParams
-from vla_foundry_jax.params.train_params import check_sequence_fits
+from vla_foundry_jax.params.train_params import check_sequence_fits, check_warmup
 
 
 def resolve_experiment(exp: TrainExperimentParams) -> TrainExperimentParams:
@@ -48,6 +48,7 @@ def resolve_experiment(exp: TrainExperimentParams) -> TrainExperimentParams:
                 f"({vocab_len} tokens with its pad token); set transformer.vocab_size >= {vocab_len}."
             )
     check_sequence_fits(model, data)
+    check_warmup(exp)
     return exp.replace(data=data, model=model)
 
 
