@@ -3,7 +3,8 @@
 
 Per sample (in grain's reader threads)::
 
-    ImageCaptionSource[i]      decode: caption (UTF-8, stripped), image (PIL -> RGB uint8 [H, W, 3]), metadata
+    decode_sample              caption (UTF-8, stripped), image (PIL -> RGB uint8 [H, W, 3]), metadata
+                               (called by the transform on the raw shard sample)
     ImageCaptionTransform      augment (crop, colour jitter; see data.augment) with grain's per-sample rng,
                                text = "<image> " + caption (the original's no-chat-template fallback), eos
                                appended, processor -> input_ids int32 [seq_len + 1], loss_mask bool
