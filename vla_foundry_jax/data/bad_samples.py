@@ -16,7 +16,9 @@ Policy (``SkipBadSamples``, wrapped around each manifest's transformed dataset, 
   why; later ones are counted only. The iterator logs a summary (count, fraction, shards) when it finishes;
 * **count**: every element carries the number of bad samples skipped to fill it (``BAD_SAMPLES_KEY``) and a
   note naming the first of them (``BAD_SAMPLE_NOTE_KEY``); the iterators pop both and add up, so
-  ``TrainIterator.bad_samples`` is exact per batch, deterministic, and saved in the iterator state;
+  ``TrainIterator.bad_samples`` is exact per batch, deterministic, and saved in the iterator state. It counts
+  skips: a bad sample right after another bad one is met by both elements and counted twice, so clustered bad
+  samples count a little high, never low;
 * **stop**: once the skipped count passes ``data.max_bad_sample_fraction`` of the samples the run trains on
   (this host's rows of all its batches), the iterator raises one ``DataError`` naming the field, the count,
   the shards and the first reason. So a run never finishes having skipped more than that fraction, and a mostly
