@@ -31,7 +31,7 @@ from vla_foundry_jax.data.augment import (
 )
 from vla_foundry_jax.data.image_caption import ImageCaptionTransform, decode_sample
 from vla_foundry_jax.data.pipeline import batch_choices
-from vla_foundry_jax.data.processor import resize_bilinear
+from vla_foundry_jax.data.processor import processor_for_data, resize_bilinear
 from vla_foundry_jax.data.tiny_datasets import SHAPE_COLORS, SHAPE_NAMES, make_tiny_vlm_datasets
 from vla_foundry_jax.params.base import ParamsError, params_from_dict
 from vla_foundry_jax.params.data_params import (
@@ -141,7 +141,8 @@ def test_hf_processor_directory_matches_transformers():
     assert (proc.vocab_len, proc.image_token_id, proc.pad_token_id, proc.image_size) == (143, IMAGE_ID, 0, (32, 32))
     assert proc.image_config.resample == "BILINEAR" and proc.image_config.mean == (0.5, 0.5, 0.5)
     info = processor_info(_data())
-    assert (_data().image_token_id, _data().pad_token_id) == (IMAGE_ID, 0)
+    from_data = processor_for_data(_data())  # the processor a data params names (params do no I/O)
+    assert (from_data.image_token_id, from_data.pad_token_id) == (IMAGE_ID, 0)
     assert info["vocab_len"] == 143 and info["image_token_id"] == IMAGE_ID and info["eos_token_id"] == 2
     img = np.random.default_rng(0).integers(0, 256, (48, 40, 3), dtype=np.uint8)
     from transformers import AutoImageProcessor
