@@ -41,11 +41,11 @@ def convert_hf(hf_pretrained: str, output_dir: str, *, model_type: str = "transf
     from flax import nnx
 
     from vla_foundry_jax import checkpoint as ckpt_lib
+    from vla_foundry_jax.configs.hf_decoder import hf_decoder_config
+    from vla_foundry_jax.configs.hf_hub import resolve_hf_path
     from vla_foundry_jax.convert.hf_decoder_maps import CONFIG_ONLY_MARKER, load_hf_decoder_weights
     from vla_foundry_jax.convert.hf_export import copy_side_files
-    from vla_foundry_jax.convert.hf_loader import resolve_hf_path
     from vla_foundry_jax.models import build_model
-    from vla_foundry_jax.models.hf_decoder import hf_decoder_config
     from vla_foundry_jax.params import HyperParams, TrainExperimentParams, TransformerHFParams
 
     if model_type not in SUPPORTED_TYPES:

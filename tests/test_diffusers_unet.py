@@ -17,8 +17,8 @@ diffusers = pytest.importorskip("diffusers")
 
 from safetensors.numpy import load_file, save_file  # noqa: E402
 
+from vla_foundry_jax.configs.hf_hub import HFLoadError  # noqa: E402
 from vla_foundry_jax.convert.diffusers_unet_maps import WEIGHTS_NAME, load_diffusers_unet  # noqa: E402
-from vla_foundry_jax.convert.hf_loader import HFLoadError  # noqa: E402
 from vla_foundry_jax.models import build_model  # noqa: E402
 from vla_foundry_jax.models import diffusers_unet as du  # noqa: E402
 from vla_foundry_jax.params.base import ParamsError  # noqa: E402

@@ -17,8 +17,8 @@ from launch.convert_hf import convert_hf  # noqa: E402
 from tests.conftest import tiny_experiment  # noqa: E402
 from tests.test_transformer_hf import load_ours, save_hf  # noqa: E402
 from vla_foundry_jax import checkpoint as ckpt_lib  # noqa: E402
+from vla_foundry_jax.configs.hf_hub import HFLoadError  # noqa: E402
 from vla_foundry_jax.convert.hf_export import export_transformer_hf  # noqa: E402
-from vla_foundry_jax.convert.hf_loader import HFLoadError  # noqa: E402
 from vla_foundry_jax.params import TransformerHFParams  # noqa: E402
 
 TOL = 1e-4

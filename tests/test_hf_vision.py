@@ -16,7 +16,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from vla_foundry_jax import parallel  # noqa: E402
-from vla_foundry_jax.convert.hf_loader import HFLoadError  # noqa: E402
+from vla_foundry_jax.configs.hf_hub import HFLoadError  # noqa: E402
 from vla_foundry_jax.models import build_model  # noqa: E402
 from vla_foundry_jax.params import DistributedParams, EMAParams, HyperParams  # noqa: E402
 from vla_foundry_jax.params.model_params import CLIPHFParams, ViTHFParams  # noqa: E402

@@ -25,10 +25,10 @@ pytest.importorskip("ftfy")
 pytest.importorskip("safetensors")
 
 from vla_foundry_jax import parallel  # noqa: E402
-from vla_foundry_jax.convert.hf_loader import HFLoadError  # noqa: E402
+from vla_foundry_jax.configs.hf_decoder import UnsupportedArchitectureError  # noqa: E402
+from vla_foundry_jax.configs.hf_hub import HFLoadError  # noqa: E402
+from vla_foundry_jax.configs.openclip import ARCHITECTURES, architecture_from_dict  # noqa: E402
 from vla_foundry_jax.models import build_model  # noqa: E402
-from vla_foundry_jax.models.hf_decoder import UnsupportedArchitectureError  # noqa: E402
-from vla_foundry_jax.models.openclip_configs import ARCHITECTURES, architecture_from_dict  # noqa: E402
 from vla_foundry_jax.params import DistributedParams, EMAParams, HyperParams  # noqa: E402
 from vla_foundry_jax.params.model_params import CLIP_OpenCLIPParams  # noqa: E402
 from vla_foundry_jax.registry import get_loss, model_record  # noqa: E402

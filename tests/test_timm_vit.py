@@ -20,9 +20,9 @@ from tests.torchvision_standin import import_without_torchvision  # noqa: E402
 
 pytest.importorskip("safetensors")
 
-from vla_foundry_jax.convert import timm_vit_maps  # noqa: E402
+from vla_foundry_jax.configs import hf_vision as hf_vision_configs  # noqa: E402
+from vla_foundry_jax.configs.hf_decoder import UnsupportedArchitectureError  # noqa: E402
 from vla_foundry_jax.models import build_model  # noqa: E402
-from vla_foundry_jax.models.hf_decoder import UnsupportedArchitectureError  # noqa: E402
 from vla_foundry_jax.models.vlm import image_tokens_per_image  # noqa: E402
 from vla_foundry_jax.params.model_params import TransformerParams, ViTHFParams, VLMParams  # noqa: E402
 from vla_foundry_jax.registry import model_record  # noqa: E402
@@ -88,7 +88,7 @@ def timm_ckpts(tmp_path_factory):
 @pytest.mark.parametrize("case", list(CASES))
 def test_timm_vit_tokens_match_forward_intermediates(timm_ckpts, case):
     path, ref_model = timm_ckpts[case]
-    assert timm_vit_maps.is_timm_checkpoint(path)
+    assert hf_vision_configs.is_timm_checkpoint(path)
     width = CASES[case][1]["embed_dim"]
     model = _loaded(ViTHFParams(hf_pretrained=path, hidden_dim=width))
     c = model.config
@@ -126,13 +126,13 @@ def test_timm_errors(timm_ckpts, tmp_path):
     (unknown / "model.safetensors").write_bytes(open(f"{path}/model.safetensors", "rb").read())
     (unknown / "config.json").write_text(json.dumps({"architecture": "my_vit", "model_args": {"img_size": 16}}))
     with pytest.raises(UnsupportedArchitectureError, match='"num_heads": N'):
-        timm_vit_maps.timm_vision_config(str(unknown))
+        hf_vision_configs.timm_vision_config(str(unknown))
     (unknown / "config.json").write_text(json.dumps({"architecture": "my_vit", "model_args": {"num_heads": 2}}))
-    assert timm_vit_maps.timm_vision_config(str(unknown)).image_size == 16  # from the position-embedding grid
+    assert hf_vision_configs.timm_vision_config(str(unknown)).image_size == 16  # from the position-embedding grid
 
     _, _ = _save_timm(tmp_path, "layer_scale", "vit_tiny_patch16_224", dict(TINY, embed_dim=24, init_values=0.1))
     with pytest.raises(UnsupportedArchitectureError, match=r"layer scale .*blocks\.0\.ls1\.gamma"):
-        timm_vit_maps.timm_vision_config(str(tmp_path / "layer_scale"))
+        hf_vision_configs.timm_vision_config(str(tmp_path / "layer_scale"))
 
     from safetensors.torch import save_file
 

@@ -14,11 +14,11 @@ from flax import nnx
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
+from vla_foundry_jax.configs.hf_decoder import UnsupportedArchitectureError  # noqa: E402
+from vla_foundry_jax.configs.hf_hub import HFLoadError, resolve_hf_path  # noqa: E402
 from vla_foundry_jax.convert.hf_decoder_maps import load_transformer_hf_weights  # noqa: E402
-from vla_foundry_jax.convert.hf_loader import HFLoadError, resolve_hf_path  # noqa: E402
 from vla_foundry_jax.models import build_model  # noqa: E402
 from vla_foundry_jax.models.generation import generate  # noqa: E402
-from vla_foundry_jax.models.hf_decoder import UnsupportedArchitectureError  # noqa: E402
 from vla_foundry_jax.params import TransformerHFParams  # noqa: E402
 from vla_foundry_jax.registry import get_loss  # noqa: E402
 

@@ -394,7 +394,7 @@ def test_safetensors_strict_errors(tmp_path):
         load(bad)
     msg = str(e.value)
     assert "missing from the file (1): blocks.1.ln2.bias" in msg
-    assert "not in the model (1): blocks.2.ln2.bias" in msg
+    assert "in the file but not used by the model (1): blocks.2.ln2.bias" in msg
     assert "blocks.0.mlp.fc1.weight: file (33, 16) vs model (32, 16)" in msg
     good = str(tmp_path / "good.safetensors")
     save_file(sd, good)

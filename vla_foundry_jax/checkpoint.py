@@ -12,6 +12,7 @@ leaves the previous checkpoint as the latest usable one.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from collections.abc import Sequence
@@ -29,6 +30,44 @@ ITEMS = ("model", "train", "params", "data")
 
 class CheckpointError(ValueError):
     """A checkpoint path or content that cannot serve the requested restore."""
+
+
+@dataclasses.dataclass
+class Mismatch:
+    """What keeps a strict weight load from filling a model: the one report of every loader (our Orbax runs here,
+    outside checkpoints in :mod:`vla_foundry_jax.convert.engine`), worded the same whatever the source.
+
+    ``missing``: source names the model needs but the source lacks; ``unexpected``: source names nothing uses;
+    ``mismatched``: ``(source name, source shape, shape the model needs)``; ``unfilled``: model parameters (or
+    rules) no source name fills.
+    """
+
+    missing: list[str] = dataclasses.field(default_factory=list)
+    unexpected: list[str] = dataclasses.field(default_factory=list)
+    mismatched: list[tuple[str, tuple[int, ...], tuple[int, ...]]] = dataclasses.field(default_factory=list)
+    unfilled: list[str] = dataclasses.field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return bool(self.missing or self.unexpected or self.mismatched or self.unfilled)
+
+    def message(self, where: str, *, noun: str = "checkpoint", hint: str | None = None, limit: int = 20) -> str:
+        """``where`` (e.g. ``"unet.hf_pretrained = 'dir'"``) and the names of each kind (``limit`` at most);
+        ``noun`` names the source (``checkpoint`` / ``file``); ``hint`` (what to check) follows when names are
+        missing, unexpected or mis-shaped."""
+        lines = [f"{where} does not match the model:"]
+        if self.mismatched:
+            shown = [f"{name}: {noun} {have} vs model {want}" for name, have, want in self.mismatched[:limit]]
+            lines.append(f"  shape mismatches ({len(self.mismatched)}): " + "; ".join(shown))
+        for label, names in (
+            (f"missing from the {noun}", self.missing),
+            (f"in the {noun} but not used by the model", self.unexpected),
+            ("model parameters no rule fills", self.unfilled),
+        ):
+            if names:
+                lines.append(f"  {label} ({len(names)}): " + ", ".join(names[:limit]))
+        if hint and (self.missing or self.unexpected or self.mismatched):
+            lines.append(f"  {hint}")
+        return "\n".join(lines)
 
 
 def _handlers(compress_model: bool = True) -> dict[str, Any]:
@@ -206,23 +245,20 @@ def restore_model_weights(
         a = axis_of[n]
         return have[a] <= want[a] and have[:a] + have[a + 1 :] == want[:a] + want[a + 1 :]
 
-    missing = sorted(set(wanted) - set(stored))
-    mismatched = [
-        f"{n}: checkpoint {stored[n][0]} vs model {tuple(wanted[n].shape)}"
-        for n in sorted(set(wanted) & set(stored))
-        if not fits(n)
-    ]
-    unexpected = sorted(n for n in set(stored) - set(wanted) if n.startswith(source_prefix))
-    if missing or mismatched or unexpected:
-        lines = [f"checkpoint {step_dir} does not match the model:"]
-        if mismatched:
-            lines.append(f"  shape mismatches ({len(mismatched)}): " + "; ".join(mismatched[:20]))
-        if missing:
-            lines.append(f"  missing from the checkpoint ({len(missing)}): " + ", ".join(missing[:20]))
-        if unexpected:
-            lines.append(f"  in the checkpoint but not in the model ({len(unexpected)}): " + ", ".join(unexpected[:20]))
-        lines.append("  Build the model with the params the checkpoint was trained with (its params/ item holds them).")
-        raise CheckpointError("\n".join(lines))
+    report = Mismatch(
+        missing=sorted(set(wanted) - set(stored)),
+        unexpected=sorted(n for n in set(stored) - set(wanted) if n.startswith(source_prefix)),
+        mismatched=[
+            (n, stored[n][0], tuple(wanted[n].shape)) for n in sorted(set(wanted) & set(stored)) if not fits(n)
+        ],
+    )
+    if report:
+        raise CheckpointError(
+            report.message(
+                f"checkpoint {step_dir}",
+                hint="Build the model with the params the checkpoint was trained with (its params/ item holds them).",
+            )
+        )
     target = {n: _abstract_leaf(v, shape=stored[n][0]) for n, v in wanted.items()}
     values = ocp.PyTreeCheckpointer().restore(
         os.path.join(step_dir, "model"),

@@ -2,11 +2,12 @@
 
 :func:`export_transformer_hf` writes ``out_dir/model.safetensors`` + ``config.json`` (+ the tokenizer files and
 ``generation_config.json`` found next to the model's config) so that ``transformers.AutoModelForCausalLM
-.from_pretrained(out_dir)`` loads the trained weights. Every active rule of :data:`ARCH_MAPS` is inverted:
+.from_pretrained(out_dir)`` loads the trained weights. Every active rule of the decoder
+table (:func:`~vla_foundry_jax.convert.hf_decoder_maps.decoder_rules`) is inverted (``Transform.invert``):
 
-* ``"T"``: kernels ``[in, out]`` transposed back to torch's ``[out, in]``;
+* ``TRANSPOSE``: kernels ``[in, out]`` transposed back to torch's ``[out, in]``;
 * ``{i}``: the stacked ``[L, ...]`` parameter split into one tensor per layer;
-* ``"norm"``: Gemma's folded ``1 + w`` becomes ``w`` again;
+* ``ADD_ONE``: Gemma's folded ``1 + w`` becomes ``w`` again;
 * tied embeddings: only ``model.embed_tokens.weight`` is written (HF ties ``lm_head`` to it).
 
 Tensor names carry the ``model.`` prefix of ``*ForCausalLM`` checkpoints. Written with safetensors' NumPy API (no
@@ -24,9 +25,9 @@ from typing import Any
 import numpy as np
 
 from vla_foundry_jax import checkpoint as ckpt_lib
-from vla_foundry_jax.convert.hf_decoder_maps import ARCH_MAPS, CONFIG_ONLY_MARKER, Rule, _active
-from vla_foundry_jax.convert.hf_loader import resolve_hf_path
-from vla_foundry_jax.models.hf_decoder import HFDecoderConfig
+from vla_foundry_jax.configs.hf_decoder import HFDecoderConfig
+from vla_foundry_jax.configs.hf_hub import resolve_hf_path
+from vla_foundry_jax.convert.hf_decoder_maps import CONFIG_ONLY_MARKER, decoder_rules
 
 # Files of an HF model directory besides weights and config that describe the tokenizer or generation defaults.
 SIDE_FILES = (
@@ -58,16 +59,9 @@ def copy_side_files(src: str, dst: str, *, with_config: bool = True) -> list[str
     return copied
 
 
-def _invert(rule: Rule, value: np.ndarray, c: HFDecoderConfig) -> np.ndarray:
-    if rule.transform == "T":
-        return np.ascontiguousarray(value.T)
-    if rule.transform == "norm" and c.norm_offset:
-        return (value.astype(np.float32) - np.float32(1.0)).astype(value.dtype)
-    return np.ascontiguousarray(value)
-
-
 def hf_tensors(flat: dict[str, Any], config: HFDecoderConfig, dtype: str | None = None) -> dict[str, np.ndarray]:
-    """``{HF name: array}`` of a ``transformer_hf``'s flat parameters (``{"dotted.path": array}``)."""
+    """``{HF name: array}`` of a ``transformer_hf``'s flat parameters (``{"dotted.path": array}``): every rule of
+    :func:`~vla_foundry_jax.convert.hf_decoder_maps.decoder_rules` inverted (``Transform.invert``, layers split)."""
     target = None
     if dtype is not None:
         if dtype not in _DTYPES:
@@ -75,25 +69,24 @@ def hf_tensors(flat: dict[str, Any], config: HFDecoderConfig, dtype: str | None 
         import ml_dtypes
 
         target = np.dtype(ml_dtypes.bfloat16) if dtype == "bfloat16" else np.dtype(_DTYPES[dtype])
-    rules = [r for r in ARCH_MAPS[config.model_type] if _active(r, config)]
-    missing = sorted(r.flax for r in rules if r.flax not in flat)
-    unused = sorted(set(flat) - {r.flax for r in rules})
+    rules = decoder_rules(config, "model.")
+    missing = sorted(r.target for r in rules if r.target not in flat)
+    unused = sorted(set(flat) - {r.target for r in rules})
     if missing or unused:
         raise ValueError(
             f"the parameters do not match the {config.model_type} map: missing {missing[:20]}, unused {unused[:20]}."
         )
     out: dict[str, np.ndarray] = {}
     for rule in rules:
-        value = np.asarray(flat[rule.flax])
-        body = "model." if rule.body else ""
-        if "{i}" in rule.hf:
+        value = np.asarray(flat[rule.target])
+        if rule.stacked:
             if value.shape[0] != config.num_layers:
-                raise ValueError(f"{rule.flax}: leading axis {value.shape[0]} != num_layers {config.num_layers}.")
-            items = [(body + rule.hf.format(i=i), value[i]) for i in range(config.num_layers)]
+                raise ValueError(f"{rule.target}: leading axis {value.shape[0]} != num_layers {config.num_layers}.")
+            items = list(zip(rule.source_names(), value, strict=True))
         else:
-            items = [(body + rule.hf, value)]
+            items = [(rule.source, value)]
         for name, v in items:
-            v = _invert(rule, v, config)
+            v = np.ascontiguousarray(rule.transform.invert(v))
             out[name] = v if target is None else v.astype(target)
     return out
 
@@ -130,7 +123,7 @@ def export_transformer_hf(run_dir_or_model: Any, out_dir: str, *, dtype: str | N
     """
     from safetensors.numpy import save_file
 
-    from vla_foundry_jax.models.hf_decoder import hf_decoder_config
+    from vla_foundry_jax.configs.hf_decoder import hf_decoder_config
 
     flat, params, hf_dir = _model_and_config(run_dir_or_model)
     config = hf_decoder_config(params)

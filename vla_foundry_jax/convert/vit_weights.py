@@ -11,9 +11,11 @@
   * one of our runs (run, ``checkpoints/`` or step directory): a standalone ``vit`` run or any run whose model holds
     exactly one custom ViT (e.g. a ``vlm``: its ``vit.`` weights), located through the run's stored params.
 
-Strict: every source tensor consumed, every parameter filled, shapes equal, else an error listing the missing,
-unexpected and mismatched names. The one tolerated mismatch is the position embedding's token grid: a stored grid
-``g x g`` different from the model's ``img_size / patch_size`` is resized with ``vit.interpolation_mode``
+The original-format file is read through the conversion engine (:func:`vit_rules`, one table used both ways: also
+by :func:`export_original_state_dict`). Strict: every source tensor consumed, every parameter filled, shapes equal,
+else the engine's report of the missing, unexpected and mismatched names. The one tolerated mismatch is the position
+embedding's token grid: a stored grid ``g x g`` different from the model's ``img_size / patch_size`` is resized with
+``vit.interpolation_mode``
 (``bicubic`` / ``bilinear`` / ``nearest``, torch ``F.interpolate(..., align_corners=False)`` semantics, see
 :func:`torch_interpolate`); the CLS row is kept as is. Each loaded tensor is cast to the parameter's dtype and placed
 directly in the parameter's sharding.
@@ -23,13 +25,25 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import jax
 import numpy as np
 
 from vla_foundry_jax import checkpoint as ckpt_lib
+from vla_foundry_jax.convert.engine import (
+    COPY,
+    PATCH_CONV,
+    SQUEEZE_LEADING,
+    TRANSPOSE,
+    Rule,
+    Transform,
+    load_rules,
+    place,
+    target_leaves,
+)
+from vla_foundry_jax.convert.sources import PrefixedSource, SafetensorsReader
 from vla_foundry_jax.params.model_params import ModelParams, ViTParams, submodel_params
 
 INTERPOLATION_MODES = ("bicubic", "bilinear", "nearest")
@@ -132,78 +146,68 @@ def resize_position_embedding(pos: np.ndarray, grid: int, *, cls_flag: bool, mod
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Name and layout maps: ours <-> the original's state dict
+# The table: ours <-> the original's state dict
 
 
-def _orig_name(name: str) -> str:
-    return name[: -len(".kernel")] + ".weight" if name.endswith(".kernel") else name
+def _pos_resizable(stored: tuple[int, ...], target: tuple[int, ...], cls_flag: bool) -> bool:
+    """Same width, and the stored rows (minus the CLS row) form a square grid: a resize can fix the mismatch."""
+    if len(stored) != len(target) or stored[-1] != target[-1]:
+        return False
+    n = stored[-2] - (1 if cls_flag else 0)
+    return n > 0 and math.isqrt(n) ** 2 == n
 
 
-def _orig_names(name: str, n_layers: int) -> list[str]:
-    """The original's tensor names holding our parameter ``name`` (one per layer for stacked ``blocks.*``)."""
-    orig = _orig_name(name)
-    if name.startswith("blocks."):
-        rest = orig[len("blocks.") :]
-        return [f"blocks.{i}.{rest}" for i in range(n_layers)]
-    return [orig]
+def position_transform(params: ViTParams | None = None) -> Transform:
+    """``[1, T, H]`` -> ``[T, H]``; with ``params``, a stored table of another square grid is resized to
+    ``params``' grid (``interpolation_mode``), the CLS row kept."""
+    if params is None:
+        return SQUEEZE_LEADING
+
+    def apply(value: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+        value = value.reshape(value.shape[-2], value.shape[-1])
+        return value if value.shape == tuple(shape) else _resize_pos(value, params)
+
+    def fits(have: tuple[int, ...], shape: tuple[int, ...]) -> bool:
+        return _pos_resizable(have, SQUEEZE_LEADING.source_shape(shape), params.cls_flag)
+
+    return Transform("position_table", apply, SQUEEZE_LEADING.source_shape, SQUEEZE_LEADING.invert, fits)
 
 
-def to_original_layout(name: str, value: np.ndarray) -> np.ndarray:
-    """One (per-layer) parameter in our layout -> the original's tensor layout."""
-    if name == CONV:  # [p*p*3, H] -> [H, 3, p, p]
-        P, H = value.shape
-        p = math.isqrt(P // 3)
-        return value.reshape(p, p, 3, H).transpose(3, 2, 0, 1)
-    if name == POS:
-        return value[None]
-    if name == CLS:
-        return value.reshape(1, 1, -1)
-    if name.endswith(".kernel"):
-        return value.T
-    return value
-
-
-def from_original_layout(name: str, value: np.ndarray) -> np.ndarray:
-    """Inverse of :func:`to_original_layout`."""
-    if name == CONV:  # [H, 3, p, p] -> [p*p*3, H]
-        H = value.shape[0]
-        return value.transpose(2, 3, 1, 0).reshape(-1, H)
-    if name == POS:
-        return value.reshape(value.shape[-2], value.shape[-1])
-    if name == CLS:
-        return value.reshape(-1)
-    if name.endswith(".kernel"):
-        return value.T
-    return value
-
-
-def _orig_shape(name: str, shape: tuple[int, ...]) -> tuple[int, ...]:
-    return tuple(to_original_layout(name, np.empty(shape, np.uint8)).shape)
+def vit_rules(names: Iterable[str], n_layers: int, params: ViTParams | None = None) -> list[Rule]:
+    """One rule per ViT parameter ``names`` (ours): the original's tensor name (``blocks.{i}.*`` stacked over
+    ``n_layers``) and layout (``.kernel`` transposed from ``.weight``, the patch conv, the ``[1, ...]`` tokens)."""
+    rules = []
+    for name in sorted(names):
+        source = name[: -len(".kernel")] + ".weight" if name.endswith(".kernel") else name
+        if name == CONV:
+            transform = PATCH_CONV
+        elif name == POS:
+            transform = position_transform(params)
+        elif name == CLS:
+            transform = SQUEEZE_LEADING
+        else:
+            transform = TRANSPOSE if name.endswith(".kernel") else COPY
+        stacked = name.startswith("blocks.")
+        if stacked:
+            source = "blocks.{i}." + source[len("blocks.") :]
+        rules.append(Rule(name, source, transform, n_layers if stacked else None))
+    return rules
 
 
 def export_original_state_dict(state: Any, n_layers: int) -> dict[str, np.ndarray]:
     """A ViT's ``nnx.State`` (ours) -> ``{original name: array}`` in the original's layout (float32 NumPy)."""
+    flat = ckpt_lib.flat_params(state)
     out = {}
-    for name, value in ckpt_lib.flat_params(state).items():
-        value = np.asarray(jax.device_get(value), np.float32)
-        names = _orig_names(name, n_layers)
-        per_layer = [value[i] for i in range(n_layers)] if name.startswith("blocks.") else [value]
-        for orig, v in zip(names, per_layer, strict=True):
-            out[orig] = np.ascontiguousarray(to_original_layout(name, v))
+    for rule in vit_rules(flat, n_layers):
+        value = np.asarray(jax.device_get(flat[rule.target]), np.float32)
+        per_layer = [value[i] for i in range(n_layers)] if rule.stacked else [value]
+        for orig, v in zip(rule.source_names(), per_layer, strict=True):
+            out[orig] = np.ascontiguousarray(rule.transform.invert(v))
     return out
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Placement
-
-
-def _place(value: np.ndarray, leaf: Any) -> jax.Array:
-    """``value`` as an array with ``leaf``'s dtype and sharding (each process supplies its own shards)."""
-    value = np.asarray(value).astype(np.dtype(leaf.dtype))
-    sharding = getattr(leaf, "sharding", None)
-    if sharding is None:
-        return jax.device_put(value, jax.local_devices()[0])
-    return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
+# Sources
 
 
 def _host(x: Any) -> np.ndarray:
@@ -215,40 +219,10 @@ def _host(x: Any) -> np.ndarray:
 
 def _targets(states: Sequence[Any], prefix: str) -> dict[str, Any]:
     """``{name relative to prefix: leaf}`` of the ViT's parameters across ``states``."""
-    out = {}
-    for state in states:
-        for name, leaf in ckpt_lib.flat_params(state).items():
-            if name.startswith(prefix):
-                out[name[len(prefix) :]] = leaf
+    out = target_leaves(states, prefix)
     if POS not in out:
         raise WeightLoadError(f"no ViT parameters under the module path {prefix!r} (expected {prefix}{POS}).")
     return out
-
-
-def _pos_resizable(stored: tuple[int, ...], target: tuple[int, ...], cls_flag: bool) -> bool:
-    """Same width, and the stored rows (minus the CLS row) form a square grid: a resize can fix the mismatch."""
-    if len(stored) != len(target) or stored[-1] != target[-1]:
-        return False
-    n = stored[-2] - (1 if cls_flag else 0)
-    return n > 0 and math.isqrt(n) ** 2 == n
-
-
-def _error(source: str, missing: list[str], unexpected: list[str], mismatched: list[str]) -> WeightLoadError:
-    lines = [f"vit.pretrained = {source!r} does not match the model:"]
-    if mismatched:
-        lines.append(f"  shape mismatches ({len(mismatched)}): " + "; ".join(mismatched[:20]))
-    if missing:
-        lines.append(f"  missing from the file ({len(missing)}): " + ", ".join(missing[:20]))
-    if unexpected:
-        lines.append(f"  in the file but not in the model ({len(unexpected)}): " + ", ".join(unexpected[:20]))
-    lines.append(
-        "  Set the vit.* sizes (hidden_dim, inter_dim, patch_size, n_layers, cls_flag) the weights were made with."
-    )
-    return WeightLoadError("\n".join(lines))
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Sources
 
 
 def _source_prefix(keys: list[str]) -> str:
@@ -264,41 +238,17 @@ def _source_prefix(keys: list[str]) -> str:
     return prefix
 
 
+VIT_HINT = "Set the vit.* sizes (hidden_dim, inter_dim, patch_size, n_layers, cls_flag) the weights were made with."
+
+
 def load_safetensors(path: str, params: ViTParams, states: Sequence[Any], prefix: str) -> list[Any]:
     """Fill the ViT under ``prefix`` in ``states`` from an original-format safetensors file (see module doc)."""
-    from safetensors import safe_open
-
     targets = _targets(states, prefix)
-    L = params.n_layers
-    with safe_open(path, framework="np") as f:
-        keys = list(f.keys())
-        src = _source_prefix(keys)
-        available = {k[len(src) :]: tuple(f.get_slice(k).get_shape()) for k in keys if k.startswith(src)}
-        expected: dict[str, tuple[str, tuple[int, ...]]] = {}  # original name -> (our name, original shape)
-        for name, leaf in targets.items():
-            shape = tuple(leaf.shape[1:]) if name.startswith("blocks.") else tuple(leaf.shape)
-            for orig in _orig_names(name, L):
-                expected[orig] = (name, _orig_shape(name, shape))
-        missing = sorted(set(expected) - set(available))
-        unexpected = sorted(set(available) - set(expected))
-        mismatched = []
-        for orig in sorted(set(expected) & set(available)):
-            name, want = expected[orig]
-            have = available[orig]
-            if have != want and not (name == POS and _pos_resizable(have, want, params.cls_flag)):
-                mismatched.append(f"{src}{orig}: file {have} vs model {want}")
-        if missing or unexpected or mismatched:
-            raise _error(path, missing, [src + k for k in unexpected], mismatched)
-
-        values = {}
-        for name, leaf in targets.items():
-            origs = _orig_names(name, L)
-            parts = [from_original_layout(name, f.get_tensor(src + orig)) for orig in origs]
-            value = np.stack(parts) if name.startswith("blocks.") else parts[0]
-            if name == POS and value.shape != tuple(leaf.shape):
-                value = _resize_pos(value, params)
-            values[prefix + name] = _place(value, leaf)
-    return [ckpt_lib.set_flat_params(state, values) for state in states]
+    with SafetensorsReader(path) as reader:
+        source = PrefixedSource(reader, _source_prefix(reader.keys()))
+        rules = vit_rules(targets, params.n_layers, params)
+        where = f"vit.pretrained = {path!r}"
+        return load_rules(source, rules, states, prefix, where=where, noun="file", hint=VIT_HINT, error=WeightLoadError)
 
 
 def _resize_pos(value: np.ndarray, params: ViTParams) -> np.ndarray:
@@ -354,7 +304,7 @@ def load_run(path: str, params: ViTParams, states: Sequence[Any], prefix: str) -
         raise WeightLoadError(f"vit.pretrained = {path!r} (ViT at {source_prefix or '<top>'!r}): {e}") from e
     if resize:
         restored = next(v for s in work for n, v in ckpt_lib.flat_params(s).items() if n == prefix + POS)
-        value = _place(_resize_pos(_host(restored), params), pos_leaf)
+        value = place(_resize_pos(_host(restored), params), pos_leaf)
         work = [ckpt_lib.set_flat_params(s, {prefix + POS: value}) for s in work]
     return work
 

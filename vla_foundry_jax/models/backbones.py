@@ -49,6 +49,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from vla_foundry_jax.convert.hf_vision_maps import load_clip_hf_weights
 from vla_foundry_jax.convert.vit_weights import load_vit_weights
 from vla_foundry_jax.models.clip import CLIPModel, _l2_normalize, clip_config
 from vla_foundry_jax.models.clip import frozen_paths as clip_frozen_paths
@@ -190,12 +191,6 @@ def build_vit_backbone(
 ) -> ViTBackbone:
     """Registry builder for ``type = "vit_backbone"``."""
     return ViTBackbone(params, rngs=rngs, dtype=dtype, param_dtype=param_dtype, remat_policy=remat_policy)
-
-
-def load_clip_hf_weights(params, states, prefix):  # TEMP until configs/ lands: the loader module reads this one
-    from vla_foundry_jax.convert.hf_vision_maps import load_clip_hf_weights as load
-
-    return load(params, states, prefix)
 
 
 register_model(

@@ -36,60 +36,19 @@ cross-entropies over the in-batch pairs).
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from vla_foundry_jax.configs.clip import LEGACY_EOS_ID, CLIPConfig, CLIPTextConfig, clip_config
+from vla_foundry_jax.convert.hf_vision_maps import load_clip_hf_weights
 from vla_foundry_jax.layers.norms import make_norm
-from vla_foundry_jax.models.hf_decoder import Dense, UnsupportedArchitectureError
-from vla_foundry_jax.models.hf_vision import Encoder, EncoderConfig, HFVisionConfig, HFVisionTower
+from vla_foundry_jax.models.hf_decoder import Dense
+from vla_foundry_jax.models.hf_vision import Encoder, HFVisionTower
 from vla_foundry_jax.params.model_params import CLIPHFParams
 from vla_foundry_jax.registry import ModelRecord, register_model
-
-LEGACY_EOS_ID = 2  # HF: configs from before PR #24773 pool at the argmax of the ids
-
-
-@dataclasses.dataclass(frozen=True)
-class CLIPTextConfig(EncoderConfig):
-    vocab_size: int = 49408
-    max_position_embeddings: int = 77
-    eos_token_id: int = 49407
-
-    @classmethod
-    def from_hf(cls, config: Any) -> CLIPTextConfig:
-        eos = getattr(config, "eos_token_id", None)
-        if not isinstance(eos, int):
-            raise UnsupportedArchitectureError(f"clip_hf needs one integer text eos_token_id; the config has {eos!r}.")
-        return cls(
-            **cls.fields_from_hf(config),
-            vocab_size=int(config.vocab_size),
-            max_position_embeddings=int(config.max_position_embeddings),
-            eos_token_id=eos,
-        )
-
-
-@dataclasses.dataclass(frozen=True)
-class CLIPConfig:
-    text: CLIPTextConfig
-    vision: HFVisionConfig
-    projection_dim: int
-    logit_scale_init_value: float
-
-    @classmethod
-    def from_hf(cls, config: Any) -> CLIPConfig:
-        if getattr(config, "model_type", None) != "clip":
-            raise UnsupportedArchitectureError(
-                f"clip_hf needs an HF config with model_type 'clip', got {getattr(config, 'model_type', None)!r}."
-            )
-        return cls(
-            text=CLIPTextConfig.from_hf(config.text_config),
-            vision=HFVisionConfig.from_hf(config),
-            projection_dim=int(config.projection_dim),
-            logit_scale_init_value=float(config.logit_scale_init_value),
-        )
 
 
 class TextEmbeddings(nnx.Module):
@@ -197,14 +156,6 @@ class CLIPModel(nnx.Module):
         return out
 
 
-def clip_config(params: Any) -> CLIPConfig:
-    from vla_foundry_jax.convert.hf_loader import load_hf_config
-
-    if not params.hf_pretrained:
-        raise ValueError(f"{params.gin_name}.hf_pretrained is not set; give a hub id or a local checkpoint directory.")
-    return CLIPConfig.from_hf(load_hf_config(params.hf_pretrained))
-
-
 def frozen_paths(params: Any) -> list[tuple[str, ...]]:
     """Module paths (relative to the CLIP model) that ``freeze_text_encoder`` / ``freeze_image_encoder`` freeze."""
     out = []
@@ -249,12 +200,6 @@ def clip_contrastive_loss(
     loss = 0.5 * (t2i + i2t)
     acc = jnp.mean((jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32))
     return loss, {"contrastive_loss": loss, "text_to_image_accuracy": acc}
-
-
-def load_clip_hf_weights(params, states, prefix):  # TEMP until configs/ lands: the loader module reads this one
-    from vla_foundry_jax.convert.hf_vision_maps import load_clip_hf_weights as load
-
-    return load(params, states, prefix)
 
 
 register_model(

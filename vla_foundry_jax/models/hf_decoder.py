@@ -1,9 +1,10 @@
 """``transformer_hf``: the Hugging Face decoder-only LM families in Flax NNX, stacked and scanned.
 
-Supported ``config.model_type`` values (:data:`SUPPORTED_ARCHITECTURES`): ``llama`` (covers SmolLM2), ``qwen2``
-(q/k/v biases), ``qwen3`` (per-head q/k RMSNorm), ``mistral`` (sliding window), ``gemma`` (embeddings scaled by
-``sqrt(H)``, ``1 + w`` norms, gelu-tanh MLP), ``gemma2`` (Gemma plus attention / final logit soft-capping, alternating
-sliding / global layers, post-attention and pre/post-FFN norms, ``query_pre_attn_scalar``). Only the default RoPE
+Supported ``config.model_type`` values (``configs.hf_decoder.SUPPORTED_ARCHITECTURES``): ``llama`` (covers
+SmolLM2), ``qwen2`` (q/k/v biases), ``qwen3`` (per-head q/k RMSNorm), ``mistral`` (sliding window), ``gemma``
+(embeddings scaled by ``sqrt(H)``, ``1 + w`` norms, gelu-tanh MLP), ``gemma2`` (Gemma plus attention / final logit
+soft-capping, alternating sliding / global layers, post-attention and pre/post-FFN norms, ``query_pre_attn_scalar``).
+Only the default RoPE
 (``rope_type = "default"``) is implemented.
 
 Parameters keep the HF module names (``L`` stacked on a leading ``layers`` axis; kernels stored ``[in, out]``):
@@ -48,13 +49,14 @@ are all masked (a left-padding position) attends uniformly instead of producing 
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from vla_foundry_jax.configs.hf_decoder import ACTIVATION_NAMES, HFDecoderConfig, hf_decoder_config
+from vla_foundry_jax.convert.hf_decoder_maps import load_transformer_hf_weights
 from vla_foundry_jax.layers.attention import empty_kv_cache
 from vla_foundry_jax.layers.feed_forward import trunc_normal
 from vla_foundry_jax.layers.losses import next_token_loss
@@ -62,7 +64,6 @@ from vla_foundry_jax.models.transformer import LAYERS_AXIS, TransformerOutput, c
 from vla_foundry_jax.params.model_params import TransformerHFParams
 from vla_foundry_jax.registry import ModelRecord, register_model
 
-SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3", "mistral", "gemma", "gemma2")
 ACTIVATIONS = {
     "silu": jax.nn.silu,
     "swish": jax.nn.silu,
@@ -70,108 +71,8 @@ ACTIVATIONS = {
     "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
     "gelu": lambda x: jax.nn.gelu(x, approximate=False),
 }
-FULL_WINDOW = 2**30  # "no sliding window"
+assert set(ACTIVATIONS) == set(ACTIVATION_NAMES)  # the config reader accepts exactly these
 Cache = dict[str, jax.Array]
-
-
-class UnsupportedArchitectureError(ValueError):
-    """An HF config whose ``model_type`` (or an option of it) ``transformer_hf`` does not implement."""
-
-
-@dataclasses.dataclass(frozen=True)
-class HFDecoderConfig:
-    """The architecture facts the Flax module needs, read from an HF ``PretrainedConfig``."""
-
-    model_type: str
-    vocab_size: int
-    hidden_size: int
-    intermediate_size: int
-    num_layers: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    rms_norm_eps: float
-    rope_theta: float
-    max_position_embeddings: int
-    tie_word_embeddings: bool
-    qkv_bias: bool
-    o_bias: bool
-    mlp_bias: bool
-    qk_norm: bool
-    norm_offset: bool  # Gemma: HF norms multiply by (1 + w)
-    embed_scale: float | None
-    activation: str
-    attn_scale: float
-    attn_softcap: float | None
-    final_softcap: float | None
-    sandwich_norms: bool  # Gemma2's post-attention / pre- and post-FFN norms
-    windows: tuple[int, ...]  # per-layer sliding window (FULL_WINDOW = global attention)
-
-    @classmethod
-    def from_hf(cls, config: Any) -> HFDecoderConfig:
-        mt = getattr(config, "model_type", None)
-        if mt not in SUPPORTED_ARCHITECTURES:
-            raise UnsupportedArchitectureError(
-                f"transformer_hf does not support HF model_type {mt!r}; "
-                f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}."
-            )
-        rope = dict(getattr(config, "rope_parameters", None) or {})
-        rope_type = rope.get("rope_type", rope.get("type", "default"))
-        if rope_type != "default" or rope.get("partial_rotary_factor", 1.0) != 1.0:
-            raise UnsupportedArchitectureError(
-                f"transformer_hf implements only the default RoPE; this {mt} config has rope_parameters = {rope}."
-            )
-        theta = rope.get("rope_theta", getattr(config, "rope_theta", 10000.0))
-        H, nh = config.hidden_size, config.num_attention_heads
-        hd = getattr(config, "head_dim", None) or H // nh
-        nkv = getattr(config, "num_key_value_heads", None) or nh
-        if nh % nkv:
-            raise UnsupportedArchitectureError(
-                f"num_key_value_heads = {nkv} does not divide num_attention_heads = {nh}."
-            )
-        L = config.num_hidden_layers
-        window = getattr(config, "sliding_window", None)
-        layer_types = getattr(config, "layer_types", None)
-        if layer_types is not None and window is not None:
-            windows = tuple(window if t == "sliding_attention" else FULL_WINDOW for t in layer_types)
-        elif mt == "mistral" and window is not None:
-            windows = (window,) * L
-        else:
-            windows = (FULL_WINDOW,) * L
-        attention_bias = bool(getattr(config, "attention_bias", False))
-        gemma = mt in ("gemma", "gemma2")
-        act = getattr(config, "hidden_activation", None) if mt == "gemma2" else None
-        act = act or getattr(config, "hidden_act", "silu")
-        if act not in ACTIVATIONS:
-            raise UnsupportedArchitectureError(
-                f"hidden activation {act!r} is not supported; choose {list(ACTIVATIONS)}."
-            )
-        return cls(
-            model_type=mt,
-            vocab_size=config.vocab_size,
-            hidden_size=H,
-            intermediate_size=config.intermediate_size,
-            num_layers=L,
-            num_heads=nh,
-            num_kv_heads=nkv,
-            head_dim=hd,
-            rms_norm_eps=float(config.rms_norm_eps),
-            rope_theta=float(theta),
-            max_position_embeddings=int(getattr(config, "max_position_embeddings", 2048)),
-            tie_word_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
-            qkv_bias=True if mt == "qwen2" else (attention_bias and mt != "mistral"),
-            o_bias=attention_bias and mt not in ("qwen2", "mistral"),
-            mlp_bias=bool(getattr(config, "mlp_bias", False)) and mt == "llama",
-            qk_norm=mt == "qwen3",
-            norm_offset=gemma,
-            embed_scale=float(H) ** 0.5 if gemma else None,
-            activation=act,
-            attn_scale=float(config.query_pre_attn_scalar) ** -0.5 if mt == "gemma2" else float(hd) ** -0.5,
-            attn_softcap=getattr(config, "attn_logit_softcapping", None) if mt == "gemma2" else None,
-            final_softcap=getattr(config, "final_logit_softcapping", None) if mt == "gemma2" else None,
-            sandwich_norms=mt == "gemma2",
-            windows=tuple(int(w) for w in windows),
-        )
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -469,13 +370,6 @@ class HFDecoder(nnx.Module):
         return TransformerOutput(logits=logits, cache=new_cache, hidden_states=hidden_states)
 
 
-def hf_decoder_config(params: Any) -> HFDecoderConfig:
-    """The :class:`HFDecoderConfig` of a ``TransformerHFParams`` (config read from ``hf_pretrained``)."""
-    from vla_foundry_jax.convert.hf_loader import load_hf_config
-
-    return HFDecoderConfig.from_hf(load_hf_config(params.hf_pretrained))
-
-
 def build_transformer_hf(
     params: Any,
     *,
@@ -488,12 +382,6 @@ def build_transformer_hf(
     return HFDecoder(
         hf_decoder_config(params), rngs=rngs, dtype=dtype, param_dtype=param_dtype, remat_policy=remat_policy
     )
-
-
-def load_transformer_hf_weights(params, states, prefix):  # TEMP until configs/ lands: the loader module reads this one
-    from vla_foundry_jax.convert.hf_decoder_maps import load_transformer_hf_weights as load
-
-    return load(params, states, prefix)
 
 
 register_model(

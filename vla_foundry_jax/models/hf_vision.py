@@ -2,12 +2,13 @@
 
 The original builds ``vit_hf`` with ``timm`` and returns the first element of ``forward_intermediates`` (reference
 §3.4): the final *normed* token sequence. Here the tower is built from an HF config (``hf_pretrained``'s
-``config.json``) whose ``model_type`` is one of :data:`SUPPORTED_MODEL_TYPES` (``siglip`` / ``clip`` take their
-``vision_config``); the ``vit_hf`` weight loader (:mod:`vla_foundry_jax.convert.hf_vision_maps`) then fills it
-from the checkpoint's safetensors. A **timm**-format checkpoint (the original's own: ``config.json`` with
-``architecture``, timm tensor names) builds the same tower with its layout read from the checkpoint (class and register
-tokens, position embedding with or without them, ``norm_pre``, final norm or none, qkv bias): see
-:mod:`vla_foundry_jax.convert.timm_vit_maps`; its output equals timm's ``forward_intermediates(x)[0]``.
+``config.json``) whose ``model_type`` is one of ``configs.hf_vision.SUPPORTED_MODEL_TYPES`` (``siglip`` / ``clip``
+take their ``vision_config``); the ``vit_hf`` weight loader (:mod:`vla_foundry_jax.convert.hf_vision_maps`) then
+fills it from the checkpoint's safetensors. A **timm**-format checkpoint (the original's own: ``config.json`` with
+``architecture``, timm tensor names) builds the same tower with its layout read from the checkpoint (class and
+register tokens, position embedding with or without them, ``norm_pre``, final norm or none, qkv bias): see
+:func:`~vla_foundry_jax.configs.hf_vision.timm_vision_config`; its output equals timm's
+``forward_intermediates(x)[0]``.
 
 Images are **channels-last**: ``[B, img, img, 3]`` or multi-camera ``[B, N, img, img, 3]`` (HF takes
 ``[B, 3, h, w]``); pixel normalisation is the processor's job. Forward:
@@ -50,122 +51,25 @@ Parameters keep HF's module names (``L`` stacked on a leading ``layers`` axis; k
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from vla_foundry_jax.configs.hf_vision import ACTIVATION_NAMES, EncoderConfig, HFVisionConfig, hf_vision_config
+from vla_foundry_jax.convert.hf_vision_maps import load_vit_hf_weights
 from vla_foundry_jax.layers.norms import make_norm
 from vla_foundry_jax.models.hf_decoder import ACTIVATIONS as DECODER_ACTIVATIONS
-from vla_foundry_jax.models.hf_decoder import Dense, UnsupportedArchitectureError
+from vla_foundry_jax.models.hf_decoder import Dense
 from vla_foundry_jax.models.transformer import LAYERS_AXIS, check_remat_policy
 from vla_foundry_jax.models.vit import head_major_attention
 from vla_foundry_jax.params.model_params import ViTHFParams
 from vla_foundry_jax.registry import ModelRecord, register_model
 
-SUPPORTED_MODEL_TYPES = ("siglip_vision_model", "siglip", "clip_vision_model", "clip")
 ACTIVATIONS = {**DECODER_ACTIVATIONS, "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x)}
+assert set(ACTIVATIONS) == set(ACTIVATION_NAMES)  # the config reader accepts exactly these
 INIT_STD = 0.02
-
-
-@dataclasses.dataclass(frozen=True)
-class EncoderConfig:
-    """The facts a stack of HF CLIP/SigLIP encoder layers needs."""
-
-    hidden_size: int
-    intermediate_size: int
-    num_layers: int
-    num_heads: int
-    layer_norm_eps: float
-    activation: str
-    qkv_bias: bool = True
-
-    @staticmethod
-    def fields_from_hf(config: Any) -> dict[str, Any]:
-        act = getattr(config, "hidden_act", "gelu_pytorch_tanh")
-        if act not in ACTIVATIONS:
-            raise UnsupportedArchitectureError(f"hidden_act {act!r} is not supported; choose {list(ACTIVATIONS)}.")
-        if config.hidden_size % config.num_attention_heads:
-            raise UnsupportedArchitectureError(
-                f"num_attention_heads = {config.num_attention_heads} does not divide hidden_size = "
-                f"{config.hidden_size}."
-            )
-        return {
-            "hidden_size": int(config.hidden_size),
-            "intermediate_size": int(config.intermediate_size),
-            "num_layers": int(config.num_hidden_layers),
-            "num_heads": int(config.num_attention_heads),
-            "layer_norm_eps": float(config.layer_norm_eps),
-            "activation": act,
-        }
-
-
-@dataclasses.dataclass(frozen=True)
-class HFVisionConfig(EncoderConfig):
-    """A SigLIP (``family = "siglip"``), CLIP (``"clip"``) or timm (``"timm"``) vision tower's architecture.
-
-    The layout fields left at None follow the family (CLIP: class token, ``pre_layrnorm``, bias-free patch
-    projection; SigLIP: none of these); a timm ViT sets them from its checkpoint
-    (:mod:`vla_foundry_jax.convert.timm_vit_maps`).
-    """
-
-    family: str = "siglip"
-    image_size: int = 224
-    patch_size: int = 16
-    class_token: bool | None = None
-    reg_tokens: int = 0  # timm register tokens, after the class token
-    pos_embed_prefix: bool = True  # the position embedding also covers the prefix tokens (timm ``no_embed_class``)
-    pre_norm: bool | None = None
-    final_norm: bool = True  # timm models with ``fc_norm`` / ``final_norm=False`` return un-normed tokens
-    patch_bias: bool | None = None
-
-    @property
-    def cls_token(self) -> bool:
-        return self.family == "clip" if self.class_token is None else self.class_token
-
-    @property
-    def has_pre_norm(self) -> bool:
-        return self.cls_token if self.pre_norm is None else self.pre_norm
-
-    @property
-    def has_patch_bias(self) -> bool:
-        return not self.cls_token if self.patch_bias is None else self.patch_bias
-
-    @property
-    def num_patches(self) -> int:
-        return (self.image_size // self.patch_size) ** 2
-
-    @property
-    def num_prefix_tokens(self) -> int:
-        return int(self.cls_token) + self.reg_tokens
-
-    @property
-    def num_tokens(self) -> int:
-        return self.num_patches + self.num_prefix_tokens
-
-    @classmethod
-    def from_hf(cls, config: Any) -> HFVisionConfig:
-        mt = getattr(config, "model_type", None)
-        if mt not in SUPPORTED_MODEL_TYPES:
-            raise UnsupportedArchitectureError(
-                f"vit_hf does not support HF model_type {mt!r}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}."
-            )
-        if mt in ("siglip", "clip"):
-            config = config.vision_config
-        if getattr(config, "num_channels", 3) != 3:
-            raise UnsupportedArchitectureError(f"vit_hf expects 3-channel images; config has {config.num_channels}.")
-        if config.image_size % config.patch_size:
-            raise UnsupportedArchitectureError(
-                f"patch_size = {config.patch_size} does not divide image_size = {config.image_size}."
-            )
-        return cls(
-            **cls.fields_from_hf(config),
-            family="clip" if mt.startswith("clip") else "siglip",
-            image_size=int(config.image_size),
-            patch_size=int(config.patch_size),
-        )
 
 
 def _normal(rngs: nnx.Rngs, shape: tuple[int, ...], param_dtype: Any) -> jax.Array:
@@ -391,32 +295,6 @@ class HFVisionTower(nnx.Module):
         return x.reshape(*lead, *x.shape[1:])
 
 
-def load_vision_config(hf_pretrained: str) -> HFVisionConfig:
-    """The :class:`HFVisionConfig` of a checkpoint: a timm ViT (``config.json`` with ``architecture``, see
-    :mod:`vla_foundry_jax.convert.timm_vit_maps`) or an HF SigLIP / CLIP one (``model_type``)."""
-    from vla_foundry_jax.convert import timm_vit_maps
-    from vla_foundry_jax.convert.hf_loader import load_hf_config, resolve_hf_path
-
-    path = resolve_hf_path(hf_pretrained)
-    if timm_vit_maps.is_timm_checkpoint(path):
-        return timm_vit_maps.timm_vision_config(path)
-    return HFVisionConfig.from_hf(load_hf_config(path))
-
-
-def hf_vision_config(params: Any) -> HFVisionConfig:
-    """The :class:`HFVisionConfig` of a ``ViTHFParams`` (config read from ``hf_pretrained``); checks ``hidden_dim``."""
-    where = params.gin_name
-    if not params.hf_pretrained:
-        raise ValueError(f"{where}.hf_pretrained is not set; give a hub id or a local checkpoint directory.")
-    c = load_vision_config(params.hf_pretrained)
-    if params.hidden_dim != c.hidden_size:
-        raise ValueError(
-            f"{where}.hidden_dim = {params.hidden_dim} but {params.hf_pretrained!r} has hidden_size = "
-            f"{c.hidden_size}; set {where}.hidden_dim = {c.hidden_size}."
-        )
-    return c
-
-
 def build_vit_hf(
     params: Any,
     *,
@@ -434,12 +312,6 @@ def build_vit_hf(
         remat_policy=remat_policy,
         where=params.gin_name,
     )
-
-
-def load_vit_hf_weights(params, states, prefix):  # TEMP until configs/ lands: the loader module reads this one
-    from vla_foundry_jax.convert.hf_vision_maps import load_vit_hf_weights as load
-
-    return load(params, states, prefix)
 
 
 register_model(ModelRecord(params=ViTHFParams, builder=build_vit_hf, weight_loader=load_vit_hf_weights))

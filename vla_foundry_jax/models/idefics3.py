@@ -31,72 +31,16 @@ size, but their row/column marker tokens are the caller's job), padded or variab
 
 from __future__ import annotations
 
-import dataclasses
-from typing import Any
-
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from vla_foundry_jax.configs.vlm_hf import Idefics3Config
 from vla_foundry_jax.layers.pixel_shuffle import pixel_shuffle
-from vla_foundry_jax.models.hf_decoder import Dense, HFDecoder, HFDecoderConfig, UnsupportedArchitectureError
-from vla_foundry_jax.models.hf_vision import HFVisionConfig, HFVisionTower
+from vla_foundry_jax.models.hf_decoder import Dense, HFDecoder
+from vla_foundry_jax.models.hf_vision import HFVisionTower
 from vla_foundry_jax.models.hf_vlm_common import HFVLM
 from vla_foundry_jax.models.vlm import merge_image_tokens
-
-MODEL_TYPES = ("idefics3", "smolvlm")
-VISION_MODEL_TYPES = ("idefics3_vision", "smolvlm_vision")
-
-
-@dataclasses.dataclass(frozen=True)
-class Idefics3Config:
-    """An Idefics3 / SmolVLM checkpoint's architecture: SigLIP-like tower, pixel-shuffle connector, decoder LM."""
-
-    vision: HFVisionConfig
-    text: HFDecoderConfig
-    image_token_id: int
-    scale_factor: int
-    model_type: str = "idefics3"
-
-    @property
-    def tokens_per_image(self) -> int:
-        return self.vision.num_patches // (self.scale_factor**2)
-
-    @classmethod
-    def from_hf(cls, config: Any) -> Idefics3Config:
-        mt = getattr(config, "model_type", None)
-        if mt not in MODEL_TYPES:
-            raise UnsupportedArchitectureError(f"Idefics3 expects model_type in {MODEL_TYPES}, got {mt!r}.")
-        vc = config.vision_config
-        vmt = getattr(vc, "model_type", None)
-        if vmt not in VISION_MODEL_TYPES:
-            raise UnsupportedArchitectureError(f"{mt} expects a vision_config in {VISION_MODEL_TYPES}, got {vmt!r}.")
-        if getattr(vc, "num_channels", 3) != 3:
-            raise UnsupportedArchitectureError(f"{mt} expects 3-channel images; config has {vc.num_channels}.")
-        if vc.image_size % vc.patch_size:
-            raise UnsupportedArchitectureError(
-                f"patch_size = {vc.patch_size} does not divide image_size = {vc.image_size}."
-            )
-        vision = HFVisionConfig(
-            **HFVisionConfig.fields_from_hf(vc),
-            family="siglip",
-            image_size=int(vc.image_size),
-            patch_size=int(vc.patch_size),
-        )
-        s = int(config.scale_factor)
-        side = vision.image_size // vision.patch_size
-        if s < 1 or side % s:
-            raise UnsupportedArchitectureError(
-                f"scale_factor = {s} does not divide the {side} x {side} patch grid (image_size / patch_size)."
-            )
-        text = HFDecoderConfig.from_hf(config.text_config)
-        if text.norm_offset or text.embed_scale is not None:
-            raise UnsupportedArchitectureError(
-                f"{mt} with a {text.model_type!r} text_config is not supported (Gemma's embedding scaling would "
-                "apply to the image features too); use a Llama-family text model."
-            )
-        text = dataclasses.replace(text, tie_word_embeddings=bool(getattr(config, "tie_word_embeddings", False)))
-        return cls(vision=vision, text=text, image_token_id=int(config.image_token_id), scale_factor=s, model_type=mt)
 
 
 class Idefics3(HFVLM):

@@ -82,7 +82,7 @@ def _scheduler(key: tuple[Any, ...]) -> NoiseScheduler:
 
 def empty_prompt_tokens(hf_pretrained: str) -> tuple[tuple[int, ...], int]:
     """``(ids of "", pad id)`` of the CLIP checkpoint's tokenizer (config fallback; see the module docstring)."""
-    from vla_foundry_jax.convert.hf_loader import load_hf_config, resolve_hf_path
+    from vla_foundry_jax.configs.hf_hub import load_hf_config, resolve_hf_path
 
     try:
         from transformers import AutoTokenizer
@@ -388,7 +388,7 @@ def prompt_tokenizer(exp: Any) -> Any:
     """The run's prompt tokenizer: ``data.tokenizer`` (resolved to ``clip.hf_pretrained``), else the CLIP path."""
     from transformers import AutoTokenizer
 
-    from vla_foundry_jax.convert.hf_loader import resolve_hf_path
+    from vla_foundry_jax.configs.hf_hub import resolve_hf_path
 
     name = getattr(exp.data, "tokenizer", None) or exp.model.clip.hf_pretrained
     if not name:

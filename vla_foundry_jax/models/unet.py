@@ -50,6 +50,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from vla_foundry_jax.convert.diffusers_unet_maps import load_unet_weights
 from vla_foundry_jax.models.transformer import check_remat_policy
 from vla_foundry_jax.params.model_params import UNetParams
 from vla_foundry_jax.registry import ModelRecord, register_model
@@ -421,12 +422,6 @@ def check_unet_params(params: UNetParams, where: str = "unet") -> None:
 def build_unet(params: UNetParams, *, rngs: nnx.Rngs, **kwargs: Any) -> UNet:
     """Plain constructor (not registered; see the module docstring)."""
     return UNet(params, rngs=rngs, **kwargs)
-
-
-def load_unet_weights(params, states, prefix):  # TEMP until configs/ lands: the loader module reads this one
-    from vla_foundry_jax.convert.diffusers_unet_maps import load_unet_weights as load
-
-    return load(params, states, prefix)
 
 
 # Built inside stable_diffusion (as the original); the record carries the diffusers weight loader.

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from vla_foundry_jax.configs.hf_vision import load_vision_config
 from vla_foundry_jax.layers.losses import cross_entropy_with_z_loss
 from vla_foundry_jax.layers.pixel_shuffle import pixel_shuffle
 from vla_foundry_jax.models.transformer import TransformerOutput
@@ -34,8 +35,6 @@ def vision_geometry(vit: Any) -> tuple[int, int]:
     the HF vision config (``image_size`` / ``patch_size``, plus CLIP's class token, which the tower keeps).
     """
     if vit.type == "vit_hf":
-        from vla_foundry_jax.models.hf_vision import load_vision_config
-
         c = load_vision_config(vit.hf_pretrained)  # HF SigLIP / CLIP or timm
         return c.image_size, c.num_tokens
     if getattr(vit, "cls_flag", False):

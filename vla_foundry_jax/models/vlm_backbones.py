@@ -58,14 +58,16 @@ from absl import logging
 from flax import nnx
 
 from vla_foundry_jax import checkpoint as ckpt_lib
+from vla_foundry_jax.configs.hf_decoder import hf_decoder_config
+from vla_foundry_jax.configs.vlm_hf import Idefics3Config, vlm_hf_config
 from vla_foundry_jax.layers.feed_forward import trunc_normal
 from vla_foundry_jax.models.backbones import as_cameras
 from vla_foundry_jax.models.hf_decoder import HFDecoder
 from vla_foundry_jax.models.hf_vlm_common import check_image_tokens as check_hf_image_tokens
-from vla_foundry_jax.models.idefics3 import Idefics3, Idefics3Config
+from vla_foundry_jax.models.idefics3 import Idefics3
 from vla_foundry_jax.models.transformer import Transformer
 from vla_foundry_jax.models.vlm import VLM, check_image_tokens, vision_geometry
-from vla_foundry_jax.models.vlm_hf import PaliGemma, vlm_hf_config
+from vla_foundry_jax.models.vlm_hf import PaliGemma
 from vla_foundry_jax.params import ParamsError, TrainExperimentParams, VLMParams, params_from_dict
 from vla_foundry_jax.params.model_params import VLMBackboneParams, VLMFoundryBackboneParams
 from vla_foundry_jax.registry import ModelRecord, register_model
@@ -319,8 +321,6 @@ def _lm_width_and_layers(vlm_params: VLMParams) -> tuple[int, int, bool]:
     """(hidden width, hidden-state entries, HF convention?) of the source VLM's language model."""
     t = vlm_params.transformer
     if t.type == "transformer_hf":
-        from vla_foundry_jax.models.hf_decoder import hf_decoder_config
-
         c = hf_decoder_config(t)
         return c.hidden_size, c.num_layers + 1, True
     return t.hidden_dim, t.n_layers, False

@@ -1,7 +1,7 @@
 """``vlm_hf``: a whole Hugging Face VLM from one checkpoint, in Flax NNX (reference §3.6).
 
-The builder reads ``vlm_hf.hf_pretrained``'s ``config.json`` and dispatches on its ``model_type``
-(:data:`SUPPORTED_MODEL_TYPES`). Implemented: ``paligemma`` (PaliGemma: Gemma text model; PaliGemma 2: the same
+The builder reads ``vlm_hf.hf_pretrained``'s ``config.json`` (:func:`~vla_foundry_jax.configs.vlm_hf.vlm_hf_config`)
+and dispatches on its ``model_type``. Implemented: ``paligemma`` (PaliGemma: Gemma text model; PaliGemma 2: the same
 ``model_type`` with a ``gemma2`` ``text_config``), built from the existing parts, and ``idefics3`` / ``smolvlm``
 (:class:`~vla_foundry_jax.models.idefics3.Idefics3`, see that module):
 
@@ -31,7 +31,6 @@ prefix-LM prefill); greedy tokens equal HF ``generate``'s (tests/test_vlm_hf.py,
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 import jax
@@ -39,63 +38,16 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from vla_foundry_jax.configs.vlm_hf import Idefics3Config, PaliGemmaConfig, vlm_hf_config
+from vla_foundry_jax.convert.vlm_hf_maps import load_vlm_hf_weights
 from vla_foundry_jax.layers.losses import cross_entropy_with_z_loss
-from vla_foundry_jax.models.hf_decoder import Dense, HFDecoder, HFDecoderConfig, UnsupportedArchitectureError
-from vla_foundry_jax.models.hf_vision import HFVisionConfig, HFVisionTower
+from vla_foundry_jax.models.hf_decoder import Dense, HFDecoder
+from vla_foundry_jax.models.hf_vision import HFVisionTower
 from vla_foundry_jax.models.hf_vlm_common import HFVLM, check_image_tokens
-from vla_foundry_jax.models.idefics3 import MODEL_TYPES as IDEFICS3_MODEL_TYPES
-from vla_foundry_jax.models.idefics3 import Idefics3, Idefics3Config
+from vla_foundry_jax.models.idefics3 import Idefics3
 from vla_foundry_jax.models.vlm import merge_image_tokens
 from vla_foundry_jax.params.model_params import VLMHFParams
 from vla_foundry_jax.registry import ModelRecord, register_model
-
-SUPPORTED_MODEL_TYPES = ("paligemma", *IDEFICS3_MODEL_TYPES)
-
-
-@dataclasses.dataclass(frozen=True)
-class PaliGemmaConfig:
-    """A PaliGemma (1 or 2) checkpoint's architecture: SigLIP tower, projector, Gemma / Gemma2 LM."""
-
-    vision: HFVisionConfig
-    text: HFDecoderConfig
-    image_token_id: int
-
-    @property
-    def tokens_per_image(self) -> int:
-        return self.vision.num_tokens
-
-    @classmethod
-    def from_hf(cls, config: Any) -> PaliGemmaConfig:
-        vision = HFVisionConfig.from_hf(config.vision_config)
-        if vision.family != "siglip":
-            raise UnsupportedArchitectureError(f"PaliGemma expects a SigLIP vision tower, got {vision.family!r}.")
-        text = HFDecoderConfig.from_hf(config.text_config)
-        if text.model_type not in ("gemma", "gemma2"):
-            raise UnsupportedArchitectureError(
-                f"PaliGemma expects a gemma / gemma2 text_config, got {text.model_type!r}."
-            )
-        proj = getattr(config.vision_config, "projection_dim", text.hidden_size)
-        if proj != text.hidden_size:
-            raise UnsupportedArchitectureError(
-                f"vision_config.projection_dim = {proj} differs from text_config.hidden_size = {text.hidden_size}."
-            )
-        token = getattr(config, "image_token_id", None)
-        token = getattr(config, "image_token_index", None) if token is None else token
-        return cls(vision=vision, text=text, image_token_id=int(token))
-
-
-def vlm_hf_config(params: Any) -> PaliGemmaConfig | Idefics3Config:
-    """The architecture of ``params.hf_pretrained`` (a ``VLMHFParams``), dispatched on ``model_type``."""
-    cfg = params.hf_config()
-    mt = getattr(cfg, "model_type", None)
-    if mt not in SUPPORTED_MODEL_TYPES:
-        raise UnsupportedArchitectureError(
-            f"{params.gin_name}.hf_pretrained = {params.hf_pretrained!r} has model_type {mt!r}; vlm_hf supports "
-            f"{', '.join(SUPPORTED_MODEL_TYPES)} (PaliGemma 2 is model_type 'paligemma' with a gemma2 text_config)."
-        )
-    if mt in IDEFICS3_MODEL_TYPES:
-        return Idefics3Config.from_hf(cfg)
-    return PaliGemmaConfig.from_hf(cfg)
 
 
 class PaliGemma(HFVLM):
@@ -172,12 +124,6 @@ def vlm_hf_loss(model: PaliGemma, batch: dict[str, jax.Array], *, hparams: Any, 
     tt = batch.get("token_type_ids")
     out = model(inputs, batch.get("pixel_values"), token_type_ids=None if tt is None else tt[:, :-1])
     return cross_entropy_with_z_loss(out.logits, targets, mask, hparams.z_loss_coefficient)
-
-
-def load_vlm_hf_weights(params, states, prefix):  # TEMP until configs/ lands: the loader module reads this one
-    from vla_foundry_jax.convert.vlm_hf_maps import load_vlm_hf_weights as load
-
-    return load(params, states, prefix)
 
 
 register_model(

@@ -87,7 +87,7 @@ class TransformerParams(ModelParams):
 
 @functools.lru_cache(maxsize=32)
 def _hf_config(hf_pretrained: str):
-    from vla_foundry_jax.convert.hf_loader import load_hf_config  # clear errors for offline hub ids / bad dirs
+    from vla_foundry_jax.configs.hf_hub import load_hf_config  # clear errors for offline hub ids / bad dirs
 
     return load_hf_config(hf_pretrained)
 
