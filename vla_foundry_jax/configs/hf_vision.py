@@ -236,7 +236,7 @@ TIMM_ARCHITECTURES: dict[str, tuple[int, str, float]] = {
     "vit_xsmall_patch16_clip_224": (4, "gelu", 1e-05),
 }
 TIMM_ACTIVATIONS = {"gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh", "quick_gelu": "quick_gelu"}
-UNSUPPORTED = {  # tensor-name pattern -> the timm feature it reveals
+TIMM_UNSUPPORTED = {  # tensor-name pattern -> the timm feature it reveals
     r"\.ls[12]\.": "layer scale (init_values)",
     r"\.attn\.[qk]_norm\.": "qk_norm",
     r"\.attn\.norm\.": "scale_attn_norm",
@@ -277,7 +277,7 @@ def timm_vision_config(path: str) -> HFVisionConfig:
     args = dict(raw.get("model_args") or {})
     shapes = tensor_shapes(path)
     where = f"timm checkpoint {path} (architecture {arch!r})"
-    for pattern, feature in UNSUPPORTED.items():
+    for pattern, feature in TIMM_UNSUPPORTED.items():
         hit = next((k for k in shapes if re.search(pattern, k)), None)
         if hit is not None:
             raise UnsupportedArchitectureError(f"{where} uses {feature} ({hit}); vit_hf does not implement it.")

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from vla_foundry_jax import checkpoint as ckpt_lib
-from vla_foundry_jax.configs.hf_decoder import HFDecoderConfig
+from vla_foundry_jax.configs.hf_decoder import HFDecoderConfig, hf_decoder_config
 from vla_foundry_jax.configs.hf_hub import resolve_hf_path
 from vla_foundry_jax.convert.hf_decoder_maps import CONFIG_ONLY_MARKER, decoder_rules
 
@@ -122,8 +122,6 @@ def export_transformer_hf(run_dir_or_model: Any, out_dir: str, *, dtype: str | N
       dtype: ``float32`` / ``float16`` / ``bfloat16`` for the written tensors (None: the parameters' dtype).
     """
     from safetensors.numpy import save_file
-
-    from vla_foundry_jax.configs.hf_decoder import hf_decoder_config
 
     flat, params, hf_dir = _model_and_config(run_dir_or_model)
     config = hf_decoder_config(params)

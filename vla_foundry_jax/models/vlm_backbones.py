@@ -60,6 +60,7 @@ from flax import nnx
 from vla_foundry_jax import checkpoint as ckpt_lib
 from vla_foundry_jax.configs.hf_decoder import hf_decoder_config
 from vla_foundry_jax.configs.vlm_hf import Idefics3Config, vlm_hf_config
+from vla_foundry_jax.convert.vlm_hf_maps import load_vlm_hf_weights
 from vla_foundry_jax.layers.feed_forward import trunc_normal
 from vla_foundry_jax.models.backbones import as_cameras
 from vla_foundry_jax.models.hf_decoder import HFDecoder
@@ -233,8 +234,6 @@ class _Slot:
 
 def load_vlm_backbone_weights(params: VLMBackboneParams, states: Sequence[Any], prefix: str) -> list[Any]:
     """Every tensor of ``hf_pretrained`` (``V``-row tables) into the backbone, then the action row (module doc)."""
-    from vla_foundry_jax.convert.vlm_hf_maps import load_vlm_hf_weights
-
     if not params.hf_pretrained:
         return list(states)
     V = vlm_hf_config(params).text.vocab_size
