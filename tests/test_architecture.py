@@ -15,14 +15,14 @@ REPO = ROOT.parent
 
 # Bottom -> top. A module may import from its own layer or a lower one (docs/architecture.md).
 LAYERS = [
-    ("registry", "params"),
+    ("registry", "errors", "params"),
     ("configs",),
     ("layers", "parallel"),
     ("checkpoint",),
     ("convert", "data"),
     ("models",),
     ("training", "sampling"),
-    ("apps", "testbeds", "gin_utils"),
+    ("apps", "testbeds", "gin_utils", "cli"),
 ]
 
 

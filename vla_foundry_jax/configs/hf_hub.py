@@ -8,8 +8,11 @@ local copy.
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Any
+
+from vla_foundry_jax.params.model_params import set_hf_config_reader
 
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt"]
 
@@ -66,3 +69,6 @@ def load_hf_config(hf_pretrained: str) -> Any:
     from transformers import AutoConfig
 
     return AutoConfig.from_pretrained(path)
+
+
+set_hf_config_reader(functools.lru_cache(maxsize=32)(load_hf_config))  # TransformerHFParams.hidden_dim / vocab_size

@@ -7,8 +7,8 @@ are marked "(JAX)" in their comment. Everything is configurable from gin under t
 from __future__ import annotations
 
 import dataclasses
-import functools
-from typing import Literal
+from collections.abc import Callable
+from typing import Any, Literal
 
 from vla_foundry_jax.params.base import BaseParams, ParamsError, register_params
 
@@ -85,11 +85,14 @@ class TransformerParams(ModelParams):
             )
 
 
-@functools.lru_cache(maxsize=32)
-def _hf_config(hf_pretrained: str):
-    from vla_foundry_jax.configs.hf_hub import load_hf_config  # clear errors for offline hub ids / bad dirs
+# The seed page's transformer_hf reads hidden_dim / vocab_size from the HF config "on first access". Params hold no
+# reading code: vla_foundry_jax.configs.hf_hub registers its (cached) reader here when the package is imported.
+_HF_CONFIG_READER: list[Callable[[str], Any]] = []
 
-    return load_hf_config(hf_pretrained)
+
+def set_hf_config_reader(reader: Callable[[str], Any]) -> None:
+    """Install the function that turns an ``hf_pretrained`` value into its ``transformers`` config."""
+    _HF_CONFIG_READER[:] = [reader]
 
 
 def _text_config(cfg):
@@ -105,7 +108,9 @@ class TransformerHFParams(ModelParams):
     def hf_config(self):
         if not self.hf_pretrained:
             raise ParamsError(f"{self.gin_name}.hf_pretrained is not set; give a hub id or a local directory.")
-        return _hf_config(self.hf_pretrained)
+        if not _HF_CONFIG_READER:
+            raise RuntimeError("no HF config reader is installed; import vla_foundry_jax (configs.hf_hub) first.")
+        return _HF_CONFIG_READER[0](self.hf_pretrained)
 
     @property
     def hidden_dim(self) -> int:
