@@ -23,12 +23,13 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from vla_foundry_jax.errors import VLAFoundryError
 from vla_foundry_jax.params import TrainExperimentParams, params_from_dict
 
 ITEMS = ("model", "train", "params", "data")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(VLAFoundryError, ValueError):
     """A checkpoint path or content that cannot serve the requested restore."""
 
 

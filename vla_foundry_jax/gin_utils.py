@@ -34,6 +34,7 @@ import gin
 from absl import logging
 
 from vla_foundry_jax import registry
+from vla_foundry_jax.errors import VLAFoundryError
 from vla_foundry_jax.params import base
 from vla_foundry_jax.params.base import BaseParams, ParamsError, closest_name
 from vla_foundry_jax.params.train_params import TrainExperimentParams
@@ -47,7 +48,7 @@ _BINDING_HELP = (
 )
 
 
-class GinConfigError(ValueError):
+class GinConfigError(VLAFoundryError, ValueError):
     """A gin file or binding that cannot be used; the message names the problem and the fix."""
 
 

@@ -20,6 +20,7 @@ from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from vla_foundry_jax.errors import VLAFoundryError
 from vla_foundry_jax.params import DistributedParams
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -40,7 +41,7 @@ LOGICAL_RULES: dict[str, Any] = {
 }
 
 
-class MeshError(ValueError):
+class MeshError(VLAFoundryError, ValueError):
     """The requested mesh does not fit the devices."""
 
 

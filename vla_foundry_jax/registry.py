@@ -15,15 +15,17 @@ import difflib
 from collections.abc import Callable
 from typing import Any
 
+from vla_foundry_jax.errors import VLAFoundryError
+
 PARAMS: dict[str, type] = {}
 RECORDS: dict[str, ModelRecord] = {}
 
 
-class UnknownTypeError(ValueError):
+class UnknownTypeError(VLAFoundryError, ValueError):
     """A ``type`` key that no params class is registered under."""
 
 
-class NotBuiltYetError(NotImplementedError):
+class NotBuiltYetError(VLAFoundryError, NotImplementedError):
     """A registered params type whose model builder does not exist (yet)."""
 
 

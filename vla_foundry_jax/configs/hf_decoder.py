@@ -11,6 +11,7 @@ import dataclasses
 from typing import Any
 
 from vla_foundry_jax.configs.hf_hub import load_hf_config
+from vla_foundry_jax.errors import VLAFoundryError
 
 SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3", "mistral", "gemma", "gemma2")
 # hidden activations the decoder implements (the functions: ``models.hf_decoder.ACTIVATIONS``)
@@ -18,7 +19,7 @@ ACTIVATION_NAMES = ("silu", "swish", "gelu_pytorch_tanh", "gelu_new", "gelu")
 FULL_WINDOW = 2**30  # "no sliding window"
 
 
-class UnsupportedArchitectureError(ValueError):
+class UnsupportedArchitectureError(VLAFoundryError, ValueError):
     """An HF config whose ``model_type`` (or an option of it) ``transformer_hf`` does not implement."""
 
 

@@ -12,12 +12,13 @@ import functools
 import os
 from typing import Any
 
+from vla_foundry_jax.errors import VLAFoundryError
 from vla_foundry_jax.params.model_params import set_hf_config_reader
 
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt"]
 
 
-class HFLoadError(ValueError):
+class HFLoadError(VLAFoundryError, ValueError):
     """An ``hf_pretrained`` checkpoint that cannot be found, read or fitted to the model."""
 
 

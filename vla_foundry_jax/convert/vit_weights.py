@@ -44,6 +44,7 @@ from vla_foundry_jax.convert.engine import (
     target_leaves,
 )
 from vla_foundry_jax.convert.sources import PrefixedSource, SafetensorsReader
+from vla_foundry_jax.errors import VLAFoundryError
 from vla_foundry_jax.params.model_params import ModelParams, ViTParams, submodel_params
 
 INTERPOLATION_MODES = ("bicubic", "bilinear", "nearest")
@@ -54,7 +55,7 @@ CLS = "patch_embedding.cls_token"
 BICUBIC_A = -0.75
 
 
-class WeightLoadError(ValueError):
+class WeightLoadError(VLAFoundryError, ValueError):
     """Pretrained weights that do not fit the model (names and shapes listed)."""
 
 

@@ -29,10 +29,12 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from vla_foundry_jax.errors import VLAFoundryError
+
 logger = logging.getLogger(__name__)
 
 
-class DataError(ValueError):
+class DataError(VLAFoundryError, ValueError):
     """A dataset on disk is missing or malformed; the message names the file and what to check."""
 
 

@@ -17,6 +17,7 @@ import numpy as np
 from flax import nnx
 
 from vla_foundry_jax.configs.hf_vision import load_vision_config
+from vla_foundry_jax.errors import VLAFoundryError
 from vla_foundry_jax.layers.losses import cross_entropy_with_z_loss
 from vla_foundry_jax.layers.pixel_shuffle import pixel_shuffle
 from vla_foundry_jax.models.transformer import TransformerOutput
@@ -24,7 +25,7 @@ from vla_foundry_jax.params import ParamsError, VLMParams
 from vla_foundry_jax.registry import ModelRecord, build_module, register_model
 
 
-class ImageTokenError(ValueError):
+class ImageTokenError(VLAFoundryError, ValueError):
     """The text's image tokens do not match the images given with it."""
 
 

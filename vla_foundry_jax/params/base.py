@@ -23,6 +23,7 @@ from typing import Any, ClassVar, TypeVar
 import gin
 
 from vla_foundry_jax import registry
+from vla_foundry_jax.errors import VLAFoundryError
 
 T = TypeVar("T")
 
@@ -30,7 +31,7 @@ T = TypeVar("T")
 POLYMORPHIC_FAMILIES = ("model", "data")  # families whose ``type`` field is a registry key
 
 
-class ParamsError(ValueError):
+class ParamsError(VLAFoundryError, ValueError):
     """A params field holds a value it cannot take; the message names the field and the fix."""
 
 
