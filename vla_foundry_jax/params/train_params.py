@@ -13,6 +13,7 @@ from vla_foundry_jax.params.model_params import ModelParams
 
 PRECISIONS = ("amp_bfloat16", "amp_bf16", "amp", "pure_bf16", "fp32", "float32")
 LR_SCHEDULERS = ("cosine", "const", "warmup_constant_decay")
+NONFINITE_POLICIES = ("halt", "skip")
 REMAT_POLICIES = ("nothing_saveable", "dots_saveable", "dots_with_no_batch_dims_saveable", "everything_saveable")
 
 
@@ -46,6 +47,12 @@ class HyperParams(BaseParams):
     grad_checkpointing: bool = False
     # (JAX) jax.checkpoint policy used when grad_checkpointing is on.
     remat_policy: str = "nothing_saveable"
+    # (JAX) A step whose loss or gradient norm is not finite never updates the weights, optimizer state or EMA.
+    # "halt": stop at the first such step (every checkpoint kept, nothing after it saved) and raise naming the step
+    # and the last good checkpoint; "skip": drop that update, count it in metrics.jsonl (nonfinite_skipped), and
+    # halt only after max_consecutive_nonfinite such steps in a row.
+    nonfinite_policy: str = "halt"
+    max_consecutive_nonfinite: int = 10
 
     def validate(self) -> None:
         for name, value, choices in (
@@ -54,6 +61,7 @@ class HyperParams(BaseParams):
             ("optimizer", self.optimizer, ("adamw",)),
             ("loss_function", self.loss_function, ("cross_entropy", "mse")),
             ("remat_policy", self.remat_policy, REMAT_POLICIES),
+            ("nonfinite_policy", self.nonfinite_policy, NONFINITE_POLICIES),
         ):
             if value not in choices:
                 raise ParamsError(f"hparams.{name} = {value!r} is not supported; choose one of {list(choices)}.")
@@ -89,6 +97,11 @@ class HyperParams(BaseParams):
             raise ParamsError(f"hparams.lr_cooldown_end = {self.lr_cooldown_end} must be <= hparams.lr = {self.lr}.")
         if self.global_batch_size <= 0 or self.per_gpu_batch_size <= 0:
             raise ParamsError("hparams.global_batch_size and hparams.per_gpu_batch_size must be positive.")
+        if self.max_consecutive_nonfinite < 1:
+            raise ParamsError(
+                f"hparams.max_consecutive_nonfinite = {self.max_consecutive_nonfinite} must be >= 1 (the number of "
+                f"non-finite steps in a row after which hparams.nonfinite_policy = 'skip' halts)."
+            )
 
     @property
     def compute_dtype(self) -> str:

@@ -32,6 +32,11 @@ def split_micro_batches(batch: dict[str, jax.Array], accum: int) -> dict[str, ja
     return jax.tree.map(one, batch)
 
 
+def keep_if(pred: jax.Array, new: Any, old: Any) -> Any:
+    """``new`` where the scalar ``pred`` holds, else ``old`` (leaf by leaf; same tree structure)."""
+    return jax.tree.map(lambda n, o: jnp.where(pred, n, o), new, old)
+
+
 def make_train_step(
     spec: ModelSpec,
     loss_fn: Callable[..., tuple[jax.Array, dict[str, jax.Array]]],
@@ -81,11 +86,27 @@ def make_train_step(
             loss, metrics, grads = jax.tree.map(lambda x: x / accum_steps, (loss, metrics, grads))
         grad_norm = optax.global_norm(grads)
         updates, opt_state = optimizer.update(grads, state["opt_state"], params)
-        params = optax.apply_updates(params, updates)
-        new_state = dict(state, step=step + 1, params=params, opt_state=opt_state)
+        new_params = optax.apply_updates(params, updates)
+        # The non-finite guard: a step whose loss or gradient norm is not finite leaves the weights, the optimizer
+        # state (its step count included) and the EMA as they were. The predicate depends only on values known
+        # before the update, so XLA fuses the select into the update itself (no extra pass over the weights).
+        # ``step`` still advances: it counts consumed batches, which the data position and the checkpoints follow.
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        new_state = dict(
+            state,
+            step=step + 1,
+            params=keep_if(finite, new_params, params),
+            opt_state=keep_if(finite, opt_state, state["opt_state"]),
+        )
         if state["ema"] is not None:
-            new_state["ema"] = ema_update(ema, state["ema"], params, step)
-        out = {"loss": loss, "grad_norm": grad_norm, "lr": schedule(step), **metrics}
+            new_state["ema"] = keep_if(finite, ema_update(ema, state["ema"], new_params, step), state["ema"])
+        out = {
+            "loss": loss,
+            "grad_norm": grad_norm,
+            "lr": schedule(step),
+            "nonfinite": jnp.logical_not(finite).astype(jnp.int32),
+            **metrics,
+        }
         return new_state, out
 
     batch_shard = parallel.batch_sharding(mesh, 1)
