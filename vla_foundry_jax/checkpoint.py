@@ -7,21 +7,29 @@
 * ``data``   - the data iterator's state (JSON), so a resumed run reads exactly the batches it would have.
 
 Orbax writes each step into a temporary directory and renames it when complete, so a crash mid-save
-leaves the previous checkpoint as the latest usable one.
+leaves the previous checkpoint as the latest usable one. Resuming takes the newest step that restores
+completely: newer steps that do not (truncated, zeroed or missing files) are moved to
+``<output_dir>/checkpoints_corrupt/<step>`` (never deleted) and named in one warning. A background save that
+fails raises ``CheckpointSaveError`` at the next ``check_for_errors`` (every training step), naming the directory
+and the cause.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import os
+import re
 from collections.abc import Sequence
 from typing import Any
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging
 from flax import nnx
+from jax.experimental import multihost_utils
 
 from vla_foundry_jax.errors import VLAFoundryError
 from vla_foundry_jax.params import TrainExperimentParams, params_from_dict
@@ -69,6 +77,40 @@ class Mismatch:
         if hint and (self.missing or self.unexpected or self.mismatched):
             lines.append(f"  {hint}")
         return "\n".join(lines)
+
+
+class CheckpointSaveError(RuntimeError):
+    """Writing a checkpoint failed (disk full, permissions, ...); the message names the directory and the cause."""
+
+
+CORRUPT_DIR = "checkpoints_corrupt"
+_OS_CAUSES = re.compile(
+    "|".join(
+        re.escape(os.strerror(code))
+        for code in (errno.ENOSPC, errno.EACCES, errno.EPERM, errno.EROFS, errno.EDQUOT, errno.EFBIG, errno.ENOTDIR)
+    )
+)
+
+
+def error_cause(exc: BaseException) -> str:
+    """One line for why an I/O call failed: the OS error if one is in the chain (also inside TensorStore's text),
+    else the first line of the innermost message."""
+    chain, seen = [], set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        chain.append(e)
+        e = e.__cause__ or e.__context__
+    for e in chain:
+        if isinstance(e, OSError) and e.strerror:
+            return f"{e.strerror}" + (f": {e.filename}" if e.filename else "")
+    for e in chain:
+        found = _OS_CAUSES.search(str(e))
+        if found:
+            return found.group(0)
+    inner = chain[-1]
+    first = next((line.strip() for line in str(inner).splitlines() if line.strip()), "")
+    return f"{type(inner).__name__}: {first[:300]}"
 
 
 def _handlers(compress_model: bool = True) -> dict[str, Any]:
@@ -119,20 +161,55 @@ class RunCheckpointer:
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
+    def all_steps(self) -> list[int]:
+        return sorted(self.manager.all_steps())
+
     def save(
         self, step: int, state: dict[str, Any], experiment: TrainExperimentParams, data_state: dict[str, Any]
     ) -> None:
+        """Start writing ``step`` (in the background when async); a failure of an earlier save raises here."""
+        self.check_for_errors()
         model = {**flat_params(state["params"]), **flat_params(state["frozen"])}
         train = {k: state[k] for k in ("step", "opt_state", "ema", "rng", "rest")}
-        self.manager.save(
-            step,
-            args=ocp.args.Composite(
-                model=ocp.args.PyTreeSave(model),
-                train=ocp.args.StandardSave(train),
-                params=ocp.args.JsonSave(experiment.to_dict()),
-                data=ocp.args.JsonSave(data_state),
-            ),
+        self._saving = step
+        try:
+            self.manager.save(
+                step,
+                args=ocp.args.Composite(
+                    model=ocp.args.PyTreeSave(model),
+                    train=ocp.args.StandardSave(train),
+                    params=ocp.args.JsonSave(experiment.to_dict()),
+                    data=ocp.args.JsonSave(data_state),
+                ),
+            )
+        except Exception as e:
+            raise self._save_error(e) from e
+
+    def check_for_errors(self) -> None:
+        """Raise ``CheckpointSaveError`` now if a background save has failed (cheap: no waiting)."""
+        try:
+            self.manager.check_for_errors()
+        except Exception as e:
+            raise self._save_error(e) from e
+
+    def _save_error(self, exc: BaseException) -> CheckpointSaveError:
+        step = getattr(self, "_saving", None)
+        where = os.path.join(self.directory, str(step)) if step is not None else self.directory
+        good = [s for s in self._committed_steps() if s != step]
+        kept = (
+            f"the previous checkpoint {os.path.join(self.directory, str(good[-1]))} is intact"
+            if good
+            else "no earlier checkpoint exists"
         )
+        return CheckpointSaveError(
+            f"saving the checkpoint {where} failed: {error_cause(exc)}; {kept}. Free space or fix the directory, "
+            f"then rerun the same command to resume."
+        )
+
+    def _committed_steps(self) -> list[int]:
+        if not os.path.isdir(self.directory):
+            return []
+        return sorted(int(d) for d in os.listdir(self.directory) if d.isdigit())
 
     def restore_train(self, step: int, state: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
         """Full resume: every array of ``state`` from ``step``; returns (state, data iterator state)."""
@@ -146,8 +223,68 @@ class RunCheckpointer:
         new_state = dict(state, **restored.train, params=params, frozen=frozen)
         return new_state, restored.data
 
+    def restore_newest(self, state: dict[str, Any]) -> tuple[int | None, dict[str, Any], dict[str, Any] | None]:
+        """Resume from the newest step that restores completely: ``(step, state, data state)``, or
+        ``(None, state, None)`` when the run has no checkpoint yet.
+
+        A step that fails while an older one restores is damaged (the same model reads the older one): such
+        steps are moved to ``<output_dir>/checkpoints_corrupt/`` and named in one warning. When no step restores,
+        nothing is moved (the cause is more likely a changed config than damage) and ``CheckpointError`` lists
+        each step's failure."""
+        failures: list[tuple[int, str]] = []
+        for step in reversed(self.all_steps()):
+            try:
+                restored, data_state = self.restore_train(step, state)
+                ok = True
+            except Exception as e:  # any failure to read: judged against the older steps below
+                failures.append((step, error_cause(e) if not isinstance(e, CheckpointError) else str(e)))
+                ok = False
+            if jax.process_count() > 1:  # every host must resume from the same step
+                ok = bool(np.all(multihost_utils.process_allgather(np.asarray(ok))))
+            if not ok:
+                continue
+            if failures:
+                self._move_aside([s for s, _ in failures])
+                corrupt = os.path.join(os.path.dirname(self.directory), CORRUPT_DIR)
+                logging.warning(
+                    "checkpoint step(s) %s under %s do not restore and were moved to %s/ (not deleted); resuming "
+                    "from step %d. Causes: %s",
+                    ", ".join(str(s) for s, _ in failures),
+                    self.directory,
+                    corrupt,
+                    step,
+                    "; ".join(f"step {s}: {why.splitlines()[0]}" for s, why in failures),
+                )
+            return step, restored, data_state
+        if failures:
+            lines = [f"no checkpoint under {self.directory} restores into this run's model:"]
+            lines += [f"  step {s}: {why}" for s, why in failures]
+            lines.append(
+                "  If the model or optimizer config changed, rerun with the config the run was started with (its "
+                "config.gin); if these checkpoints are damaged, move them out of the directory to start over."
+            )
+            raise CheckpointError("\n".join(lines))
+        return None, state, None
+
+    def _move_aside(self, steps: Sequence[int]) -> None:
+        if jax.process_index() == 0:
+            corrupt = os.path.join(os.path.dirname(self.directory), CORRUPT_DIR)
+            os.makedirs(corrupt, exist_ok=True)
+            for step in steps:
+                target, n = os.path.join(corrupt, str(step)), 1
+                while os.path.exists(target):
+                    target, n = os.path.join(corrupt, f"{step}.{n}"), n + 1
+                os.rename(os.path.join(self.directory, str(step)), target)
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices("vla_foundry_jax.checkpoint.move_aside")
+        self.manager.reload()
+
     def wait(self) -> None:
-        self.manager.wait_until_finished()
+        """Block until background saves finish; a failed one raises ``CheckpointSaveError``."""
+        try:
+            self.manager.wait_until_finished()
+        except Exception as e:
+            raise self._save_error(e) from e
 
     def close(self) -> None:
         self.manager.close()

@@ -25,6 +25,13 @@ from vla_foundry_jax.params import ParamsError, TrainExperimentParams
 from vla_foundry_jax.registry import get_loss, model_record
 from vla_foundry_jax.training.metrics import MetricsWriter
 from vla_foundry_jax.training.optimizer import make_optimizer
+from vla_foundry_jax.training.reliability import (
+    NonFiniteError,
+    NonFiniteMonitor,
+    PreemptionWatcher,
+    TrainingPreempted,
+    skipped_so_far,
+)
 from vla_foundry_jax.training.resolve import resolve_experiment
 from vla_foundry_jax.training.state import ModelSpec, count_params, init_train_state, make_model_spec
 from vla_foundry_jax.training.step import make_train_step
@@ -133,12 +140,10 @@ def train(exp: TrainExperimentParams, *, gin_config: str | None = None) -> Train
     state["params"], state["frozen"] = load_weights(
         spec.params, [state["params"], state["frozen"]], top_level_resume=False
     )
-    data_state = None
-    latest = checkpointer.latest_step()
+    latest, state, data_state = checkpointer.restore_newest(state)
     top_resume = exp.model.resume_from_checkpoint
     if latest is not None:
         logging.info("resuming from %s/%d (same output_dir)", checkpointer.directory, latest)
-        state, data_state = checkpointer.restore_train(latest, state)
     elif top_resume and exp.model.resume_weights_only:
         logging.info("loading weights only from %s (fresh optimizer, step 0)", top_resume)
         state["params"], state["frozen"] = ckpt_lib.restore_model_weights(
@@ -182,54 +187,145 @@ def train(exp: TrainExperimentParams, *, gin_config: str | None = None) -> Train
 
     start = int(jax.device_get(state["step"]))
     writer = MetricsWriter(output_dir)
-    last: dict[str, Any] = {}
-    pending: list[dict[str, Any]] = []
     bar = tqdm(total=budget.total_steps, initial=start, disable=jax.process_index() != 0, desc="train")
-    t_last, steps_since = time.perf_counter(), 0
-    tokens_per_step = 0
+    monitor = NonFiniteMonitor(hp, skipped_before=skipped_so_far(output_dir, start))
+    run = _Run(budget, hp, writer, checkpointer, monitor, bar)
+    last: dict[str, Any] = {}
     batch_check = model_record(exp.model.type).batch_check
-    for step in range(start, budget.total_steps):
-        host_batch = next(iterator)
-        if batch_check is not None:
-            batch_check(exp.model, host_batch)
-        if "input_ids" in host_batch:
-            tokens_per_step = hp.global_batch_size * (host_batch["input_ids"].shape[1] - 1)
-        state, metrics = train_step(state, parallel.host_batch_to_global(host_batch, mesh))
-        pending.append(metrics)
-        steps_since += 1
-        done = step + 1
-        if done % exp.log_every_n_steps == 0 or done == budget.total_steps or step == start:
-            fetched = jax.device_get(pending)
-            dt = time.perf_counter() - t_last
-            last = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[-1]}
-            last["lr"] = float(fetched[-1]["lr"])
-            last["samples_per_s"] = steps_since * hp.global_batch_size / dt
-            last["tokens_per_s"] = steps_since * tokens_per_step / dt
-            last["step_time_s"] = dt / steps_since
-            writer.write(done, last)
-            logging.info(
-                "step %d/%d loss %.4f lr %.3e grad_norm %.3f tokens/s %.0f",
-                done,
-                budget.total_steps,
-                last["loss"],
-                last["lr"],
-                last["grad_norm"],
-                last["tokens_per_s"],
-            )
-            bar.set_postfix(loss=f"{last['loss']:.4f}", lr=f"{last['lr']:.2e}")
-            pending, steps_since, t_last = [], 0, time.perf_counter()
-        bar.update(1)
-        if done in budget.checkpoint_steps:
-            checkpointer.save(done, state, exp, iterator.get_state())
-            index = budget.checkpoint_steps.index(done) + 1
-            if validator is not None and validator.due(index):
-                val = validator(state)
-                writer.write(done, val)
-                logging.info("step %d validation: %s", done, " ".join(f"{k} {v:.4g}" for k, v in val.items()))
+    try:
+        with PreemptionWatcher() as preemption:
+            for step in range(start, budget.total_steps):
+                host_batch = next(iterator)
+                if batch_check is not None:
+                    batch_check(exp.model, host_batch)
+                if "input_ids" in host_batch:
+                    run.tokens_per_step = hp.global_batch_size * (host_batch["input_ids"].shape[1] - 1)
+                state, metrics = train_step(state, parallel.host_batch_to_global(host_batch, mesh))
+                done = step + 1
+                run.add(done, metrics)
+                bar.update(1)
+                checkpointer.check_for_errors()  # a failed background save stops the run now, not a save later
+                stop = preemption.requested(done)
+                log_now = done % exp.log_every_n_steps == 0 or done == budget.total_steps or step == start or stop
+                save_now = done in budget.checkpoint_steps or stop
+                # Non-finite flags are read one step behind (the device keeps the next step queued), and all of
+                # them before a log line or a save: no state after a non-finite step under 'halt' is ever saved.
+                run.check(keep_newest=not (log_now or save_now))
+                if log_now:
+                    last = run.log()
+                if save_now and done not in checkpointer.all_steps():
+                    checkpointer.save(done, state, exp, iterator.get_state())
+                if done in budget.checkpoint_steps and validator is not None:
+                    index = budget.checkpoint_steps.index(done) + 1
+                    if validator.due(index):
+                        val = validator(state)
+                        writer.write(done, val)
+                        logging.info("step %d validation: %s", done, " ".join(f"{k} {v:.4g}" for k, v in val.items()))
+                if stop:
+                    checkpointer.wait()
+                    message = (
+                        f"{preemption.signal_name}: stopped after step {done}/{budget.total_steps} and saved "
+                        f"{run.last_checkpoint()}; run the same command again to continue."
+                    )
+                    logging.warning("%s", message)
+                    raise TrainingPreempted(message, done)
+            run.check(keep_newest=False)
+        checkpointer.wait()
+    except BaseException:
+        run.close_quietly()
+        raise
     bar.close()
-    checkpointer.wait()
     checkpointer.close()
     writer.close()
     if start >= budget.total_steps:
         logging.info("nothing to do: the run in %s already finished %d steps", output_dir, budget.total_steps)
     return TrainResult(last, state, spec, exp)
+
+
+class _Run:
+    """The loop's bookkeeping: step outputs waiting to be logged or checked, metrics records, the monitor."""
+
+    def __init__(
+        self,
+        budget: Budget,
+        hp: Any,
+        writer: MetricsWriter,
+        checkpointer: ckpt_lib.RunCheckpointer,
+        monitor: NonFiniteMonitor,
+        bar: Any,
+    ):
+        self.budget, self.hp, self.writer, self.checkpointer, self.monitor, self.bar = (
+            budget,
+            hp,
+            writer,
+            checkpointer,
+            monitor,
+            bar,
+        )
+        self.pending: list[tuple[int, dict[str, Any]]] = []  # (step, device outputs) not yet in metrics.jsonl
+        self.unchecked: list[tuple[int, dict[str, Any]]] = []  # ... whose non-finite flag is not yet read
+        self.tokens_per_step = 0
+        self.t_last = time.perf_counter()
+
+    def add(self, step: int, metrics: dict[str, Any]) -> None:
+        self.pending.append((step, metrics))
+        self.unchecked.append((step, metrics))
+
+    def last_checkpoint(self) -> str | None:
+        steps = self.checkpointer.all_steps()
+        return os.path.join(self.checkpointer.directory, str(steps[-1])) if steps else None
+
+    def _last_good_checkpoint(self) -> str | None:
+        self.checkpointer.wait()  # in-flight saves hold states from before the bad step: let them commit
+        return self.last_checkpoint()
+
+    def check(self, *, keep_newest: bool) -> None:
+        """Apply the non-finite policy to the unchecked steps (all, or all but the newest)."""
+        while len(self.unchecked) > int(keep_newest):
+            step, metrics = self.unchecked.pop(0)
+            flags = jax.device_get({k: metrics[k] for k in ("nonfinite", "loss", "grad_norm")})
+            try:
+                self.monitor.observe(step, flags, self._last_good_checkpoint)
+            except NonFiniteError:
+                self.log()  # the bad step reaches metrics.jsonl before the run stops
+                raise
+
+    def log(self) -> dict[str, Any]:
+        """One metrics.jsonl record for the pending steps (loss and norms: means over the finite steps)."""
+        if not self.pending:
+            return {}
+        done = self.pending[-1][0]
+        fetched = jax.device_get([m for _, m in self.pending])
+        finite = [m for m in fetched if not int(m["nonfinite"])] or fetched
+        dt = time.perf_counter() - self.t_last
+        n = len(fetched)
+        last = {k: float(np.mean([m[k] for m in finite])) for k in fetched[-1] if k != "nonfinite"}
+        last["lr"] = float(fetched[-1]["lr"])
+        last["nonfinite"] = float(sum(int(m["nonfinite"]) for m in fetched))  # steps of this record
+        last["nonfinite_skipped"] = float(self.monitor.skipped)  # running total over the run
+        last["samples_per_s"] = n * self.hp.global_batch_size / dt
+        last["tokens_per_s"] = n * self.tokens_per_step / dt
+        last["step_time_s"] = dt / n
+        self.writer.write(done, last)
+        logging.info(
+            "step %d/%d loss %.4f lr %.3e grad_norm %.3f tokens/s %.0f",
+            done,
+            self.budget.total_steps,
+            last["loss"],
+            last["lr"],
+            last["grad_norm"],
+            last["tokens_per_s"],
+        )
+        self.bar.set_postfix(loss=f"{last['loss']:.4f}", lr=f"{last['lr']:.2e}")
+        self.pending, self.t_last = [], time.perf_counter()
+        return last
+
+    def close_quietly(self) -> None:
+        """On the way out of a stopped run: let in-flight saves commit (they hold good states), release files."""
+        self.bar.close()
+        self.writer.close()
+        try:
+            self.checkpointer.wait()
+            self.checkpointer.close()
+        except Exception:  # a failed save: the error already propagating says so
+            pass
