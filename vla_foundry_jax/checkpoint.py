@@ -157,6 +157,7 @@ class RunCheckpointer:
             max_to_keep=max_to_keep, enable_async_checkpointing=async_save, create=True
         )
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=_handlers(compress_model))
+        self._in_flight: int | None = None  # the step of the save not yet known to have committed
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -168,10 +169,10 @@ class RunCheckpointer:
         self, step: int, state: dict[str, Any], experiment: TrainExperimentParams, data_state: dict[str, Any]
     ) -> None:
         """Start writing ``step`` (in the background when async); a failure of an earlier save raises here."""
-        self.check_for_errors()
+        self.wait()  # Orbax waits for the previous save anyway; waiting here names the right step if it failed
         model = {**flat_params(state["params"]), **flat_params(state["frozen"])}
         train = {k: state[k] for k in ("step", "opt_state", "ema", "rng", "rest")}
-        self._saving = step
+        self._in_flight = step
         try:
             self.manager.save(
                 step,
@@ -186,14 +187,18 @@ class RunCheckpointer:
             raise self._save_error(e) from e
 
     def check_for_errors(self) -> None:
-        """Raise ``CheckpointSaveError`` now if a background save has failed (cheap: no waiting)."""
+        """Raise ``CheckpointSaveError`` now if a background save has failed; never waits for one in progress."""
         try:
             self.manager.check_for_errors()
+            if self._in_flight is not None and not self.manager.is_saving_in_progress():
+                self.wait()  # the save is over: returns at once, raising its error if it failed
+        except CheckpointSaveError:
+            raise
         except Exception as e:
             raise self._save_error(e) from e
 
     def _save_error(self, exc: BaseException) -> CheckpointSaveError:
-        step = getattr(self, "_saving", None)
+        step, self._in_flight = self._in_flight, None
         where = os.path.join(self.directory, str(step)) if step is not None else self.directory
         good = [s for s in self._committed_steps() if s != step]
         kept = (
@@ -285,6 +290,7 @@ class RunCheckpointer:
             self.manager.wait_until_finished()
         except Exception as e:
             raise self._save_error(e) from e
+        self._in_flight = None
 
     def close(self) -> None:
         self.manager.close()
