@@ -327,6 +327,44 @@ def test_second_ctrl_c_exits_at_once_and_the_last_checkpoint_stays_usable(straig
     assert all(got[s] == straight_losses[s] for s in range(1, PREEMPT_STEPS + 1))
 
 
+def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step(tmp_path):
+    """Multi-host: JAX's preemption notifier takes the SIGTERM of one host to the coordination service, and every
+    host saves the same step (``reached_preemption_sync_point``)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    out = str(tmp_path / "run")
+    mesh = ["distributed.fsdp_parallelism = -1", "distributed.data_parallelism = 1", "hparams.per_gpu_batch_size = 4"]
+    procs, logs = [], []
+    for i in range(2):
+        cmd = [
+            *tiny_train_command(out, PREEMPT_STEPS, mesh),
+            f"--coordinator_address=127.0.0.1:{port}",
+            "--num_processes=2",
+            f"--process_id={i}",
+        ]
+        logs.append(str(tmp_path / f"stderr{i}.txt"))
+        with open(logs[-1], "w") as err:
+            procs.append(subprocess.Popen(cmd, cwd=ROOT, env=subprocess_env(1), stdout=subprocess.DEVNULL, stderr=err))
+    try:
+        _wait_for_step(procs[0], out, 3)
+        procs[1].send_signal(signal.SIGTERM)
+        for p in procs:
+            p.wait(timeout=240)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    errs = [open(log).read() for log in logs]
+    assert [p.returncode for p in procs] == [EXIT_PREEMPTED] * 2, [e[-2000:] for e in errs]
+    lines = [[ln.split("] ", 1)[1] for ln in e.splitlines() if "SIGTERM: stopped after step" in ln] for e in errs]
+    assert len(lines[0]) == 1 and lines[0] == lines[1]  # the same step on both hosts
+    step = int(lines[0][0].split("stopped after step ")[1].split("/")[0])
+    assert _steps(out) == [step] and step < PREEMPT_STEPS
+
+
 # ---------------------------------------------------------------- 4. failed saves
 
 
