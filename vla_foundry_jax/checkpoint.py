@@ -94,7 +94,7 @@ _OS_CAUSES = re.compile(
 
 def error_cause(exc: BaseException) -> str:
     """One line for why an I/O call failed: the OS error if one is in the chain (also inside TensorStore's text),
-    else the first line of the innermost message."""
+    else the first lines of the innermost message."""
     chain, seen = [], set()
     e: BaseException | None = exc
     while e is not None and id(e) not in seen:
@@ -109,8 +109,8 @@ def error_cause(exc: BaseException) -> str:
         if found:
             return found.group(0)
     inner = chain[-1]
-    first = next((line.strip() for line in str(inner).splitlines() if line.strip()), "")
-    return f"{type(inner).__name__}: {first[:300]}"
+    lines = [line.strip() for line in str(inner).splitlines() if line.strip()]
+    return f"{type(inner).__name__}: {' / '.join(lines[:3])[:400]}"
 
 
 def _handlers(compress_model: bool = True) -> dict[str, Any]:
@@ -245,7 +245,9 @@ class RunCheckpointer:
                 failures.append((step, error_cause(e) if not isinstance(e, CheckpointError) else str(e)))
                 ok = False
             if jax.process_count() > 1:  # every host must resume from the same step
-                ok = bool(np.all(multihost_utils.process_allgather(np.asarray(ok))))
+                ok_here, ok = ok, bool(np.all(multihost_utils.process_allgather(np.asarray(ok))))
+                if ok_here and not ok:
+                    failures.append((step, "it does not restore on another process"))
             if not ok:
                 continue
             if failures:

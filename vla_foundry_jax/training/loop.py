@@ -205,7 +205,7 @@ def train(exp: TrainExperimentParams, *, gin_config: str | None = None) -> Train
                 run.add(done, metrics)
                 bar.update(1)
                 checkpointer.check_for_errors()  # a failed background save stops the run now, not a save later
-                stop = preemption.requested(done)
+                stop = preemption.requested(done) and done < budget.total_steps  # the last step just finishes
                 log_now = done % exp.log_every_n_steps == 0 or done == budget.total_steps or step == start or stop
                 save_now = done in budget.checkpoint_steps or stop
                 # Non-finite flags are read one step behind (the device keeps the next step queued), and all of

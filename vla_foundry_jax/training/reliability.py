@@ -121,6 +121,7 @@ class PreemptionWatcher:
         self.signal: int | None = None
         self._previous: dict[int, Any] = {}
         self._multi = jax.process_count() > 1
+        self._disabled = False
 
     def __enter__(self) -> PreemptionWatcher:
         if threading.current_thread() is not threading.main_thread():
@@ -156,8 +157,15 @@ class PreemptionWatcher:
 
     def requested(self, step: int) -> bool:
         """Call after every step with the number of completed steps (the same on every host)."""
+        if self._disabled:
+            return False
         if self._multi:
-            return multihost_utils.reached_preemption_sync_point(step)
+            try:
+                return multihost_utils.reached_preemption_sync_point(step)
+            except RuntimeError as e:  # jax_enable_preemption_service is off: no agreed step to save
+                logging.warning("SIGTERM / SIGINT will not save a checkpoint on this multi-process run: %s", e)
+                self._disabled = True
+                return False
         return self.signal is not None
 
     @property
