@@ -149,8 +149,7 @@ def test_divergence_halts_keeps_every_good_checkpoint_and_exits_nonzero(good_run
     good = {s: _stored_weights(os.path.join(out, "checkpoints", str(s))) for s in (2, 4)}
     res = _run(tiny_train_command(out, 8, [*DIVERGE, "experiment.num_checkpoints = 4"]))  # saves due at 2,4,6,8
     assert res.returncode not in (0, EXIT_PREEMPTED), res.stderr[-3000:]
-    last = res.stderr.strip().splitlines()[-1]
-    assert "NonFiniteError" in last and "non-finite loss" in last
+    (last,) = [ln for ln in res.stderr.splitlines() if "non-finite loss" in ln and "training stopped" in ln]
     assert f"the last good checkpoint is {out}/checkpoints/4" in last
     bad_step = int(last.split("step ")[1].split(":")[0])
     assert bad_step > 4
@@ -386,7 +385,7 @@ def test_disk_full_during_a_background_save_stops_the_run_at_once(tmp_path):
         res = _run(tiny_train_command(out, 40, ["experiment.num_checkpoints = 4"]))  # saves due at 10,20,30,40
         assert res.returncode not in (0, EXIT_PREEMPTED)
         # the error's line (Orbax's own background-thread logs and its interpreter-shutdown noise surround it)
-        (last,) = [ln for ln in res.stderr.splitlines() if ln.startswith("vla_foundry_jax.checkpoint.CheckpointSaveE")]
+        (last,) = [ln for ln in res.stderr.splitlines() if "saving the checkpoint" in ln]
         assert f"saving the checkpoint {ckpt_dir}/20 failed: No space left on device" in last, res.stderr[-3000:]
         assert f"the previous checkpoint {ckpt_dir}/10 is intact" in last
         assert max(logged_losses(out)) < 30  # stopped well before the next save would have noticed
