@@ -32,11 +32,6 @@ def split_micro_batches(batch: dict[str, jax.Array], accum: int) -> dict[str, ja
     return jax.tree.map(one, batch)
 
 
-def keep_if(pred: jax.Array, new: Any, old: Any) -> Any:
-    """``new`` where the scalar ``pred`` holds, else ``old`` (leaf by leaf; same tree structure)."""
-    return jax.tree.map(lambda n, o: jnp.where(pred, n, o), new, old)
-
-
 def make_train_step(
     spec: ModelSpec,
     loss_fn: Callable[..., tuple[jax.Array, dict[str, jax.Array]]],
@@ -85,21 +80,24 @@ def make_train_step(
             (loss, metrics, grads), _ = jax.lax.scan(body, (loss, metrics, grads), (micro, jnp.arange(accum_steps)))
             loss, metrics, grads = jax.tree.map(lambda x: x / accum_steps, (loss, metrics, grads))
         grad_norm = optax.global_norm(grads)
-        updates, opt_state = optimizer.update(grads, state["opt_state"], params)
-        new_params = optax.apply_updates(params, updates)
         # The non-finite guard: a step whose loss or gradient norm is not finite leaves the weights, the optimizer
-        # state (its step count included) and the EMA as they were. The predicate depends only on values known
-        # before the update, so XLA fuses the select into the update itself (no extra pass over the weights).
+        # state (its step count included) and the EMA as they were. ``lax.cond`` runs the update only on finite
+        # steps, so a normal step costs nothing extra (a ``jnp.where`` over the trees measured +17% bytes accessed).
         # ``step`` still advances: it counts consumed batches, which the data position and the checkpoints follow.
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        new_state = dict(
-            state,
-            step=step + 1,
-            params=keep_if(finite, new_params, params),
-            opt_state=keep_if(finite, opt_state, state["opt_state"]),
+
+        def update(operands: Any) -> Any:
+            params, opt_state, ema_params = operands
+            updates, opt_state = optimizer.update(grads, opt_state, params)
+            new_params = optax.apply_updates(params, updates)
+            if ema_params is not None:
+                ema_params = ema_update(ema, ema_params, new_params, step)
+            return new_params, opt_state, ema_params
+
+        params, opt_state, ema_params = jax.lax.cond(
+            finite, update, lambda operands: operands, (params, state["opt_state"], state["ema"])
         )
-        if state["ema"] is not None:
-            new_state["ema"] = keep_if(finite, ema_update(ema, state["ema"], new_params, step), state["ema"])
+        new_state = dict(state, step=step + 1, params=params, opt_state=opt_state, ema=ema_params)
         out = {
             "loss": loss,
             "grad_norm": grad_norm,
