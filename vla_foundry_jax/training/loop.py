@@ -1,7 +1,8 @@
 """The training loop: budget, data, resume, the jitted step, logging and checkpoints.
 
 ``train(experiment)`` runs one experiment on every process of a (possibly multi-host) run. The same
-call with the same ``output_dir`` resumes from the last checkpoint there.
+call with the same ``output_dir`` resumes from the newest checkpoint there that restores. Non-finite steps,
+SIGTERM / SIGINT and failed saves are handled as ``training/reliability.py`` describes.
 """
 
 from __future__ import annotations
@@ -254,14 +255,12 @@ class _Run:
         monitor: NonFiniteMonitor,
         bar: Any,
     ):
-        self.budget, self.hp, self.writer, self.checkpointer, self.monitor, self.bar = (
-            budget,
-            hp,
-            writer,
-            checkpointer,
-            monitor,
-            bar,
-        )
+        self.budget = budget
+        self.hp = hp
+        self.writer = writer
+        self.checkpointer = checkpointer
+        self.monitor = monitor
+        self.bar = bar
         self.pending: list[tuple[int, dict[str, Any]]] = []  # (step, device outputs) not yet in metrics.jsonl
         self.unchecked: list[tuple[int, dict[str, Any]]] = []  # ... whose non-finite flag is not yet read
         self.tokens_per_step = 0
