@@ -79,7 +79,7 @@ class Mismatch:
         return "\n".join(lines)
 
 
-class CheckpointSaveError(RuntimeError):
+class CheckpointSaveError(VLAFoundryError, RuntimeError):
     """Writing a checkpoint failed (disk full, permissions, ...); the message names the directory and the cause."""
 
 

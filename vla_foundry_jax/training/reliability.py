@@ -22,6 +22,7 @@ import jax
 from absl import logging
 from jax.experimental import multihost_utils
 
+from vla_foundry_jax.errors import VLAFoundryError
 from vla_foundry_jax.params import HyperParams
 
 # EX_TEMPFAIL: "a temporary failure; retry". The run saved a checkpoint and the same command continues it.
@@ -29,7 +30,7 @@ EXIT_PREEMPTED = 75
 EXIT_INTERRUPTED_AT_ONCE = 130
 
 
-class NonFiniteError(RuntimeError):
+class NonFiniteError(VLAFoundryError, RuntimeError):
     """The loss or gradient norm stopped being finite; the message names the step and the last good checkpoint."""
 
 
