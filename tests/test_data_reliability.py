@@ -436,3 +436,17 @@ def test_requirements_hold_every_runtime_import():
     missing = {m for m in third_party if IMPORT_TO_REQUIREMENT.get(m, m).lower() not in names}
     assert not missing, f"imported but not in requirements.txt: {sorted(missing)}"
     assert "jinja2" in names  # transformers renders chat templates (robotics prompts) with it
+
+
+def test_training_logs_the_skipped_samples(tmp_path):
+    """The loop writes the pipeline's running count of skipped samples to metrics.jsonl."""
+    from tests.conftest import tiny_experiment
+    from vla_foundry_jax.training.loop import train
+
+    manifest = _bad_text(tmp_path)
+    exp = tiny_experiment(str(tmp_path / "run"), steps=2, batch=4, seq_len=SEQ)
+    data = TextDataParams(dataset_manifest=[manifest], seq_len=SEQ, shuffle=False, max_bad_sample_fraction=0.5)
+    train(exp.replace(data=data))
+    with open(tmp_path / "run" / "metrics.jsonl") as f:
+        rows = [json.loads(line) for line in f]
+    assert [r["bad_samples"] for r in rows] == [1.0, 2.0]  # samples 2 and 5 of 8, one per batch of 4

@@ -190,7 +190,7 @@ def train(exp: TrainExperimentParams, *, gin_config: str | None = None) -> Train
     writer = MetricsWriter(output_dir)
     bar = tqdm(total=budget.total_steps, initial=start, disable=jax.process_index() != 0, desc="train")
     monitor = NonFiniteMonitor(hp, skipped_before=skipped_so_far(output_dir, start))
-    run = _Run(budget, hp, writer, checkpointer, monitor, bar)
+    run = _Run(budget, hp, writer, checkpointer, monitor, bar, iterator)
     last: dict[str, Any] = {}
     batch_check = model_record(exp.model.type).batch_check
     try:
@@ -254,6 +254,7 @@ class _Run:
         checkpointer: ckpt_lib.RunCheckpointer,
         monitor: NonFiniteMonitor,
         bar: Any,
+        iterator: Any,
     ):
         self.budget = budget
         self.hp = hp
@@ -261,6 +262,7 @@ class _Run:
         self.checkpointer = checkpointer
         self.monitor = monitor
         self.bar = bar
+        self.iterator = iterator
         self.pending: list[tuple[int, dict[str, Any]]] = []  # (step, device outputs) not yet in metrics.jsonl
         self.unchecked: list[tuple[int, dict[str, Any]]] = []  # ... whose non-finite flag is not yet read
         self.tokens_per_step = 0
@@ -302,6 +304,8 @@ class _Run:
         last["lr"] = float(fetched[-1]["lr"])
         last["nonfinite"] = float(sum(int(m["nonfinite"]) for m in fetched))  # steps of this record
         last["nonfinite_skipped"] = float(self.monitor.skipped)  # running total over the run
+        # Samples the data pipeline skipped as corrupt so far (data.max_bad_sample_fraction), over every host.
+        last["bad_samples"] = float(np.sum(multihost_utils.process_allgather(np.int64(self.iterator.bad_samples))))
         last["samples_per_s"] = n * self.hp.global_batch_size / dt
         last["tokens_per_s"] = n * self.tokens_per_step / dt
         last["step_time_s"] = dt / n
