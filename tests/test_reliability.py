@@ -147,7 +147,8 @@ def test_divergence_halts_keeps_every_good_checkpoint_and_exits_nonzero(good_run
     out = str(tmp_path / "run")
     shutil.copytree(good_run, out)
     good = {s: _stored_weights(os.path.join(out, "checkpoints", str(s))) for s in (2, 4)}
-    res = _run(tiny_train_command(out, 8, [*DIVERGE, "experiment.num_checkpoints = 4"]))  # saves due at 2,4,6,8
+    # continuing a finished run under a new lr and budget is a changed experiment: said explicitly
+    res = _run([*tiny_train_command(out, 8, [*DIVERGE, "experiment.num_checkpoints = 4"]), "--allow_config_change"])
     assert res.returncode not in (0, EXIT_PREEMPTED), res.stderr[-3000:]
     (last,) = [ln for ln in res.stderr.splitlines() if "non-finite loss" in ln and "training stopped" in ln]
     assert f"the last good checkpoint is {out}/checkpoints/4" in last
@@ -166,7 +167,7 @@ def test_divergence_with_skip_counts_and_never_saves_nonfinite_weights(good_run,
     out = str(tmp_path / "run")
     shutil.copytree(good_run, out)
     skip = [*DIVERGE, "experiment.num_checkpoints = 4", "hparams.nonfinite_policy = 'skip'"]
-    res = _run(tiny_train_command(out, 8, skip))
+    res = _run([*tiny_train_command(out, 8, skip), "--allow_config_change"])
     assert res.returncode == 0, res.stderr[-3000:]
     assert "update skipped" in res.stderr
     recs = {r["step"]: r for r in _records(out)}
@@ -179,7 +180,7 @@ def test_divergence_with_skip_counts_and_never_saves_nonfinite_weights(good_run,
     assert _steps(out) == [6, 8]
     assert all(_all_finite(os.path.join(out, "checkpoints", str(s))) for s in (6, 8))
     # a resumed run continues the count
-    again = _run(tiny_train_command(out, 10, skip))
+    again = _run([*tiny_train_command(out, 10, skip), "--allow_config_change"])
     assert again.returncode == 0, again.stderr[-3000:]
     recs = {r["step"]: r for r in _records(out)}
     assert recs[10]["nonfinite_skipped"] >= recs[8]["nonfinite_skipped"]
@@ -240,7 +241,8 @@ def test_when_no_checkpoint_restores_nothing_is_moved(finished_run, tmp_path):
     shutil.copytree(src, out)
     _damage(os.path.join(out, "checkpoints", "4"), "zeroed")
     with pytest.raises(ckpt_lib.CheckpointError, match=r"(?s)no checkpoint under .* restores.*step 4: .*step 2: "):
-        train(tiny_experiment(out, steps=4, hidden_dim=48))  # 2 is intact but was trained with hidden_dim 32
+        # 2 is intact but was trained with hidden_dim 32 (the rerun check is waived to reach the restore)
+        train(tiny_experiment(out, steps=4, hidden_dim=48), allow_config_change=True)
     assert _steps(out) == [2, 4] and not os.path.exists(os.path.join(out, "checkpoints_corrupt"))
 
 
@@ -406,7 +408,8 @@ def test_permission_fault_on_save_names_the_directory(finished_run, tmp_path):
         pytest.skip("chattr +i is not available here")
     try:
         with pytest.raises(ckpt_lib.CheckpointSaveError) as err:
-            train(tiny_experiment(out, steps=8).replace(num_checkpoints=4))  # resumes at 4, saves due at 6 and 8
+            # resumes at 4 with a longer budget; saves due at 6 and 8
+            train(tiny_experiment(out, steps=8).replace(num_checkpoints=4), allow_config_change=True)
     finally:
         subprocess.run(["chattr", "-i", ckpt_dir], check=False)
     msg = str(err.value)
@@ -415,3 +418,45 @@ def test_permission_fault_on_save_names_the_directory(finished_run, tmp_path):
     assert f"the previous checkpoint {ckpt_dir}/4 is intact" in msg
     assert _steps(out) == [2, 4] and max(r["step"] for r in _records(out)) == 6
     assert _all_finite(os.path.join(ckpt_dir, "4"))
+
+
+# ---------------------------------------------------------------- reruns of the same output_dir
+
+
+def test_rerun_with_a_changed_experiment_is_refused_with_the_changes(finished_run, tmp_path, caplog):
+    src, _, _ = finished_run
+    out = str(tmp_path / "run")
+    shutil.copytree(src, out)
+    before = open(os.path.join(out, "params.json")).read()
+    exp = tiny_experiment(out, steps=4)
+    with pytest.raises(ParamsError) as err:
+        train(exp.replace(hparams=exp.hparams.replace(lr=2e-2), total_train_samples=32))
+    msg = str(err.value)
+    assert "hparams.lr: 0.01 -> 0.02" in msg and "total_train_samples: 16 -> 32" in msg
+    assert "--allow_config_change" in msg and out in msg
+    assert open(os.path.join(out, "params.json")).read() == before  # nothing was written
+    # how the run executes is not the experiment: another mesh, micro-batch, logging or checkpoint count is fine
+    same = exp.replace(
+        log_every_n_steps=3,
+        num_checkpoints=1,
+        distributed=exp.distributed.replace(fsdp_parallelism=1, data_parallelism=1),
+        hparams=exp.hparams.replace(per_gpu_batch_size=2),
+    )
+    train(same)
+    # the explicit override continues under the new values and says so
+    with caplog.at_level(logging.WARNING):
+        train(exp.replace(hparams=exp.hparams.replace(lr=2e-2)), allow_config_change=True)
+    assert any("changed experiment: hparams.lr: 0.01 -> 0.02" in r.getMessage() for r in caplog.records)
+
+
+def test_resume_from_checkpoint_beside_existing_checkpoints_says_which_wins(finished_run, tmp_path, caplog):
+    src, _, _ = finished_run
+    out, other = str(tmp_path / "run"), str(tmp_path / "other")
+    shutil.copytree(src, out)
+    shutil.copytree(src, other)
+    exp = tiny_experiment(out, steps=4)
+    with caplog.at_level(logging.WARNING):
+        train(exp.replace(model=exp.model.replace(resume_from_checkpoint=other)), allow_config_change=True)
+    (said,) = [r.getMessage() for r in caplog.records if "only seed a new run" in r.getMessage()]
+    assert f"{out} already has checkpoints: the run continues from step 4" in said
+    assert "transformer.resume_from_checkpoint" in said

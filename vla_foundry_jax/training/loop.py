@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import json
 import os
 import time
 from typing import Any
@@ -21,7 +22,9 @@ from tqdm import tqdm
 
 from vla_foundry_jax import checkpoint as ckpt_lib
 from vla_foundry_jax import parallel
+from vla_foundry_jax.data.pipeline import build_train_iterator
 from vla_foundry_jax.models import load_weights
+from vla_foundry_jax.models.build import submodels
 from vla_foundry_jax.params import ParamsError, TrainExperimentParams
 from vla_foundry_jax.registry import get_loss, model_record
 from vla_foundry_jax.training.metrics import MetricsWriter
@@ -111,16 +114,89 @@ def write_run_files(output_dir: str, exp: TrainExperimentParams, gin_config: str
         f.write(exp.to_json())
 
 
-def train(exp: TrainExperimentParams, *, gin_config: str | None = None) -> TrainResult:
-    """Run (or resume) the experiment; ``gin_config`` is written to ``<output_dir>/config.gin``."""
-    from vla_foundry_jax.data.pipeline import build_train_iterator
+# Fields that change how or where a run executes, not what it computes: a rerun may change them freely. A changed
+# mesh or host count in particular is never a changed experiment (resuming on another topology gives the same
+# losses), nor is a run directory that was moved or copied.
+OPERATIONAL_FIELDS = (
+    "name",
+    "output_dir",
+    "distributed",
+    "hparams.per_gpu_batch_size",
+    "async_checkpointing",
+    "log_every_n_steps",
+    "log_level",
+    "num_checkpoints",
+    "max_checkpoint_limit",
+    "total_val_samples",
+    "val_every_n_checkpoints",
+    "sample_prompt",
+    "sample_max_new_tokens",
+    "data.num_workers",
+    "data.prefetch_factor",
+    "data.max_bad_sample_fraction",
+)
 
+
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(tree, dict):
+        out: dict[str, Any] = {}
+        for k, v in tree.items():
+            out.update(_flatten(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: tree}
+
+
+def config_changes(stored: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """``field: stored -> current`` for every experiment field (operational ones aside) that differs."""
+    a, b = _flatten(stored), _flatten(current)
+    out = []
+    for name in sorted(set(a) | set(b)):
+        if any(name == f or name.startswith(f + ".") for f in OPERATIONAL_FIELDS):
+            continue
+        if a.get(name) != b.get(name):
+            out.append(f"{name}: {a.get(name)!r} -> {b.get(name)!r}")
+    return out
+
+
+def check_rerun(output_dir: str, exp: TrainExperimentParams, *, allow_config_change: bool) -> None:
+    """A rerun of an ``output_dir`` that holds a run continues that run: its experiment must be the same.
+
+    Refuses a changed experiment (lr, budget, model, data, ...) with the list of changes, unless
+    ``allow_config_change``, which continues under the new values with the changes in a warning.
+    """
+    path = os.path.join(output_dir, "params.json")
+    if not os.path.isfile(path):
+        return
+    with open(path) as f:
+        stored = json.load(f)
+    changes = config_changes(stored, json.loads(exp.to_json()))
+    if not changes:
+        return
+    listing = "; ".join(changes[:12]) + (f"; and {len(changes) - 12} more" if len(changes) > 12 else "")
+    if not allow_config_change:
+        raise ParamsError(
+            f"experiment.output_dir = {output_dir!r} already holds a run with a different experiment ({listing}). "
+            "Rerunning an output_dir continues its run: use a new output_dir, restore the old values, or pass "
+            "--allow_config_change to continue this run under the new ones."
+        )
+    logging.warning("continuing the run in %s under a changed experiment: %s", output_dir, listing)
+
+
+def train(
+    exp: TrainExperimentParams, *, gin_config: str | None = None, allow_config_change: bool = False
+) -> TrainResult:
+    """Run (or resume) the experiment; ``gin_config`` is written to ``<output_dir>/config.gin``.
+
+    Rerunning the same ``output_dir`` continues its run (``check_rerun``: the experiment must be the same unless
+    ``allow_config_change``).
+    """
     parallel.initialize_distributed(exp.distributed)
     exp = resolve_experiment(exp)
     mesh = parallel.make_mesh(exp.distributed)
     budget = make_budget(exp, mesh)
     output_dir = default_output_dir(exp)
     exp = exp.replace(output_dir=output_dir)
+    check_rerun(output_dir, exp, allow_config_change=allow_config_change)
     hp = exp.hparams
     logging.info(
         "mesh %s on %d devices (%d processes); %d steps, %d accumulation step(s), checkpoints at %s",
@@ -145,6 +221,19 @@ def train(exp: TrainExperimentParams, *, gin_config: str | None = None) -> Train
     top_resume = exp.model.resume_from_checkpoint
     if latest is not None:
         logging.info("resuming from %s/%d (same output_dir)", checkpointer.directory, latest)
+        ignored = [
+            f"{p[:-1] or exp.model.gin_name}.resume_from_checkpoint"
+            for p, c in submodels(exp.model)
+            if c.resume_from_checkpoint
+        ]
+        if ignored:
+            logging.warning(
+                "%s already has checkpoints: the run continues from step %d and %s (which only seed a new run) "
+                "are not read.",
+                output_dir,
+                latest,
+                ", ".join(ignored),
+            )
     elif top_resume and exp.model.resume_weights_only:
         logging.info("loading weights only from %s (fresh optimizer, step 0)", top_resume)
         state["params"], state["frozen"] = ckpt_lib.restore_model_weights(
