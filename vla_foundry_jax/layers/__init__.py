@@ -15,7 +15,7 @@ from vla_foundry_jax.layers.conv import Conv2d
 from vla_foundry_jax.layers.dense import DENSE_INITS, Dense, torch_uniform, trunc_normal
 from vla_foundry_jax.layers.feed_forward import FFN_TYPES, MLP, FeedForward, GatedMLP, swiglu_hidden_dim
 from vla_foundry_jax.layers.norms import NORM_TYPES, GroupNorm, Norm, make_norm
-from vla_foundry_jax.layers.pixel_shuffle import pixel_shuffle
+from vla_foundry_jax.layers.pixel_shuffle import patchify, pixel_shuffle
 from vla_foundry_jax.layers.positional import (
     LearnedPositionalEmbedding,
     apply_rotary,
@@ -60,6 +60,7 @@ __all__ = [
     "empty_kv_cache",
     "head_major_attention",
     "make_norm",
+    "patchify",
     "pixel_shuffle",
     "remat",
     "rotary_cos_sin",

@@ -64,6 +64,7 @@ from vla_foundry_jax.layers.attention import head_major_attention, softmax_atten
 from vla_foundry_jax.layers.dense import Dense
 from vla_foundry_jax.layers.feed_forward import MLP
 from vla_foundry_jax.layers.norms import make_norm
+from vla_foundry_jax.layers.pixel_shuffle import patchify
 from vla_foundry_jax.layers.stack import check_remat_policy, scan_layers, stack_layers
 from vla_foundry_jax.params.model_params import ViTHFParams
 from vla_foundry_jax.registry import ModelRecord, register_model
@@ -259,10 +260,7 @@ class HFVisionTower(nnx.Module):
 
     def patchify(self, images: jax.Array) -> jax.Array:
         """``[b, img, img, 3] -> [b, n_p, p*p*3]``: patches row-major, (row, col, channel) inside."""
-        b, h, w, c = images.shape
-        p = self.config.patch_size
-        x = images.reshape(b, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5)
-        return x.reshape(b, (h // p) * (w // p), p * p * c)
+        return patchify(images, self.config.patch_size)
 
     def __call__(self, images: jax.Array) -> jax.Array:
         self.check_images(images)
