@@ -19,6 +19,7 @@ from safetensors.numpy import load_file, save_file  # noqa: E402
 
 from vla_foundry_jax.configs.hf_hub import HFLoadError  # noqa: E402
 from vla_foundry_jax.convert.diffusers_unet_maps import WEIGHTS_NAME, load_diffusers_unet  # noqa: E402
+from vla_foundry_jax.layers.positional import sinusoidal_embedding  # noqa: E402
 from vla_foundry_jax.models import build_model  # noqa: E402
 from vla_foundry_jax.models import diffusers_unet as du  # noqa: E402
 from vla_foundry_jax.params.base import ParamsError  # noqa: E402
@@ -137,7 +138,7 @@ def test_timestep_embedding_matches_diffusers():
     t = np.array([0, 1, 37, 999])
     for dim, flip, shift in [(32, True, 0), (33, False, 1)]:
         want = get_timestep_embedding(torch.from_numpy(t), dim, flip_sin_to_cos=flip, downscale_freq_shift=shift)
-        got = du.timestep_embedding(jnp.asarray(t), dim, flip, shift)
+        got = sinusoidal_embedding(jnp.asarray(t), dim, flip_sin_to_cos=flip, freq_shift=shift)
         np.testing.assert_allclose(np.asarray(got), want.numpy(), atol=1e-5)
 
 

@@ -13,9 +13,9 @@ from flax import nnx
 from vla_foundry_jax.layers import (
     ATTN_NAMES,
     NORM_TYPES,
+    Dense,
     FeedForward,
     LearnedPositionalEmbedding,
-    Linear,
     apply_rotary,
     dot_product_attention,
     make_norm,
@@ -278,10 +278,10 @@ def test_swiglu_and_gelu_match_reference():
 
 
 def test_linear_init_trunc_normal():
-    lin = Linear(256, 256, std=0.05, names=("embed", "mlp"), rngs=nnx.Rngs(0))
+    lin = Dense(256, 256, bias=False, std=0.05, names=("embed", "mlp"), rngs=nnx.Rngs(0))
     w = np.asarray(lin.kernel[...])
     assert np.abs(w).max() <= 0.15 + 1e-6
     assert abs(w.std() / (0.05 * 0.9866) - 1) < 0.03  # std of N(0,1) truncated at +-3 is 0.9866
     assert tuple(lin.kernel.out_sharding) == ("embed", "mlp")
-    y = Linear(4, 2, std=1.0, names=(None, None), rngs=nnx.Rngs(0), dtype=jnp.bfloat16)(jnp.ones((3, 4)))
+    y = Dense(4, 2, bias=False, std=1.0, names=(None, None), rngs=nnx.Rngs(0), dtype=jnp.bfloat16)(jnp.ones((3, 4)))
     assert y.dtype == jnp.bfloat16

@@ -198,7 +198,7 @@ def test_upsampler_conv_matches_torch_conv_transpose(k, s, p, h):
     import jax.numpy as jnp
     import torch
 
-    from vla_foundry_jax.models.unet import _transposed_conv_by_phases
+    from vla_foundry_jax.layers.conv import transposed_conv_by_phases as _transposed_conv_by_phases
 
     rng = np.random.default_rng(0)
     x = rng.normal(size=(2, h, h + 1, 6)).astype(np.float32)

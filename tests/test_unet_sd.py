@@ -8,9 +8,10 @@ import pytest
 from flax import nnx
 from PIL import Image
 
+from vla_foundry_jax.layers.positional import sinusoidal_embedding
 from vla_foundry_jax.models import build_model
 from vla_foundry_jax.models import stable_diffusion as sd
-from vla_foundry_jax.models.unet import UNet, sinusoidal_embedding
+from vla_foundry_jax.models.unet import UNet
 from vla_foundry_jax.params.base import ParamsError
 from vla_foundry_jax.params.model_params import (
     CLIPHFParams,

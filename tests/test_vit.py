@@ -254,7 +254,7 @@ def test_dropout_only_when_not_deterministic():
 
 
 def test_attention_backward_matches_autodiff():
-    from vla_foundry_jax.models.vit import head_major_attention
+    from vla_foundry_jax.layers.attention import head_major_attention
 
     rng = np.random.default_rng(0)
     q, k, v, d_out = (jnp.asarray(rng.normal(size=(2, 3, 9, 4)), jnp.float32) for _ in range(4))

@@ -1,4 +1,15 @@
-"""Scaled dot-product attention with the original's masking rules (reference §2.3).
+"""Softmax attention: the kernels every model uses, and the backend choice (reference §2.3).
+
+Kernels (``q [B, Sq, nh, hd]``, ``k, v [B, Sk, nkv, hd]`` unless said otherwise):
+
+* :func:`softmax_attention`: explicit ``softmax(scale q k^T) v`` einsums with grouped-query heads (``nkv``
+  divides ``nh``), a boolean mask and / or an additive bias, optional ``tanh`` soft-capping of the scores and
+  dropout on the probabilities; scores and softmax always in float32. ``upcast=True`` also runs the matmuls on
+  float32 inputs (the HF decoders', and ``attn_name = "reference"``); ``upcast=False`` multiplies the inputs in
+  their own dtype with float32 scores and casts the probabilities back to ``v``'s dtype (the encoders and UNets).
+* :func:`head_major_attention`: ``softmax(q k^T) v`` on head-major ``[b, nh, T, hd]`` (q pre-scaled, no mask) with
+  a hand-written backward: the fast path of the bidirectional encoders on XLA:CPU.
+* :func:`dot_product_attention`: the backend choice for the ``attn_name`` of a model, below.
 
 ``attn_name`` -> implementation:
   * ``"torch_attn"`` / ``"auto"`` / ``"xla"``: ``jax.nn.dot_product_attention(implementation=None)`` (XLA today;
@@ -6,7 +17,7 @@
   * ``"cudnn"``: ``implementation="cudnn"`` (cuDNN flash attention; bf16/fp16 on GPU). Calls that need an explicit
     boolean mask (KV-cache decode, key padding), other dtypes (cuDNN rejects float32) and non-GPU backends fall
     back to the XLA implementation, so one config runs everywhere;
-  * ``"reference"``: explicit ``softmax(q k^T / sqrt(hd)) v`` einsums in float32 (debugging / parity).
+  * ``"reference"``: :func:`softmax_attention` in float32 (debugging / parity).
 
 Masking (all combined by AND):
   * causal: query ``i`` of ``q_len`` sees keys ``0 .. q_offset + i``; ``q_offset`` defaults to
@@ -50,14 +61,101 @@ def attention_mask(
     return allowed
 
 
-def reference_attention(q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Array | None) -> jax.Array:
-    """``softmax(q k^T / sqrt(hd)) v`` in float32. q ``[B,q,nh,hd]``, k/v ``[B,k,nh,hd]`` -> ``[B,q,nh,hd]``."""
-    scale = 1.0 / float(q.shape[-1]) ** 0.5
-    scores = jnp.einsum("bqhd,bkhd->bhqk", q.astype(jnp.float32), k.astype(jnp.float32)) * scale
+def dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
+    """Inverted dropout (torch semantics: keep with prob ``1 - rate``, scale by ``1 / (1 - rate)``); identity
+    without a key or at rate 0."""
+    if key is None or rate == 0.0:
+        return x
+    if rate >= 1.0:
+        return jnp.zeros_like(x)
+    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), jnp.zeros((), x.dtype)).astype(x.dtype)
+
+
+def softmax_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    allowed: jax.Array | None = None,
+    bias: jax.Array | None = None,
+    scale: float | None = None,
+    softcap: float | None = None,
+    upcast: bool = True,
+    dropout_rate: float = 0.0,
+    dropout_key: jax.Array | None = None,
+) -> jax.Array:
+    """``softmax(scale q k^T) v`` with grouped-query heads.
+
+    Args:
+      q: ``[B, Sq, nh, hd]``; k, v: ``[B, Sk, nkv, hd]`` with ``nkv`` dividing ``nh`` (query head ``h`` reads
+        key/value head ``h // (nh / nkv)``).
+      allowed: boolean, broadcastable to ``[B, 1, Sq, Sk]`` (True = attend). Masked scores become the float32
+        minimum, so a query whose keys are all masked attends uniformly instead of producing NaN.
+      bias: additive float32 scores bias, broadcastable to ``[B, 1, Sq, Sk]`` (e.g. HF's min-value masks: those
+        also let a fully masked row attend uniformly, and pass score gradients through as HF's do).
+      scale: score scale (default ``hd**-0.5``; 1 for a pre-scaled ``q``).
+      softcap: ``scores = softcap * tanh(scores / softcap)`` (after scaling, before masking) when set.
+      upcast: float32 matmul inputs (True) or the inputs' own dtype with float32 scores and probabilities cast to
+        ``v``'s dtype (False).
+      dropout_rate, dropout_key: :func:`dropout` on the probabilities.
+
+    Returns:
+      ``[B, Sq, nh, hd]`` in ``q``'s dtype.
+    """
+    B, Sq, nh, hd = q.shape
+    nkv = k.shape[2]
+    out_dtype = q.dtype
+    f32 = jnp.float32
+    if upcast:
+        q, k, v = q.astype(f32), k.astype(f32), v.astype(f32)
+    qg = q.reshape(B, Sq, nkv, nh // nkv, hd)
+    scores = jnp.einsum("bsngd,btnd->bngst", qg, k, preferred_element_type=f32)
+    scale = hd**-0.5 if scale is None else scale
+    if scale != 1.0:
+        scores = scores * scale
+    if softcap is not None:
+        scores = jnp.tanh(scores / softcap) * softcap
+    if bias is not None:
+        scores = scores + bias[:, :, None]
     if allowed is not None:
-        scores = jnp.where(allowed, scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1)
-    return jnp.einsum("bhqk,bkhd->bqhd", probs, v.astype(jnp.float32)).astype(q.dtype)
+        scores = jnp.where(allowed[:, :, None], scores, jnp.finfo(f32).min)
+    probs = dropout(jax.nn.softmax(scores, axis=-1), dropout_rate, dropout_key).astype(v.dtype)
+    out = jnp.einsum("bngst,btnd->bsngd", probs, v)
+    return out.reshape(B, Sq, nh, hd).astype(out_dtype)
+
+
+@jax.custom_vjp
+def head_major_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+    """``softmax(q k^T) v`` for ``q, k, v [b, nh, T, hd]`` (q pre-scaled) -> ``[b, nh, T, hd]``; scores in float32,
+    probabilities in ``v``'s dtype.
+
+    The hand-written backward uses ``rowsum(P * dP) = rowsum(dO * O)`` (as flash attention does), which saves a
+    pass over the ``[T, T]`` probabilities; together ~1.5x faster than autodiff on XLA:CPU.
+    """
+    return _head_major_fwd(q, k, v)[0]
+
+
+def _head_major_fwd(q: jax.Array, k: jax.Array, v: jax.Array) -> tuple[jax.Array, tuple[jax.Array, ...]]:
+    scores = jnp.matmul(q, k.swapaxes(-1, -2), preferred_element_type=jnp.float32)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.matmul(probs, v)
+    return out, (q, k, v, probs, out)
+
+
+def _head_major_bwd(res: tuple[jax.Array, ...], d_out: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    q, k, v, probs, out = res
+    f32 = jnp.float32
+    d_v = jnp.einsum("bhqk,bhqd->bhkd", probs, d_out)
+    d_probs = jnp.matmul(d_out, v.swapaxes(-1, -2), preferred_element_type=f32)
+    delta = jnp.sum(d_out.astype(f32) * out.astype(f32), axis=-1, keepdims=True)
+    d_scores = (probs.astype(f32) * (d_probs - delta)).astype(q.dtype)
+    d_q = jnp.matmul(d_scores, k)
+    d_k = jnp.einsum("bhqk,bhqd->bhkd", d_scores, q)
+    return d_q, d_k, d_v
+
+
+head_major_attention.defvjp(_head_major_fwd, _head_major_bwd)
 
 
 def dot_product_attention(
@@ -71,10 +169,10 @@ def dot_product_attention(
     q_offset: jax.Array | int | None = None,
     kv_length: jax.Array | int | None = None,
 ) -> jax.Array:
-    """Multi-head attention; scale ``1/sqrt(hd)``, no dropout.
+    """Multi-head attention through the backend ``impl`` (module docstring); scale ``1/sqrt(hd)``, no dropout.
 
     Args:
-      q: ``[B, q_len, nh, hd]``; k, v: ``[B, k_len, nh, hd]`` (same dtype as q).
+      q: ``[B, q_len, nh, hd]``; k, v: ``[B, k_len, nkv, hd]`` (same dtype as q; ``nkv`` divides ``nh``).
       causal: causal masking (end-aligned unless ``q_offset`` is given).
       mask: optional key padding mask ``[B, k_len]`` (nonzero / True = keep).
       impl: one of :data:`ATTN_NAMES`.
@@ -94,7 +192,7 @@ def dot_product_attention(
             if explicit or causal
             else None
         )
-        return reference_attention(q, k, v, allowed)
+        return softmax_attention(q, k, v, allowed=allowed)
     if not explicit:
         use_cudnn = impl == "cudnn" and q.dtype in (jnp.bfloat16, jnp.float16) and jax.default_backend() == "gpu"
         implementation = "cudnn" if use_cudnn else None

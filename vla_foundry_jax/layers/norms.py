@@ -13,6 +13,8 @@ given as ``axis_name`` (``"norm"`` in the models).
 * ``no_wb_layer_norm``: float32 LayerNorm with neither gain nor bias.
 * ``rms_norm``: ``(x_f32 * rsqrt(mean(x_f32^2) + eps)).astype(x.dtype) * weight`` (normalise in float32, cast
   back, then apply the weight).
+
+:class:`GroupNorm` (the UNets') normalises channel groups of channels-last feature maps.
 """
 
 from __future__ import annotations
@@ -97,3 +99,25 @@ def make_norm(
     """Build the norm named ``norm_type`` over ``dim`` features (``rngs`` unused: norms start at 1 / 0)."""
     del rngs
     return Norm(norm_type, dim, eps, dtype=dtype, param_dtype=param_dtype, axis_name=axis_name)
+
+
+class GroupNorm(nnx.Module):
+    """``nn.GroupNorm(groups, c, eps)`` over channels-last ``x [B, ..., C]``: statistics per sample and group over
+    every position and the group's ``C / groups`` channels, in float32; ``scale`` 1 / ``bias`` 0 with logical axis
+    ``"norm"``; output in the compute ``dtype``."""
+
+    def __init__(self, c: int, groups: int, eps: float = 1e-5, *, dtype: jnp.dtype, param_dtype: jnp.dtype):
+        self.dtype = dtype
+        self.groups = groups
+        self.eps = eps
+        self.scale = nnx.Param(jnp.ones((c,), param_dtype), out_sharding=("norm",))
+        self.bias = nnx.Param(jnp.zeros((c,), param_dtype), out_sharding=("norm",))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        B, C = x.shape[0], x.shape[-1]
+        g = x.astype(jnp.float32).reshape(B, -1, self.groups, C // self.groups)
+        mean = g.mean(axis=(1, 3), keepdims=True)
+        var = jnp.square(g - mean).mean(axis=(1, 3), keepdims=True)
+        y = ((g - mean) * jax.lax.rsqrt(var + self.eps)).reshape(x.shape)
+        y = y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
+        return y.astype(self.dtype)

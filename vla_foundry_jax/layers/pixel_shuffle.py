@@ -1,5 +1,11 @@
-"""Pixel shuffle (space-to-depth on a square token grid) of the VLM's modality projector (reference §3.5).
+"""Space-to-depth: image patches for the ViTs' patch embeddings, and the pixel shuffle of the VLM's modality
+projector (reference §3.5).
 
+:func:`patchify` cuts channels-last images into non-overlapping ``p x p`` patches, row-major over the patch grid,
+each flattened in (row, col, channel) order: a stride-``p`` ``Conv2d(3, D, p)`` is then one matmul with the torch
+weight ``[D, 3, p, p]`` transposed to ``[p, p, 3, D]`` and flattened.
+
+Pixel shuffle:
 A sequence of ``n = r * r`` tokens is read as an ``r x r`` grid (token ``t = row * r + col``). With factor ``s``
 the output token ``(bi, bj)`` (row-major over the ``(r/s) x (r/s)`` block grid) carries the concatenation over
 ``di`` (outer), ``dj``, channel ``c`` (inner) of ``x[(bi*s + di) * r + (bj*s + dj), c]``: the channel order is
@@ -55,3 +61,11 @@ def pixel_shuffle(x: jax.Array, factor: int) -> jax.Array:
     y = x.reshape(B, g, factor, g, factor, C)  # [B, bi, di, bj, dj, C]
     y = y.transpose(0, 1, 3, 2, 4, 5)  # [B, bi, bj, di, dj, C]
     return y.reshape(B, g * g, factor * factor * C)
+
+
+def patchify(images: jax.Array, patch_size: int) -> jax.Array:
+    """``[b, h, w, c] -> [b, (h/p) * (w/p), p * p * c]`` (module docstring); ``p`` must divide ``h`` and ``w``."""
+    b, h, w, c = images.shape
+    p = patch_size
+    x = images.reshape(b, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5)
+    return x.reshape(b, (h // p) * (w // p), p * p * c)

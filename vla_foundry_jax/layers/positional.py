@@ -12,12 +12,18 @@
 * ``none``: identity.
 
 Positions are absolute: with a KV cache they start at the cache length.
+
+:func:`sinusoidal_embedding` is the diffusion timestep embedding (reference §3.8.1; diffusers'
+``get_timestep_embedding``).
 """
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 ROPE_BASE = 10000.0
@@ -85,3 +91,22 @@ class LearnedPositionalEmbedding(nnx.Module):
 
     def __call__(self, positions: jax.Array) -> jax.Array:
         return jnp.take(self.embedding[...], positions, axis=0).astype(self.dtype)
+
+
+def sinusoidal_embedding(
+    t: jax.Array, dim: int, *, flip_sin_to_cos: bool = False, freq_shift: float = 1.0
+) -> jax.Array:
+    """Timestep embedding ``[..., dim]`` (float32) of ``t [...]``: ``concat(sin(t f), cos(t f))`` (``[cos, sin]`` when
+    ``flip_sin_to_cos``) with ``half = dim // 2`` frequencies ``f_i = exp(-ln(10000) i / (half - freq_shift))``,
+    formed in float32 as torch does; an odd ``dim`` gets a last zero column.
+
+    ``freq_shift = 1`` is the original's UNet / diffusion-policy sinusoid (reference §3.8.1, sin block first);
+    diffusers' ``Timesteps`` passes its ``downscale_freq_shift``.
+    """
+    half = dim // 2
+    exponent = -math.log(10000.0) * np.arange(half, dtype=np.float32) / np.float32(half - freq_shift)
+    freqs = jnp.exp(jnp.asarray(exponent, jnp.float32))
+    args = jnp.asarray(t, jnp.float32)[..., None] * freqs
+    sin, cos = jnp.sin(args), jnp.cos(args)
+    emb = jnp.concatenate([cos, sin] if flip_sin_to_cos else [sin, cos], axis=-1)
+    return jnp.pad(emb, [(0, 0)] * (emb.ndim - 1) + [(0, dim % 2)])

@@ -44,8 +44,8 @@ from flax import nnx
 
 from vla_foundry_jax.configs.clip import LEGACY_EOS_ID, CLIPConfig, CLIPTextConfig, clip_config
 from vla_foundry_jax.convert.hf_vision_maps import load_clip_hf_weights
+from vla_foundry_jax.layers.dense import Dense
 from vla_foundry_jax.layers.norms import make_norm
-from vla_foundry_jax.models.hf_decoder import Dense
 from vla_foundry_jax.models.hf_vision import Encoder, HFVisionTower
 from vla_foundry_jax.params.model_params import CLIPHFParams
 from vla_foundry_jax.registry import ModelRecord, register_model

@@ -61,13 +61,11 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from vla_foundry_jax.configs.diffusers_unet import (
@@ -77,20 +75,19 @@ from vla_foundry_jax.configs.diffusers_unet import (
     config_from_unet_params,
     read_diffusers_config,
 )
-from vla_foundry_jax.models.transformer import check_remat_policy
+from vla_foundry_jax.layers.activations import activations
+from vla_foundry_jax.layers.attention import dot_product_attention
+from vla_foundry_jax.layers.conv import Conv2d
+from vla_foundry_jax.layers.dense import Dense
+from vla_foundry_jax.layers.norms import GroupNorm
+from vla_foundry_jax.layers.positional import sinusoidal_embedding
+from vla_foundry_jax.layers.stack import check_remat_policy, remat
 from vla_foundry_jax.params.base import ParamsError
 from vla_foundry_jax.params.model_params import UNetParams
 
 logger = logging.getLogger(__name__)
 
-ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
-    "silu": jax.nn.silu,
-    "swish": jax.nn.silu,
-    "mish": jax.nn.mish,
-    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
-    "relu": jax.nn.relu,
-}
-assert set(ACTIVATIONS) == set(ACTIVATION_NAMES)  # the config reader accepts exactly these
+ACTIVATIONS = activations(*ACTIVATION_NAMES)  # the config reader accepts exactly these
 TRANSFORMER_GN_EPS = 1e-6  # Transformer2DModel's GroupNorm
 LAYER_NORM_EPS = 1e-5  # BasicTransformerBlock's LayerNorms
 
@@ -98,79 +95,9 @@ LAYER_NORM_EPS = 1e-5  # BasicTransformerBlock's LayerNorms
 # ---------------------------------------------------------------------------------------------------- layers
 
 
-def _uniform(rngs: nnx.Rngs, shape: tuple[int, ...], fan_in: int, param_dtype: Any) -> jax.Array:
-    bound = 1.0 / math.sqrt(fan_in)
-    return jax.random.uniform(rngs.params(), shape, jnp.float32, -bound, bound).astype(param_dtype)
-
-
-class Linear(nnx.Module):
-    """``x @ kernel (+ bias)``, kernel ``[in, out]`` (torch ``Linear.weight`` transposed)."""
-
-    def __init__(self, din: int, dout: int, *, bias: bool = True, rngs: nnx.Rngs, dtype: Any, param_dtype: Any):
-        self.dtype = dtype
-        self.kernel = nnx.Param(_uniform(rngs, (din, dout), din, param_dtype), out_sharding=("embed", "mlp"))
-        self.bias = nnx.Param(_uniform(rngs, (dout,), din, param_dtype), out_sharding=("mlp",)) if bias else None
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        y = jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
-        return y if self.bias is None else y + self.bias[...].astype(self.dtype)
-
-
-class Conv2d(nnx.Module):
-    """Channels-last ``nn.Conv2d(din, dout, k, stride, padding)``; ``padding`` is symmetric or
-    ``((top, bottom), (left, right))``."""
-
-    def __init__(
-        self,
-        din: int,
-        dout: int,
-        k: int,
-        *,
-        stride: int = 1,
-        padding: int | tuple[tuple[int, int], tuple[int, int]] | None = None,
-        rngs: nnx.Rngs,
-        dtype: Any,
-        param_dtype: Any,
-    ):
-        self.dtype = dtype
-        self.stride = stride
-        p = (k - 1) // 2 if padding is None else padding
-        self.padding = ((p, p), (p, p)) if isinstance(p, int) else tuple(tuple(q) for q in p)
-        fan_in = din * k * k
-        self.kernel = nnx.Param(
-            _uniform(rngs, (k, k, din, dout), fan_in, param_dtype), out_sharding=(None, None, "conv_in", "conv_out")
-        )
-        self.bias = nnx.Param(_uniform(rngs, (dout,), fan_in, param_dtype), out_sharding=("conv_out",))
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        y = jax.lax.conv_general_dilated(
-            x.astype(self.dtype),
-            self.kernel[...].astype(self.dtype),
-            window_strides=(self.stride, self.stride),
-            padding=self.padding,
-            dimension_numbers=("NHWC", "HWIO", "NHWC"),
-        )
-        return y + self.bias[...].astype(self.dtype)
-
-
-class GroupNorm(nnx.Module):
-    """``nn.GroupNorm(groups, c, eps)`` over channels-last ``[B, ..., C]``; statistics in float32."""
-
-    def __init__(self, c: int, groups: int, eps: float, *, dtype: Any, param_dtype: Any):
-        self.dtype = dtype
-        self.groups = groups
-        self.eps = eps
-        self.scale = nnx.Param(jnp.ones((c,), param_dtype), out_sharding=("norm",))
-        self.bias = nnx.Param(jnp.zeros((c,), param_dtype), out_sharding=("norm",))
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        B, C = x.shape[0], x.shape[-1]
-        g = x.astype(jnp.float32).reshape(B, -1, self.groups, C // self.groups)
-        mean = g.mean(axis=(1, 3), keepdims=True)
-        var = jnp.square(g - mean).mean(axis=(1, 3), keepdims=True)
-        y = ((g - mean) * jax.lax.rsqrt(var + self.eps)).reshape(x.shape)
-        y = y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
-        return y.astype(self.dtype)
+def _linear(din: int, dout: int, *, bias: bool = True, rngs: nnx.Rngs, **kw: Any) -> Dense:
+    """``nn.Linear(din, dout, bias)`` (torch-default init), kernel ``[in, out]``, logical axes ``("embed", "mlp")``."""
+    return Dense(din, dout, bias=bias, names=("embed", "mlp"), init="torch", rngs=rngs, **kw)
 
 
 class LayerNorm(nnx.Module):
@@ -218,7 +145,7 @@ class ResnetBlock2D(nnx.Module):
         self.output_scale_factor = output_scale_factor
         self.norm1 = GroupNorm(din, groups, eps, **kw)
         self.conv1 = Conv2d(din, dout, 3, rngs=rngs, **kw)
-        self.time_emb_proj = Linear(temb, 2 * dout if scale_shift else dout, rngs=rngs, **kw)
+        self.time_emb_proj = _linear(temb, 2 * dout if scale_shift else dout, rngs=rngs, **kw)
         self.norm2 = GroupNorm(dout, groups, eps, **kw)
         self.conv2 = Conv2d(dout, dout, 3, rngs=rngs, **kw)
         self.conv_shortcut = Conv2d(din, dout, 1, rngs=rngs, **kw) if din != dout else None
@@ -259,10 +186,10 @@ class Attention(nnx.Module):
         self.residual = residual
         self.rescale = rescale
         self.group_norm = None if norm is None else GroupNorm(dim, norm[0], norm[1], **kw)
-        self.to_q = Linear(dim, inner, bias=bias, rngs=rngs, **kw)
-        self.to_k = Linear(context_dim or dim, inner, bias=bias, rngs=rngs, **kw)
-        self.to_v = Linear(context_dim or dim, inner, bias=bias, rngs=rngs, **kw)
-        self.to_out = nnx.List([Linear(inner, dim, rngs=rngs, **kw)])
+        self.to_q = _linear(dim, inner, bias=bias, rngs=rngs, **kw)
+        self.to_k = _linear(context_dim or dim, inner, bias=bias, rngs=rngs, **kw)
+        self.to_v = _linear(context_dim or dim, inner, bias=bias, rngs=rngs, **kw)
+        self.to_out = nnx.List([_linear(inner, dim, rngs=rngs, **kw)])
 
     def __call__(self, x: jax.Array, context: jax.Array | None = None) -> jax.Array:
         shape = x.shape
@@ -273,7 +200,7 @@ class Attention(nnx.Module):
         ctx = h if context is None else context
         q, k, v = self.to_q(h), self.to_k(ctx), self.to_v(ctx)
         split = lambda a: a.reshape(B, a.shape[1], self.heads, -1)  # noqa: E731
-        o = jax.nn.dot_product_attention(split(q), split(k), split(v))
+        o = dot_product_attention(split(q), split(k), split(v), causal=False, impl="xla")
         o = self.to_out[0](o.reshape(B, o.shape[1], -1)).reshape(shape)
         if self.residual:
             o = o + x
@@ -282,7 +209,7 @@ class Attention(nnx.Module):
 
 class GEGLU(nnx.Module):
     def __init__(self, din: int, dout: int, *, rngs: nnx.Rngs, **kw: Any):
-        self.proj = Linear(din, 2 * dout, rngs=rngs, **kw)
+        self.proj = _linear(din, 2 * dout, rngs=rngs, **kw)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         h, gate = jnp.split(self.proj(x), 2, axis=-1)
@@ -293,7 +220,7 @@ class FeedForward(nnx.Module):
     """``net = [GEGLU(dim, 4 dim), Dropout, Linear(4 dim, dim)]`` (the Dropout slot is an :class:`Identity`)."""
 
     def __init__(self, dim: int, *, rngs: nnx.Rngs, **kw: Any):
-        self.net = nnx.List([GEGLU(dim, 4 * dim, rngs=rngs, **kw), Identity(), Linear(4 * dim, dim, rngs=rngs, **kw)])
+        self.net = nnx.List([GEGLU(dim, 4 * dim, rngs=rngs, **kw), Identity(), _linear(4 * dim, dim, rngs=rngs, **kw)])
 
     def __call__(self, x: jax.Array) -> jax.Array:
         for layer in self.net:
@@ -333,7 +260,7 @@ class Transformer2DModel(nnx.Module):
         inner = heads * head_dim
         self.linear_projection = linear_projection
         self.norm = GroupNorm(c, groups, TRANSFORMER_GN_EPS, **kw)
-        proj = (lambda a, b: Linear(a, b, rngs=rngs, **kw)) if linear_projection else (
+        proj = (lambda a, b: _linear(a, b, rngs=rngs, **kw)) if linear_projection else (
             lambda a, b: Conv2d(a, b, 1, rngs=rngs, **kw)
         )  # fmt: skip
         self.proj_in = proj(c, inner)
@@ -496,19 +423,8 @@ class MidBlock(nnx.Module):
 
 class TimestepEmbedding(nnx.Module):
     def __init__(self, din: int, dim: int, *, rngs: nnx.Rngs, **kw: Any):
-        self.linear_1 = Linear(din, dim, rngs=rngs, **kw)
-        self.linear_2 = Linear(dim, dim, rngs=rngs, **kw)
-
-
-def timestep_embedding(t: jax.Array, dim: int, flip_sin_to_cos: bool, freq_shift: float) -> jax.Array:
-    """diffusers' ``get_timestep_embedding`` (max period 10000, scale 1) of ``t [B]``, float32 ``[B, dim]``."""
-    half = dim // 2
-    exponent = -math.log(10000.0) * np.arange(half, dtype=np.float32) / np.float32(half - freq_shift)
-    freqs = jnp.exp(jnp.asarray(exponent, jnp.float32))
-    args = jnp.asarray(t, jnp.float32)[:, None] * freqs[None]
-    sin, cos = jnp.sin(args), jnp.cos(args)
-    emb = jnp.concatenate([cos, sin] if flip_sin_to_cos else [sin, cos], axis=-1)
-    return jnp.pad(emb, ((0, 0), (0, dim % 2)))
+        self.linear_1 = _linear(din, dim, rngs=rngs, **kw)
+        self.linear_2 = _linear(dim, dim, rngs=rngs, **kw)
 
 
 class DiffusersUNet(nnx.Module):
@@ -607,16 +523,15 @@ class DiffusersUNet(nnx.Module):
         self.conv_out = Conv2d(C[0], cfg.out_channels, cfg.conv_out_kernel, rngs=rngs, **kw)
 
     def _remat(self, module: nnx.Module, *args: Any) -> jax.Array:
-        if self.remat_policy is None:
-            return module(*args)
-        policy = getattr(jax.checkpoint_policies, self.remat_policy)
-        return nnx.remat(lambda m, *a: m(*a), policy=policy)(module, *args)
+        return remat(lambda m, *a: m(*a), self.remat_policy)(module, *args)
 
     def time_embed(self, t: jax.Array | int | float, batch: int) -> jax.Array:
         """``[B, temb]`` time embedding (compute dtype) of scalar or ``[B]`` timesteps."""
         cfg = self.config
         t = jnp.broadcast_to(jnp.asarray(t), (batch,))
-        e = timestep_embedding(t, cfg.block_out_channels[0], cfg.flip_sin_to_cos, cfg.freq_shift)
+        e = sinusoidal_embedding(
+            t, cfg.block_out_channels[0], flip_sin_to_cos=cfg.flip_sin_to_cos, freq_shift=cfg.freq_shift
+        )
         te = self.time_embedding
         e = te.linear_1(e.astype(te.linear_1.dtype))
         e = te.linear_2(ACTIVATIONS[cfg.act_fn if cfg.conditional else "silu"](e))

@@ -56,7 +56,6 @@ variance ``(1 - alpha') (1 - abar_prev) / (1 - abar_t)``, noise only where ``t >
 from __future__ import annotations
 
 import functools
-import math
 from typing import Any
 
 import jax
@@ -64,33 +63,16 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from vla_foundry_jax.layers.dense import Dense
 from vla_foundry_jax.layers.losses import masked_mse
+from vla_foundry_jax.layers.positional import sinusoidal_embedding
 from vla_foundry_jax.models.backbones import ViTBackbone
 from vla_foundry_jax.models.noise_scheduler import NoiseScheduler, make_scheduler
-from vla_foundry_jax.models.unet import sinusoidal_embedding
 from vla_foundry_jax.params.base import ParamsError
 from vla_foundry_jax.params.model_params import DiffusionPolicyParams, NoiseSchedulerParams
 from vla_foundry_jax.registry import ModelRecord, build_module, register_model
 
 ACTION_KEYS = ("actions", "past_mask", "future_mask", "proprioception")  # repeated R times per sample
-
-
-class Dense(nnx.Module):
-    """Biased ``x [..., in] -> [..., out]`` with torch ``nn.Linear``'s default init (U(+-1/sqrt(in)))."""
-
-    def __init__(
-        self, din: int, dout: int, *, names: tuple[str | None, str | None], rngs: nnx.Rngs, dtype: Any, param_dtype: Any
-    ):
-        self.dtype = dtype
-        bound = 1.0 / math.sqrt(din)
-        k = jax.random.uniform(rngs.params(), (din, dout), jnp.float32, -bound, bound)
-        b = jax.random.uniform(rngs.params(), (dout,), jnp.float32, -bound, bound)
-        self.kernel = nnx.Param(k.astype(param_dtype), out_sharding=names)
-        self.bias = nnx.Param(b.astype(param_dtype), out_sharding=(names[1],))
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        dt = self.dtype
-        return jnp.dot(x.astype(dt), self.kernel[...].astype(dt)) + self.bias[...].astype(dt)
 
 
 def check_policy_params(params: DiffusionPolicyParams) -> None:
@@ -153,7 +135,7 @@ class DiffusionPolicy(nnx.Module):
         H = int(self.transformer.hidden_dim)
         A, P = int(params.action_dim), int(params.proprioception_dim)
         T = int(params.noise_scheduler.num_timesteps)
-        lin = {"rngs": rngs, "dtype": dtype, "param_dtype": param_dtype}
+        lin = {"rngs": rngs, "init": "torch", "dtype": dtype, "param_dtype": param_dtype}  # nn.Linear's init
         table = sinusoidal_embedding(jnp.arange(T), D_bb)
         self.time_encoding = nnx.Param(table.astype(param_dtype), out_sharding=("pos", "embed"))
         self.action_encode = Dense(A, H, names=(None, "embed"), **lin)

@@ -57,39 +57,22 @@ from flax import nnx
 
 from vla_foundry_jax.configs.hf_decoder import ACTIVATION_NAMES, HFDecoderConfig, hf_decoder_config
 from vla_foundry_jax.convert.hf_decoder_maps import load_transformer_hf_weights
-from vla_foundry_jax.layers.attention import empty_kv_cache
-from vla_foundry_jax.layers.feed_forward import trunc_normal
+from vla_foundry_jax.layers.activations import activations
+from vla_foundry_jax.layers.attention import empty_kv_cache, softmax_attention
+from vla_foundry_jax.layers.dense import Dense, trunc_normal
+from vla_foundry_jax.layers.feed_forward import GatedMLP
 from vla_foundry_jax.layers.losses import next_token_loss
-from vla_foundry_jax.models.transformer import LAYERS_AXIS, TransformerOutput, check_remat_policy
+from vla_foundry_jax.layers.stack import check_remat_policy, scan_layers, stack_layers
+from vla_foundry_jax.models.transformer import TransformerOutput
 from vla_foundry_jax.params.model_params import TransformerHFParams
 from vla_foundry_jax.registry import ModelRecord, register_model
 
-ACTIVATIONS = {
-    "silu": jax.nn.silu,
-    "swish": jax.nn.silu,
-    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
-    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
-    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
-}
-assert set(ACTIVATIONS) == set(ACTIVATION_NAMES)  # the config reader accepts exactly these
+ACTIVATIONS = activations(*ACTIVATION_NAMES)  # the config reader accepts exactly these
 Cache = dict[str, jax.Array]
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Layers
-
-
-class Dense(nnx.Module):
-    """``x [..., in] -> [..., out]``; kernel ``[in, out]`` (trunc-normal ``in**-0.5``), optional bias (zeros)."""
-
-    def __init__(self, n_in: int, n_out: int, *, bias: bool, names: tuple[str, str], rngs, dtype, param_dtype):
-        self.dtype = dtype
-        self.kernel = nnx.Param(trunc_normal(rngs.params(), (n_in, n_out), n_in**-0.5, param_dtype), out_sharding=names)
-        self.bias = nnx.Param(jnp.zeros((n_out,), param_dtype), out_sharding=(names[1],)) if bias else None
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        y = jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
-        return y if self.bias is None else y + self.bias[...].astype(self.dtype)
 
 
 class RMSNorm(nnx.Module):
@@ -138,7 +121,7 @@ class Attention(nnx.Module):
     def __call__(self, x: jax.Array, kv: Any, window: jax.Array, ctx: dict[str, Any]) -> tuple[jax.Array, Any]:
         c = self.c
         B, S, _ = x.shape
-        nkv, g, hd = c.num_kv_heads, c.num_heads // c.num_kv_heads, c.head_dim
+        nkv, hd = c.num_kv_heads, c.head_dim
         q = self.q_proj(x).reshape(B, S, c.num_heads, hd)
         k = self.k_proj(x).reshape(B, S, nkv, hd)
         v = self.v_proj(x).reshape(B, S, nkv, hd)
@@ -152,31 +135,14 @@ class Attention(nnx.Module):
             keys = jax.lax.dynamic_update_slice(kv[0], k.astype(kv[0].dtype), (0, off, 0, 0))
             values = jax.lax.dynamic_update_slice(kv[1], v.astype(kv[1].dtype), (0, off, 0, 0))
             new_kv = (keys, values)
-        qg = q.reshape(B, S, nkv, g, hd).astype(jnp.float32)
-        scores = jnp.einsum("bsngd,btnd->bngst", qg, keys.astype(jnp.float32)) * c.attn_scale
-        if c.attn_softcap is not None:
-            scores = jnp.tanh(scores / c.attn_softcap) * c.attn_softcap
         allowed = ctx["allowed"] & (ctx["distance"] < window)[None]  # [B, S, T]
         if ctx["bidirectional"] is not None:  # prefix-LM: prefix pairs see each other, whatever the window
             allowed = allowed | ctx["bidirectional"]
         # A query with no visible key attends uniformly (HF's eager path does the same with its min-value mask).
-        scores = jnp.where(allowed[:, None, None], scores, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(scores, axis=-1)
-        out = jnp.einsum("bngst,btnd->bsngd", probs, values.astype(jnp.float32)).astype(x.dtype)
-        return self.o_proj(out.reshape(B, S, c.num_heads * hd)), new_kv
-
-
-class MLP(nnx.Module):
-    def __init__(self, c: HFDecoderConfig, *, rngs, dtype, param_dtype):
-        kw = {"rngs": rngs, "dtype": dtype, "param_dtype": param_dtype, "bias": c.mlp_bias}
-        H, F = c.hidden_size, c.intermediate_size
-        self.act = ACTIVATIONS[c.activation]
-        self.gate_proj = Dense(H, F, names=("embed", "mlp"), **kw)
-        self.up_proj = Dense(H, F, names=("embed", "mlp"), **kw)
-        self.down_proj = Dense(F, H, names=("mlp", "embed"), **kw)
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+        out = softmax_attention(
+            q, keys, values, allowed=allowed[:, None], scale=c.attn_scale, softcap=c.attn_softcap, upcast=True
+        )
+        return self.o_proj(out.astype(x.dtype).reshape(B, S, c.num_heads * hd)), new_kv
 
 
 class DecoderLayer(nnx.Module):
@@ -190,7 +156,7 @@ class DecoderLayer(nnx.Module):
         if self.sandwich:
             self.pre_feedforward_layernorm = RMSNorm(H, eps, param_dtype=param_dtype)
             self.post_feedforward_layernorm = RMSNorm(H, eps, param_dtype=param_dtype)
-        self.mlp = MLP(c, **kw)
+        self.mlp = GatedMLP(H, c.intermediate_size, act=ACTIVATIONS[c.activation], bias=c.mlp_bias, **kw)
 
     def __call__(self, x: jax.Array, kv: Any, window: jax.Array, ctx: dict[str, Any]) -> tuple[jax.Array, Any]:
         attn, new_kv = self.self_attn(self.input_layernorm(x), kv, window, ctx)
@@ -232,11 +198,10 @@ class HFDecoder(nnx.Module):
             trunc_normal(rngs.params(), (c.vocab_size, H), H**-0.5, param_dtype), out_sharding=("vocab", "embed")
         )
 
-        @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: LAYERS_AXIS})
-        def make_layers(key: jax.Array) -> DecoderLayer:
-            return DecoderLayer(c, rngs=nnx.Rngs(params=key), dtype=dtype, param_dtype=param_dtype)
+        def make_layer(layer_rngs: nnx.Rngs) -> DecoderLayer:
+            return DecoderLayer(c, rngs=layer_rngs, dtype=dtype, param_dtype=param_dtype)
 
-        self.layers = make_layers(jax.random.split(rngs.params(), c.num_layers))
+        self.layers = stack_layers(make_layer, c.num_layers, rngs)
         self.norm = RMSNorm(H, c.rms_norm_eps, param_dtype=param_dtype)
         self.lm_head = (
             None
@@ -338,23 +303,22 @@ class HFDecoder(nnx.Module):
         }
         windows = jnp.asarray(c.windows, jnp.int32)
 
-        def apply_layer(layer: DecoderLayer, x: jax.Array, kv: Any, window: jax.Array, ctx: dict[str, Any]) -> Any:
-            return layer(x, kv, window, ctx)
-
-        if self.remat_policy is not None:
-            apply_layer = nnx.remat(apply_layer, policy=getattr(jax.checkpoint_policies, self.remat_policy))
-
-        @nnx.scan(
-            in_axes=(0, nnx.Carry, 0, 0, None),
-            out_axes=(nnx.Carry, 0),
-            transform_metadata={nnx.PARTITION_NAME: LAYERS_AXIS},
-        )
-        def run_layers(layer: DecoderLayer, x: jax.Array, kv: Any, window: jax.Array, ctx: dict[str, Any]) -> Any:
-            y, new_kv = apply_layer(layer, x, kv, window, ctx)
+        def step(layer: DecoderLayer, x: jax.Array, kv: Any, window: jax.Array, ctx: dict[str, Any]) -> Any:
+            y, new_kv = layer(x, kv, window, ctx)
             return y, (y if output_hidden_states else None, new_kv)
 
         x0 = x
-        x, (hidden, new_kv) = run_layers(self.layers, x, kv, windows, ctx)
+        x, (hidden, new_kv) = scan_layers(
+            step,
+            self.layers,
+            x,
+            kv,
+            windows,
+            ctx,
+            in_axes=(0, 0, None),
+            out_axes=(nnx.Carry, 0),
+            remat_policy=self.remat_policy,
+        )
         x = self.norm(x)
         head = self.embed_tokens[...].T if self.lm_head is None else self.lm_head[...]
         logits = jnp.dot(x, head.astype(self.dtype)).astype(jnp.float32)

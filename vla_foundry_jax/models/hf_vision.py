@@ -59,16 +59,17 @@ from flax import nnx
 
 from vla_foundry_jax.configs.hf_vision import ACTIVATION_NAMES, EncoderConfig, HFVisionConfig, hf_vision_config
 from vla_foundry_jax.convert.hf_vision_maps import load_vit_hf_weights
+from vla_foundry_jax.layers.activations import activations
+from vla_foundry_jax.layers.attention import head_major_attention, softmax_attention
+from vla_foundry_jax.layers.dense import Dense
+from vla_foundry_jax.layers.feed_forward import MLP
 from vla_foundry_jax.layers.norms import make_norm
-from vla_foundry_jax.models.hf_decoder import ACTIVATIONS as DECODER_ACTIVATIONS
-from vla_foundry_jax.models.hf_decoder import Dense
-from vla_foundry_jax.models.transformer import LAYERS_AXIS, check_remat_policy
-from vla_foundry_jax.models.vit import head_major_attention
+from vla_foundry_jax.layers.pixel_shuffle import patchify
+from vla_foundry_jax.layers.stack import check_remat_policy, scan_layers, stack_layers
 from vla_foundry_jax.params.model_params import ViTHFParams
 from vla_foundry_jax.registry import ModelRecord, register_model
 
-ACTIVATIONS = {**DECODER_ACTIVATIONS, "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x)}
-assert set(ACTIVATIONS) == set(ACTIVATION_NAMES)  # the config reader accepts exactly these
+ACTIVATIONS = activations(*ACTIVATION_NAMES)  # the config reader accepts exactly these
 INIT_STD = 0.02
 
 
@@ -77,13 +78,14 @@ def _normal(rngs: nnx.Rngs, shape: tuple[int, ...], param_dtype: Any) -> jax.Arr
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array | None) -> jax.Array:
-    """``softmax(q k^T + bias) v`` on ``[b, T, nh, hd]`` (``q`` pre-scaled); ``bias [b, 1, T, T]`` float32."""
+    """``softmax(q k^T + bias) v`` on ``[b, T, nh, hd]`` (``q`` pre-scaled); ``bias [b, 1, T, T]`` float32 or None.
+
+    Without bias: the head-major kernel (fast on XLA:CPU); with: float32 scores, probabilities in ``v``'s dtype.
+    """
     if bias is None:
         out = head_major_attention(*(t.transpose(0, 2, 1, 3) for t in (q, k, v)))
         return out.transpose(0, 2, 1, 3)
-    scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) + bias
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    return jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+    return softmax_attention(q, k, v, bias=bias, scale=1.0, upcast=False)
 
 
 class SelfAttention(nnx.Module):
@@ -107,17 +109,6 @@ class SelfAttention(nnx.Module):
         return self.out_proj(out.reshape(b, T, D))
 
 
-class MLP(nnx.Module):
-    def __init__(self, c: EncoderConfig, *, rngs: nnx.Rngs, dtype: Any, param_dtype: Any):
-        kw = {"bias": True, "rngs": rngs, "dtype": dtype, "param_dtype": param_dtype}
-        self.act = ACTIVATIONS[c.activation]
-        self.fc1 = Dense(c.hidden_size, c.intermediate_size, names=("embed", "mlp"), **kw)
-        self.fc2 = Dense(c.intermediate_size, c.hidden_size, names=("mlp", "embed"), **kw)
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        return self.fc2(self.act(self.fc1(x)))
-
-
 class EncoderLayer(nnx.Module):
     """``x += self_attn(layer_norm1(x)); x += mlp(layer_norm2(x))``."""
 
@@ -126,7 +117,7 @@ class EncoderLayer(nnx.Module):
         self.layer_norm1 = make_norm("default_layer_norm", c.hidden_size, c.layer_norm_eps, **kw)
         self.self_attn = SelfAttention(c, rngs=rngs, **kw)
         self.layer_norm2 = make_norm("default_layer_norm", c.hidden_size, c.layer_norm_eps, **kw)
-        self.mlp = MLP(c, rngs=rngs, **kw)
+        self.mlp = MLP(c.hidden_size, c.intermediate_size, act=ACTIVATIONS[c.activation], rngs=rngs, **kw)
 
     def __call__(self, x: jax.Array, bias: jax.Array | None) -> jax.Array:
         x = x + self.self_attn(self.layer_norm1(x), bias)
@@ -142,26 +133,18 @@ class Encoder(nnx.Module):
         check_remat_policy(remat_policy)
         self.remat_policy = remat_policy
 
-        @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: LAYERS_AXIS})
-        def make_layers(key: jax.Array) -> EncoderLayer:
-            return EncoderLayer(c, rngs=nnx.Rngs(params=key), dtype=dtype, param_dtype=param_dtype)
+        def make_layer(layer_rngs: nnx.Rngs) -> EncoderLayer:
+            return EncoderLayer(c, rngs=layer_rngs, dtype=dtype, param_dtype=param_dtype)
 
-        self.layers = make_layers(jax.random.split(rngs.params(), c.num_layers))
+        self.layers = stack_layers(make_layer, c.num_layers, rngs)
 
     def __call__(self, x: jax.Array, bias: jax.Array | None = None) -> jax.Array:
-        def apply_layer(layer: EncoderLayer, x: jax.Array, bias: Any) -> jax.Array:
+        """``x [b, T, D]``; ``bias``: optional additive float32 attention bias ``[b, 1, T, T]`` (a min-value mask)."""
+
+        def step(layer: EncoderLayer, x: jax.Array, bias: Any) -> jax.Array:
             return layer(x, bias)
 
-        if self.remat_policy is not None:
-            apply_layer = nnx.remat(apply_layer, policy=getattr(jax.checkpoint_policies, self.remat_policy))
-
-        @nnx.scan(
-            in_axes=(0, nnx.Carry, None), out_axes=nnx.Carry, transform_metadata={nnx.PARTITION_NAME: LAYERS_AXIS}
-        )
-        def run_layers(layer: EncoderLayer, x: jax.Array, bias: Any) -> jax.Array:
-            return apply_layer(layer, x, bias)
-
-        return run_layers(self.layers, x, bias)
+        return scan_layers(step, self.layers, x, bias, in_axes=(None,), remat_policy=self.remat_policy)
 
 
 class VisionEmbeddings(nnx.Module):
@@ -277,10 +260,7 @@ class HFVisionTower(nnx.Module):
 
     def patchify(self, images: jax.Array) -> jax.Array:
         """``[b, img, img, 3] -> [b, n_p, p*p*3]``: patches row-major, (row, col, channel) inside."""
-        b, h, w, c = images.shape
-        p = self.config.patch_size
-        x = images.reshape(b, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5)
-        return x.reshape(b, (h // p) * (w // p), p * p * c)
+        return patchify(images, self.config.patch_size)
 
     def __call__(self, images: jax.Array) -> jax.Array:
         self.check_images(images)

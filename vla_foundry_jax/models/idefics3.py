@@ -36,8 +36,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from vla_foundry_jax.configs.vlm_hf import Idefics3Config
+from vla_foundry_jax.layers.dense import Dense
 from vla_foundry_jax.layers.pixel_shuffle import pixel_shuffle
-from vla_foundry_jax.models.hf_decoder import Dense, HFDecoder
+from vla_foundry_jax.models.hf_decoder import HFDecoder
 from vla_foundry_jax.models.hf_vision import HFVisionTower
 from vla_foundry_jax.models.hf_vlm_common import HFVLM
 from vla_foundry_jax.models.vlm import merge_image_tokens

@@ -43,30 +43,14 @@ import jax.numpy as jnp
 from flax import nnx
 
 from vla_foundry_jax.layers.attention import dot_product_attention, empty_kv_cache
-from vla_foundry_jax.layers.feed_forward import FeedForward, Linear, trunc_normal
+from vla_foundry_jax.layers.dense import Dense, trunc_normal
+from vla_foundry_jax.layers.feed_forward import FeedForward
 from vla_foundry_jax.layers.losses import next_token_loss
 from vla_foundry_jax.layers.norms import make_norm
 from vla_foundry_jax.layers.positional import LearnedPositionalEmbedding, apply_rotary
+from vla_foundry_jax.layers.stack import check_remat_policy, scan_layers, stack_layers
 from vla_foundry_jax.params.model_params import TransformerParams
 from vla_foundry_jax.registry import ModelRecord, register_model
-
-# Names in ``jax.checkpoint_policies`` that are policies themselves (not policy factories).
-REMAT_POLICIES = (
-    "nothing_saveable",
-    "dots_saveable",
-    "dots_with_no_batch_dims_saveable",
-    "everything_saveable",
-    "checkpoint_dots",
-    "checkpoint_dots_with_no_batch_dims",
-)
-LAYERS_AXIS = "layers"
-
-
-def check_remat_policy(remat_policy: str | None) -> None:
-    """Raise unless ``remat_policy`` is None (no remat) or one of :data:`REMAT_POLICIES`."""
-    if remat_policy is not None and remat_policy not in REMAT_POLICIES:
-        raise ValueError(f"remat_policy = {remat_policy!r} is not supported; choose None or one of {REMAT_POLICIES}.")
-
 
 Cache = dict[str, jax.Array]
 
@@ -99,9 +83,9 @@ class Attention(nnx.Module):
         self.head_dim = H // params.n_heads
         self.positional = params.positional_embedding_type
         self.attn_name = params.attn_name
-        kw = {"rngs": rngs, "dtype": dtype, "param_dtype": param_dtype}
-        self.in_proj = Linear(H, 3 * H, std=in_std, names=("embed", "qkv"), **kw)
-        self.out_proj = Linear(H, H, std=out_std, names=("heads", "embed"), **kw)
+        kw = {"rngs": rngs, "bias": False, "dtype": dtype, "param_dtype": param_dtype}
+        self.in_proj = Dense(H, 3 * H, std=in_std, names=("embed", "qkv"), **kw)
+        self.out_proj = Dense(H, H, std=out_std, names=("heads", "embed"), **kw)
         if params.qk_norm:
             norm = functools.partial(
                 make_norm, params.norm_type, H, params.norm_eps, dtype=dtype, param_dtype=param_dtype
@@ -219,11 +203,10 @@ class Transformer(nnx.Module):
         )
         self.post_embed_norm = norm() if params.post_embed_norm else None
 
-        @nnx.vmap(in_axes=(0, 0), out_axes=0, transform_metadata={nnx.PARTITION_NAME: LAYERS_AXIS})
-        def make_blocks(layer: jax.Array, key: jax.Array) -> TransformerBlock:
-            return TransformerBlock(params, layer, rngs=nnx.Rngs(params=key), dtype=dtype, param_dtype=param_dtype)
+        def make_block(block_rngs: nnx.Rngs, layer: jax.Array) -> TransformerBlock:
+            return TransformerBlock(params, layer, rngs=block_rngs, dtype=dtype, param_dtype=param_dtype)
 
-        self.layers = make_blocks(jnp.arange(params.n_layers), jax.random.split(rngs.params(), params.n_layers))
+        self.layers = stack_layers(make_block, params.n_layers, rngs, jnp.arange(params.n_layers))
         self.norm = norm()
         self.output = (
             None
@@ -315,22 +298,13 @@ class Transformer(nnx.Module):
 
         ctx = {"positions": positions, "mask": key_mask, "offset": None if cache is None else offset}
 
-        def apply_block(block: TransformerBlock, x: jax.Array, kv: Any, ctx: dict[str, Any]) -> Any:
-            return block(x, kv, ctx, causal)
-
-        if self.remat_policy is not None:
-            apply_block = nnx.remat(apply_block, policy=getattr(jax.checkpoint_policies, self.remat_policy))
-
-        @nnx.scan(
-            in_axes=(0, nnx.Carry, 0, None),
-            out_axes=(nnx.Carry, 0),
-            transform_metadata={nnx.PARTITION_NAME: LAYERS_AXIS},
-        )
-        def run_layers(block: TransformerBlock, x: jax.Array, kv: Any, ctx: dict[str, Any]) -> Any:
-            y, new_kv = apply_block(block, x, kv, ctx)
+        def step(block: TransformerBlock, x: jax.Array, kv: Any, ctx: dict[str, Any]) -> Any:
+            y, new_kv = block(x, kv, ctx, causal)
             return y, (y if output_hidden_states else None, new_kv)
 
-        x, (hidden, new_kv) = run_layers(self.layers, x, kv, ctx)
+        x, (hidden, new_kv) = scan_layers(
+            step, self.layers, x, kv, ctx, in_axes=(0, None), out_axes=(nnx.Carry, 0), remat_policy=self.remat_policy
+        )
 
         x = self.norm(x)
         head = self.embeddings[...].T if self.output is None else self.output[...]

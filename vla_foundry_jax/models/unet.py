@@ -42,16 +42,19 @@ top-level model), and a bare UNet has no loss; :func:`build_unet` is the plain c
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from vla_foundry_jax.convert.diffusers_unet_maps import load_unet_weights
-from vla_foundry_jax.models.transformer import check_remat_policy
+from vla_foundry_jax.layers.attention import softmax_attention
+from vla_foundry_jax.layers.conv import Conv2d
+from vla_foundry_jax.layers.dense import Dense
+from vla_foundry_jax.layers.norms import GroupNorm
+from vla_foundry_jax.layers.positional import sinusoidal_embedding
+from vla_foundry_jax.layers.stack import check_remat_policy, remat
 from vla_foundry_jax.params.model_params import UNetParams
 from vla_foundry_jax.registry import ModelRecord, register_model
 
@@ -59,144 +62,29 @@ GN_GROUPS = 8
 GN_EPS = 1e-5
 
 
-def sinusoidal_embedding(t: jax.Array, dim: int) -> jax.Array:
-    """``concat(sin(t * f), cos(t * f))`` with ``f_i = exp(-i ln(10000) / (half - 1))``, ``half = dim // 2``
-    (reference §3.8.1; sin block first; an odd ``dim`` gives ``dim - 1`` columns, as the original). float32."""
-    half = dim // 2
-    freqs = np.exp(-np.arange(half, dtype=np.float64) * math.log(10000.0) / (half - 1)).astype(np.float32)
-    args = jnp.asarray(t, jnp.float32)[..., None] * jnp.asarray(freqs)
-    return jnp.concatenate([jnp.sin(args), jnp.cos(args)], axis=-1)
+def _dense(din: int, dout: int, *, rngs: nnx.Rngs, **kw: Any) -> Dense:
+    """``nn.Linear(din, dout)`` (torch-default init), logical axes ``("embed", "mlp")``."""
+    return Dense(din, dout, names=("embed", "mlp"), init="torch", rngs=rngs, **kw)
 
 
-def _uniform(rngs: nnx.Rngs, shape: tuple[int, ...], fan_in: int, param_dtype: Any) -> jax.Array:
-    bound = 1.0 / math.sqrt(fan_in)
-    return jax.random.uniform(rngs.params(), shape, jnp.float32, -bound, bound).astype(param_dtype)
-
-
-class Dense(nnx.Module):
-    """``x @ kernel + bias`` (kernel ``[in, out]``), torch-default init."""
-
-    def __init__(self, din: int, dout: int, *, rngs: nnx.Rngs, dtype: Any, param_dtype: Any):
-        self.dtype = dtype
-        self.kernel = nnx.Param(_uniform(rngs, (din, dout), din, param_dtype), out_sharding=("embed", "mlp"))
-        self.bias = nnx.Param(_uniform(rngs, (dout,), din, param_dtype), out_sharding=("mlp",))
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        dt = self.dtype
-        return jnp.dot(x.astype(dt), self.kernel[...].astype(dt)) + self.bias[...].astype(dt)
-
-
-class Conv(nnx.Module):
-    """2-D convolution, channels-last; ``transpose=True`` is the original's ``ConvTranspose2d(k, stride, pad)``."""
-
-    def __init__(
-        self,
-        din: int,
-        dout: int,
-        k: int,
-        *,
-        stride: int = 1,
-        padding: int | None = None,
-        transpose: bool = False,
-        rngs: nnx.Rngs,
-        dtype: Any,
-        param_dtype: Any,
-    ):
-        self.dtype = dtype
-        self.stride = stride
-        self.padding = (k - 1) // 2 if padding is None else padding
-        self.transpose = transpose
-        fan_in = (dout if transpose else din) * k * k  # torch computes a transposed conv's fan-in from dim 1
-        self.kernel = nnx.Param(
-            _uniform(rngs, (k, k, din, dout), fan_in, param_dtype), out_sharding=(None, None, "conv_in", "conv_out")
-        )
-        self.bias = nnx.Param(_uniform(rngs, (dout,), fan_in, param_dtype), out_sharding=("conv_out",))
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        dt = self.dtype
-        kernel = self.kernel[...].astype(dt)
-        if self.transpose:
-            y = _transposed_conv_by_phases(x.astype(dt), kernel, self.stride, self.padding)
-            return y + self.bias[...].astype(dt)
-        p = self.padding
-        kw = {"window_strides": (self.stride,) * 2, "padding": ((p, p), (p, p))}
-        y = jax.lax.conv_general_dilated(x.astype(dt), kernel, dimension_numbers=("NHWC", "HWIO", "NHWC"), **kw)
-        return y + self.bias[...].astype(dt)
-
-
-def _phase_taps(k: int, s: int, p: int, a: int, n_in: int) -> tuple[list[int], tuple[int, int], int]:
-    """Output phase ``a`` (outputs ``s * i + a``) of a transposed conv along one axis: kernel taps, input padding,
-    output count. Output ``o`` reads the s-dilated input at ``o + m - (k - 1 - p)`` for tap ``m``; only taps
-    landing on real (not inserted-zero) samples contribute, at input offset ``(a + m - P) // s``."""
-    P = k - 1 - p
-    taps = [m for m in range(k) if (a + m - P) % s == 0]
-    n_out = (n_in - 1) * s - 2 * p + k
-    count = len(range(a, n_out, s))
-    lo = (a + taps[0] - P) // s
-    hi = (a + taps[-1] - P) // s
-    return taps, (max(0, -lo), max(0, count - 1 + hi - (n_in - 1))), count
-
-
-def _transposed_conv_by_phases(x: jax.Array, kernel: jax.Array, s: int, p: int) -> jax.Array:
-    """``ConvTranspose2d(k, stride s, padding p)`` (the conv over the s-dilated input with ``kernel``) computed as
-    ``s * s`` ordinary convolutions, one per output phase, interleaved. Same result; XLA's CPU backend runs the
-    gradient of an input-dilated convolution about 100x slower than these plain convolutions."""
-    k = kernel.shape[0]
-    B, H, W, _ = x.shape
-    if ((H - 1) * s - 2 * p + k) % s or ((W - 1) * s - 2 * p + k) % s:  # phases of unequal length: dilated conv
-        pad = k - 1 - p
-        return jax.lax.conv_general_dilated(
-            x, kernel, (1, 1), ((pad, pad), (pad, pad)), lhs_dilation=(s, s), dimension_numbers=("NHWC", "HWIO", "NHWC")
-        )
-    rows = []
-    for a in range(s):
-        ta, pad_h, nh = _phase_taps(k, s, p, a, H)
-        cols = []
-        for b in range(s):
-            tb, pad_w, nw = _phase_taps(k, s, p, b, W)
-            sub = kernel[np.asarray(ta)][:, np.asarray(tb)]
-            y = jax.lax.conv_general_dilated(x, sub, (1, 1), (pad_h, pad_w), dimension_numbers=("NHWC", "HWIO", "NHWC"))
-            cols.append(y[:, :nh, :nw])
-        rows.append(cols)
-    nh, nw = rows[0][0].shape[1:3]
-    y = jnp.stack([jnp.stack(r, axis=3) for r in rows], axis=2)  # [B, nh, s, nw, s, C]
-    return y.reshape(B, nh * s, nw * s, y.shape[-1])
-
-
-class GroupNorm(nnx.Module):
-    """``nn.GroupNorm(8, c)`` over channels-last input; statistics in float32."""
-
-    def __init__(self, c: int, *, dtype: Any, param_dtype: Any):
-        self.dtype = dtype
-        self.scale = nnx.Param(jnp.ones((c,), param_dtype), out_sharding=("norm",))
-        self.bias = nnx.Param(jnp.zeros((c,), param_dtype), out_sharding=("norm",))
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        B, H, W, C = x.shape
-        g = x.astype(jnp.float32).reshape(B, H, W, GN_GROUPS, C // GN_GROUPS)
-        mean = g.mean(axis=(1, 2, 4), keepdims=True)
-        var = jnp.square(g - mean).mean(axis=(1, 2, 4), keepdims=True)
-        y = ((g - mean) * jax.lax.rsqrt(var + GN_EPS)).reshape(B, H, W, C)
-        y = y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
-        return y.astype(self.dtype)
+def _group_norm(c: int, **kw: Any) -> GroupNorm:
+    return GroupNorm(c, GN_GROUPS, GN_EPS, **kw)
 
 
 def _attend(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
     """Single-head ``softmax(q k^T / sqrt(c)) v`` for ``q [B, N, c]``, ``k, v [B, M, c]``; scores float32."""
-    scores = jnp.einsum("bnc,bmc->bnm", q, k, preferred_element_type=jnp.float32) / math.sqrt(q.shape[-1])
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    return jnp.einsum("bnm,bmc->bnc", probs, v)
+    return softmax_attention(q[:, :, None], k[:, :, None], v[:, :, None], upcast=False)[:, :, 0]
 
 
 class ResnetBlock(nnx.Module):
     def __init__(self, din: int, dout: int, time_dim: int, text_dim: int, *, rngs: nnx.Rngs, **kw: Any):
-        self.norm1 = GroupNorm(din, **kw)
-        self.conv1 = Conv(din, dout, 3, rngs=rngs, **kw)
-        self.time_proj = Dense(time_dim, dout, rngs=rngs, **kw)
-        self.text_proj = Dense(text_dim, dout, rngs=rngs, **kw) if text_dim > 0 else None
-        self.norm2 = GroupNorm(dout, **kw)
-        self.conv2 = Conv(dout, dout, 3, rngs=rngs, **kw)
-        self.shortcut = Conv(din, dout, 1, rngs=rngs, **kw) if din != dout else None
+        self.norm1 = _group_norm(din, **kw)
+        self.conv1 = Conv2d(din, dout, 3, rngs=rngs, **kw)
+        self.time_proj = _dense(time_dim, dout, rngs=rngs, **kw)
+        self.text_proj = _dense(text_dim, dout, rngs=rngs, **kw) if text_dim > 0 else None
+        self.norm2 = _group_norm(dout, **kw)
+        self.conv2 = Conv2d(dout, dout, 3, rngs=rngs, **kw)
+        self.shortcut = Conv2d(din, dout, 1, rngs=rngs, **kw) if din != dout else None
 
     def __call__(self, x: jax.Array, t_emb: jax.Array, pooled_text: jax.Array | None) -> jax.Array:
         h = self.conv1(jax.nn.silu(self.norm1(x)))
@@ -209,11 +97,11 @@ class ResnetBlock(nnx.Module):
 
 class SelfAttentionBlock(nnx.Module):
     def __init__(self, c: int, *, rngs: nnx.Rngs, **kw: Any):
-        self.norm = GroupNorm(c, **kw)
-        self.q = Conv(c, c, 1, rngs=rngs, **kw)
-        self.k = Conv(c, c, 1, rngs=rngs, **kw)
-        self.v = Conv(c, c, 1, rngs=rngs, **kw)
-        self.proj_out = Conv(c, c, 1, rngs=rngs, **kw)
+        self.norm = _group_norm(c, **kw)
+        self.q = Conv2d(c, c, 1, rngs=rngs, **kw)
+        self.k = Conv2d(c, c, 1, rngs=rngs, **kw)
+        self.v = Conv2d(c, c, 1, rngs=rngs, **kw)
+        self.proj_out = Conv2d(c, c, 1, rngs=rngs, **kw)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         B, H, W, C = x.shape
@@ -224,11 +112,11 @@ class SelfAttentionBlock(nnx.Module):
 
 class CrossAttentionBlock(nnx.Module):
     def __init__(self, c: int, text_dim: int, *, rngs: nnx.Rngs, **kw: Any):
-        self.norm = GroupNorm(c, **kw)
-        self.q = Conv(c, c, 1, rngs=rngs, **kw)
-        self.k = Dense(text_dim, c, rngs=rngs, **kw)
-        self.v = Dense(text_dim, c, rngs=rngs, **kw)
-        self.proj_out = Conv(c, c, 1, rngs=rngs, **kw)
+        self.norm = _group_norm(c, **kw)
+        self.q = Conv2d(c, c, 1, rngs=rngs, **kw)
+        self.k = _dense(text_dim, c, rngs=rngs, **kw)
+        self.v = _dense(text_dim, c, rngs=rngs, **kw)
+        self.proj_out = Conv2d(c, c, 1, rngs=rngs, **kw)
 
     def __call__(self, x: jax.Array, text: jax.Array) -> jax.Array:
         B, H, W, C = x.shape
@@ -257,9 +145,9 @@ class Level(nnx.Module):
         self.self_attn = SelfAttentionBlock(c, rngs=rngs, **kw) if self_attn else None
         self.cross_attn = CrossAttentionBlock(c, text_dim, rngs=rngs, **kw) if cross_attn and text_dim > 0 else None
         if resample == "down":
-            self.resample = Conv(c, c, 3, stride=2, padding=1, rngs=rngs, **kw)
+            self.resample = Conv2d(c, c, 3, stride=2, padding=1, rngs=rngs, **kw)
         elif resample == "up":
-            self.resample = Conv(c, c, 4, stride=2, padding=1, transpose=True, rngs=rngs, **kw)
+            self.resample = Conv2d(c, c, 4, stride=2, padding=1, transpose=True, rngs=rngs, **kw)
         else:
             self.resample = None
 
@@ -293,9 +181,9 @@ class UNet(nnx.Module):
         txt = self.text_emb_dim
         kw = {"dtype": dtype, "param_dtype": param_dtype}
         tkw = {"dtype": jnp.float32, "param_dtype": jnp.float32} if self.time_mlp_float32 else kw
-        self.time_fc1 = Dense(self.time_emb_dim, E, rngs=rngs, **tkw)
-        self.time_fc2 = Dense(E, E, rngs=rngs, **tkw)
-        self.init_conv = Conv(self.in_channels, C[0], 3, rngs=rngs, **kw)
+        self.time_fc1 = _dense(self.time_emb_dim, E, rngs=rngs, **tkw)
+        self.time_fc2 = _dense(E, E, rngs=rngs, **tkw)
+        self.init_conv = Conv2d(self.in_channels, C[0], 3, rngs=rngs, **kw)
         down, prev = [], C[0]
         for i, c in enumerate(C):
             down.append(
@@ -335,8 +223,8 @@ class UNet(nnx.Module):
                 )
             )
         self.up = nnx.List(up)
-        self.out_norm = GroupNorm(C[0], **kw)
-        self.out_conv = Conv(C[0], int(params.out_channels), 3, rngs=rngs, **kw)
+        self.out_norm = _group_norm(C[0], **kw)
+        self.out_conv = Conv2d(C[0], int(params.out_channels), 3, rngs=rngs, **kw)
 
     def time_embedding(self, t: jax.Array, batch: int) -> jax.Array:
         t = jnp.broadcast_to(jnp.asarray(t), (batch,))
@@ -345,10 +233,7 @@ class UNet(nnx.Module):
         return e.astype(self.dtype)
 
     def _res(self, block: ResnetBlock, x: jax.Array, t_emb: jax.Array, pooled: jax.Array | None) -> jax.Array:
-        if self.remat_policy is None:
-            return block(x, t_emb, pooled)
-        fn = nnx.remat(lambda b, h, te, p: b(h, te, p), policy=getattr(jax.checkpoint_policies, self.remat_policy))
-        return fn(block, x, t_emb, pooled)
+        return remat(lambda b, h, te, p: b(h, te, p), self.remat_policy)(block, x, t_emb, pooled)
 
     def _level(self, lvl: Level, x: jax.Array, t_emb: jax.Array, text: jax.Array | None, pooled: Any) -> jax.Array:
         x = self._res(lvl.res1, x, t_emb, pooled)

@@ -61,7 +61,7 @@ from vla_foundry_jax import checkpoint as ckpt_lib
 from vla_foundry_jax.configs.hf_decoder import hf_decoder_config
 from vla_foundry_jax.configs.vlm_hf import Idefics3Config, vlm_hf_config
 from vla_foundry_jax.convert.vlm_hf_maps import load_vlm_hf_weights
-from vla_foundry_jax.layers.feed_forward import trunc_normal
+from vla_foundry_jax.layers.dense import trunc_normal
 from vla_foundry_jax.models.backbones import as_cameras
 from vla_foundry_jax.models.hf_decoder import HFDecoder
 from vla_foundry_jax.models.hf_vlm_common import check_image_tokens as check_hf_image_tokens

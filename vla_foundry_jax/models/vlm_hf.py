@@ -40,8 +40,9 @@ from flax import nnx
 
 from vla_foundry_jax.configs.vlm_hf import Idefics3Config, PaliGemmaConfig, vlm_hf_config
 from vla_foundry_jax.convert.vlm_hf_maps import load_vlm_hf_weights
+from vla_foundry_jax.layers.dense import Dense
 from vla_foundry_jax.layers.losses import cross_entropy_with_z_loss
-from vla_foundry_jax.models.hf_decoder import Dense, HFDecoder
+from vla_foundry_jax.models.hf_decoder import HFDecoder
 from vla_foundry_jax.models.hf_vision import HFVisionTower
 from vla_foundry_jax.models.hf_vlm_common import HFVLM, check_image_tokens
 from vla_foundry_jax.models.idefics3 import Idefics3

@@ -1,0 +1,107 @@
+"""2-D convolution, channels-last (``NHWC`` input, ``HWIO`` kernel), with PyTorch's layout conventions.
+
+``Conv2d(din, dout, k)`` is torch's ``nn.Conv2d(din, dout, k, stride, padding)`` (a torch ``weight [out, in, kh, kw]``
+maps by ``transpose(2, 3, 1, 0)``); ``transpose=True`` is ``nn.ConvTranspose2d(din, dout, k, stride, padding)``
+(a torch ``weight [in, out, kh, kw]`` maps by ``[:, :, ::-1, ::-1].transpose(2, 3, 0, 1)``): the convolution over
+the stride-dilated input, computed as one ordinary convolution per output phase, interleaved, because XLA's CPU
+backend differentiates input-dilated convolutions about 100x slower. Init: PyTorch's default ``U(+-1/sqrt(fan_in))``
+for kernel and bias (a transposed conv's fan-in counts its *output* channels, as torch's). Logical axes
+``(None, None, "conv_in", "conv_out")`` and ``("conv_out",)``.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from vla_foundry_jax.layers.dense import torch_uniform
+
+Padding = int | tuple[tuple[int, int], tuple[int, int]]
+
+
+class Conv2d(nnx.Module):
+    """Channels-last convolution (module docstring); ``padding``: symmetric int (default ``(k - 1) // 2``) or
+    ``((top, bottom), (left, right))`` (not with ``transpose``)."""
+
+    def __init__(
+        self,
+        din: int,
+        dout: int,
+        k: int,
+        *,
+        stride: int = 1,
+        padding: Padding | None = None,
+        transpose: bool = False,
+        rngs: nnx.Rngs,
+        dtype: jnp.dtype,
+        param_dtype: jnp.dtype,
+    ):
+        p = (k - 1) // 2 if padding is None else padding
+        if transpose and not isinstance(p, int):
+            raise ValueError(f"a transposed Conv2d takes a symmetric int padding, got {p!r}.")
+        self.dtype = dtype
+        self.stride = stride
+        self.transpose = transpose
+        self.padding = ((p, p), (p, p)) if isinstance(p, int) else tuple(tuple(q) for q in p)
+        fan_in = (dout if transpose else din) * k * k
+        self.kernel = nnx.Param(
+            torch_uniform(rngs.params(), (k, k, din, dout), fan_in, param_dtype),
+            out_sharding=(None, None, "conv_in", "conv_out"),
+        )
+        self.bias = nnx.Param(torch_uniform(rngs.params(), (dout,), fan_in, param_dtype), out_sharding=("conv_out",))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        dt = self.dtype
+        kernel = self.kernel[...].astype(dt)
+        if self.transpose:
+            y = transposed_conv_by_phases(x.astype(dt), kernel, self.stride, self.padding[0][0])
+        else:
+            y = jax.lax.conv_general_dilated(
+                x.astype(dt),
+                kernel,
+                window_strides=(self.stride, self.stride),
+                padding=self.padding,
+                dimension_numbers=("NHWC", "HWIO", "NHWC"),
+            )
+        return y + self.bias[...].astype(dt)
+
+
+def _phase_taps(k: int, s: int, p: int, a: int, n_in: int) -> tuple[list[int], tuple[int, int], int]:
+    """Output phase ``a`` (outputs ``s * i + a``) of a transposed conv along one axis: kernel taps, input padding,
+    output count. Output ``o`` reads the s-dilated input at ``o + m - (k - 1 - p)`` for tap ``m``; only taps
+    landing on real (not inserted-zero) samples contribute, at input offset ``(a + m - P) // s``."""
+    P = k - 1 - p
+    taps = [m for m in range(k) if (a + m - P) % s == 0]
+    n_out = (n_in - 1) * s - 2 * p + k
+    count = len(range(a, n_out, s))
+    lo = (a + taps[0] - P) // s
+    hi = (a + taps[-1] - P) // s
+    return taps, (max(0, -lo), max(0, count - 1 + hi - (n_in - 1))), count
+
+
+def transposed_conv_by_phases(x: jax.Array, kernel: jax.Array, s: int, p: int) -> jax.Array:
+    """``ConvTranspose2d(k, stride s, padding p)`` (the conv over the s-dilated input with ``kernel``) computed as
+    ``s * s`` ordinary convolutions, one per output phase, interleaved. Same result; XLA's CPU backend runs the
+    gradient of an input-dilated convolution about 100x slower than these plain convolutions."""
+    k = kernel.shape[0]
+    B, H, W, _ = x.shape
+    if ((H - 1) * s - 2 * p + k) % s or ((W - 1) * s - 2 * p + k) % s:  # phases of unequal length: dilated conv
+        pad = k - 1 - p
+        return jax.lax.conv_general_dilated(
+            x, kernel, (1, 1), ((pad, pad), (pad, pad)), lhs_dilation=(s, s), dimension_numbers=("NHWC", "HWIO", "NHWC")
+        )
+    rows = []
+    for a in range(s):
+        ta, pad_h, nh = _phase_taps(k, s, p, a, H)
+        cols = []
+        for b in range(s):
+            tb, pad_w, nw = _phase_taps(k, s, p, b, W)
+            sub = kernel[np.asarray(ta)][:, np.asarray(tb)]
+            y = jax.lax.conv_general_dilated(x, sub, (1, 1), (pad_h, pad_w), dimension_numbers=("NHWC", "HWIO", "NHWC"))
+            cols.append(y[:, :nh, :nw])
+        rows.append(cols)
+    nh, nw = rows[0][0].shape[1:3]
+    y = jnp.stack([jnp.stack(r, axis=3) for r in rows], axis=2)  # [B, nh, s, nw, s, C]
+    return y.reshape(B, nh * s, nw * s, y.shape[-1])
