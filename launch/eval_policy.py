@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 from absl import app, flags
 
-from vla_foundry_jax.data.tiny_robotics import (
+from vla_foundry_jax.testbeds.tiny_robotics import (
     ACTION_FIELD,
     FUTURE,
     PAST,

@@ -59,7 +59,7 @@ def classify_color(image: np.ndarray, palette: Mapping[str, tuple[int, int, int]
 
 def color_prompts(samples_per_color: int) -> tuple[list[str], list[str]]:
     """``(prompts, target colours)``: ``samples_per_color`` per colour, shapes cycling."""
-    from vla_foundry_jax.data.tiny_datasets import SHAPE_COLORS, SHAPE_NAMES
+    from vla_foundry_jax.testbeds.tiny_datasets import SHAPE_COLORS, SHAPE_NAMES
 
     prompts, targets = [], []
     for colour in SHAPE_COLORS:
@@ -71,7 +71,7 @@ def color_prompts(samples_per_color: int) -> tuple[list[str], list[str]]:
 
 def color_accuracy(images_uint8: np.ndarray, targets: list[str]) -> tuple[float, dict[str, float]]:
     """Overall and per-colour fraction of images classified as their target colour."""
-    from vla_foundry_jax.data.tiny_datasets import SHAPE_COLORS
+    from vla_foundry_jax.testbeds.tiny_datasets import SHAPE_COLORS
 
     hits = np.asarray([classify_color(im, SHAPE_COLORS) == t for im, t in zip(images_uint8, targets, strict=True)])
     per = {c: float(hits[[t == c for t in targets]].mean()) for c in dict.fromkeys(targets)}

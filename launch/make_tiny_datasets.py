@@ -6,59 +6,55 @@ shards of coloured shapes), ``<out_dir>/vlm_processor`` (HF processor directory)
 ``<out_dir>/tiny_clip`` (a tiny HF CLIP checkpoint + CLIP-style word-level tokenizer; building it needs torch),
 and for VLA policies ``<out_dir>/reach/{train,val}`` (the tiny reach task in the original's robotics layout, with
 stats.json and preprocessing_config.yaml; ``--only_robotics`` writes just these).
-Deterministic: rerunning gives identical bytes.
+Deterministic: rerunning gives identical bytes. See :mod:`vla_foundry_jax.testbeds`.
 """
 
 from __future__ import annotations
 
-import argparse
-import os
+from absl import app, flags
 
-from vla_foundry_jax.data.tiny_datasets import build_tiny_clip, make_tiny_datasets, make_tiny_vlm_datasets
-from vla_foundry_jax.data.tiny_robotics import make_tiny_robotics_datasets
+from vla_foundry_jax.testbeds.tiny_data import make_tiny_data, tree_size
+
+flags.DEFINE_string("out_dir", "tiny_data", "Output directory.")
+flags.DEFINE_integer("seq_len", 128, "Text samples hold seq_len + 1 ids.")
+flags.DEFINE_integer("num_docs", 512, "Documents in text_untokenized.")
+flags.DEFINE_integer("num_shards", 4, "Shards of the text datasets.")
+flags.DEFINE_integer("seed", 0, "Seed of every generator.")
+flags.DEFINE_integer("num_train_images", 1024, "image_caption samples in shapes/train.")
+flags.DEFINE_integer("num_val_images", 192, "image_caption samples in shapes/val.")
+flags.DEFINE_bool("skip_vlm", False, "Only write the text data and tokenizer (and reach/ unless skipped).")
+flags.DEFINE_bool("skip_robotics", False, "Do not write reach/ (robotics).")
+flags.DEFINE_bool("only_robotics", False, "Write reach/ (robotics) only.")
+flags.DEFINE_integer("reach_train_samples", 544, "Robotics samples in reach/train.")
+flags.DEFINE_integer("reach_val_samples", 64, "Robotics samples in reach/val.")
+flags.DEFINE_integer("reach_samples_per_episode", 1, "Anchor timesteps per episode.")
+flags.DEFINE_integer("reach_distractors", 0, "Distractor discs of other colours.")
+FLAGS = flags.FLAGS
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out_dir", default="tiny_data", help="output directory")
-    parser.add_argument("--seq_len", type=int, default=128, help="text samples hold seq_len + 1 ids")
-    parser.add_argument("--num_docs", type=int, default=512, help="documents in text_untokenized")
-    parser.add_argument("--num_shards", type=int, default=4)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--num_train_images", type=int, default=1024, help="image_caption samples in shapes/train")
-    parser.add_argument("--num_val_images", type=int, default=192, help="image_caption samples in shapes/val")
-    parser.add_argument("--skip_vlm", action="store_true", help="only write the text data and tokenizer")
-    parser.add_argument("--skip_robotics", action="store_true", help="do not write reach/ (robotics)")
-    parser.add_argument("--only_robotics", action="store_true", help="write reach/ (robotics) only")
-    parser.add_argument("--reach_train_samples", type=int, default=544, help="robotics samples in reach/train")
-    parser.add_argument("--reach_val_samples", type=int, default=64, help="robotics samples in reach/val")
-    parser.add_argument("--reach_samples_per_episode", type=int, default=1, help="anchor timesteps per episode")
-    parser.add_argument("--reach_distractors", type=int, default=0, help="distractor discs of other colours")
-    args = parser.parse_args(argv)
-    paths: dict[str, str] = {}
-    if not args.only_robotics:
-        paths |= make_tiny_datasets(
-            args.out_dir, seq_len=args.seq_len, num_docs=args.num_docs, num_shards=args.num_shards, seed=args.seed
-        )
-    if not args.skip_robotics:
-        paths |= make_tiny_robotics_datasets(
-            args.out_dir,
-            num_train=args.reach_train_samples,
-            num_val=args.reach_val_samples,
-            samples_per_episode=args.reach_samples_per_episode,
-            num_distractors=args.reach_distractors,
-            seed=args.seed,
-        )
-    if not args.skip_vlm and not args.only_robotics:
-        paths |= make_tiny_vlm_datasets(
-            args.out_dir, num_train=args.num_train_images, num_val=args.num_val_images, seed=args.seed
-        )
-        paths["tiny_clip"] = build_tiny_clip(os.path.join(args.out_dir, "tiny_clip"), seed=args.seed)
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    paths = make_tiny_data(
+        FLAGS.out_dir,
+        seq_len=FLAGS.seq_len,
+        num_docs=FLAGS.num_docs,
+        num_shards=FLAGS.num_shards,
+        seed=FLAGS.seed,
+        num_train_images=FLAGS.num_train_images,
+        num_val_images=FLAGS.num_val_images,
+        skip_vlm=FLAGS.skip_vlm,
+        skip_robotics=FLAGS.skip_robotics,
+        only_robotics=FLAGS.only_robotics,
+        reach_train_samples=FLAGS.reach_train_samples,
+        reach_val_samples=FLAGS.reach_val_samples,
+        reach_samples_per_episode=FLAGS.reach_samples_per_episode,
+        reach_distractors=FLAGS.reach_distractors,
+    )
     for name, path in paths.items():
         print(f"{name}: {path}")
-    total = sum(os.path.getsize(os.path.join(root, f)) for root, _, files in os.walk(args.out_dir) for f in files)
-    print(f"total size: {total / 1e6:.2f} MB")
+    print(f"total size: {tree_size(FLAGS.out_dir) / 1e6:.2f} MB")
 
 
 if __name__ == "__main__":
-    main()
+    app.run(main)

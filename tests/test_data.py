@@ -22,8 +22,8 @@ from vla_foundry_jax.data import (
     tokenizer_info,
     write_shards,
 )
-from vla_foundry_jax.data.tiny_datasets import build_tokenizer, make_tiny_datasets
 from vla_foundry_jax.params import TextDataParams, TextUntokenizedDataParams
+from vla_foundry_jax.testbeds.tiny_datasets import build_tokenizer, make_tiny_datasets
 
 SEQ = 8
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -13,7 +13,8 @@ import pytest
 
 from launch.eval_policy import draw_predictions, observation_sample, random_rollout, rollout
 from vla_foundry_jax.data.robotics import robotics_transform
-from vla_foundry_jax.data.tiny_robotics import (
+from vla_foundry_jax.params.data_params import NormalizationParams, RoboticsDataParams
+from vla_foundry_jax.testbeds.tiny_robotics import (
     ACTION_FIELD,
     PAST,
     PROPRIO_FIELD,
@@ -21,7 +22,6 @@ from vla_foundry_jax.data.tiny_robotics import (
     expert_action,
     sample_setup,
 )
-from vla_foundry_jax.params.data_params import NormalizationParams, RoboticsDataParams
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REACH = os.path.join(REPO, "tiny_data", "reach")

@@ -32,7 +32,6 @@ from vla_foundry_jax.data.augment import (
 from vla_foundry_jax.data.image_caption import ImageCaptionTransform, decode_sample
 from vla_foundry_jax.data.pipeline import batch_choices
 from vla_foundry_jax.data.processor import processor_for_data, resize_bilinear
-from vla_foundry_jax.data.tiny_datasets import SHAPE_COLORS, SHAPE_NAMES, make_tiny_vlm_datasets
 from vla_foundry_jax.params.base import ParamsError, params_from_dict
 from vla_foundry_jax.params.data_params import (
     ColorJitterParams,
@@ -41,6 +40,7 @@ from vla_foundry_jax.params.data_params import (
     ImageAugmentationParams,
     ImageCaptionDataParams,
 )
+from vla_foundry_jax.testbeds.tiny_datasets import SHAPE_COLORS, SHAPE_NAMES, make_tiny_vlm_datasets
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(REPO, "tiny_data")

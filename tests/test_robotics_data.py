@@ -23,19 +23,6 @@ from vla_foundry_jax.data.robotics import (
     robotics_transform,
     select_instruction,
 )
-from vla_foundry_jax.data.tiny_robotics import (
-    ACTION_FIELD,
-    MAX_STEP,
-    PROPRIO_FIELD,
-    SUCCESS_RADIUS,
-    ReachEnv,
-    compute_stats,
-    expert_action,
-    make_tiny_robotics_datasets,
-    npz_bytes,
-    render,
-    write_reach_split,
-)
 from vla_foundry_jax.params import (
     DataAugmentationParams,
     DiffusionPolicyParams,
@@ -51,6 +38,19 @@ from vla_foundry_jax.params.data_params import (
     ImageAugmentationParams,
     NormalizationParams,
     RoboticsDataParams,
+)
+from vla_foundry_jax.testbeds.tiny_robotics import (
+    ACTION_FIELD,
+    MAX_STEP,
+    PROPRIO_FIELD,
+    SUCCESS_RADIUS,
+    ReachEnv,
+    compute_stats,
+    expert_action,
+    make_tiny_robotics_datasets,
+    npz_bytes,
+    render,
+    write_reach_split,
 )
 from vla_foundry_jax.training.resolve import resolve_experiment
 

@@ -176,8 +176,8 @@ def test_color_classifier_on_real_images():
     from vla_foundry_jax.data.image_caption import decode_sample
     from vla_foundry_jax.data.processor import StableDiffusionProcessor
     from vla_foundry_jax.data.shards import ShardDataSource
-    from vla_foundry_jax.data.tiny_datasets import SHAPE_COLORS
     from vla_foundry_jax.models.stable_diffusion import images_to_uint8
+    from vla_foundry_jax.testbeds.tiny_datasets import SHAPE_COLORS
 
     src = ShardDataSource(f"{TINY}/shapes/val/manifest.jsonl")
     proc = StableDiffusionProcessor(None, 16, 8)

@@ -393,10 +393,10 @@ def reach_vlm_run(tmp_path_factory):
 def policy_experiment(
     out: str, vlm_run: str, *, freeze: bool = False, steps: int = 4, denoiser_run: str | None = None
 ) -> TrainExperimentParams:
-    from vla_foundry_jax.data.tiny_robotics import ACTION_FIELD, PROPRIO_FIELD
     from vla_foundry_jax.params import DiffusionPolicyParams, HyperParams
     from vla_foundry_jax.params.data_params import NormalizationParams, RoboticsDataParams
     from vla_foundry_jax.params.model_params import NoiseSchedulerParams
+    from vla_foundry_jax.testbeds.tiny_robotics import ACTION_FIELD, PROPRIO_FIELD
 
     backbone = VLMFoundryBackboneParams(resume_from_checkpoint=vlm_run, num_vlm_layers_to_use=2, freeze=freeze)
     model = DiffusionPolicyParams(

@@ -1,4 +1,4 @@
-"""Data layer: grain pipelines over VLA Foundry manifests + tar shards, and the tiny generated datasets."""
+"""Data layer: grain pipelines over VLA Foundry manifests + tar shards (the tiny generated datasets: ``testbeds``)."""
 
 from vla_foundry_jax.data.image_caption import ImageCaptionSource, ImageCaptionTransform
 from vla_foundry_jax.data.pipeline import EvalIterator, TrainIterator, build_eval_iterator, build_train_iterator

@@ -1,6 +1,6 @@
 """Normalisation of robotics lowdim fields from ``stats.json`` (the original's ``RoboticsNormalizer``), in numpy.
 
-stats.json (written beside each manifest by the preprocessing, and by ``data.tiny_robotics``) maps each lowdim
+stats.json (written beside each manifest by the preprocessing, and by ``testbeds.tiny_robotics``) maps each lowdim
 field to its statistics over the dataset's sample windows: ``mean, std, min, max, percentile_{1,2,5,95,98,99}``
 (length ``d``, over all valid timesteps), the same names with ``_per_timestep`` (``[T_stats, d]``, one row per
 window position; the current step is row ``normalization.lowdim_past_timesteps``), ``count`` (``[T_stats]`` valid
