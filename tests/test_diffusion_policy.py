@@ -25,6 +25,7 @@ from vla_foundry_jax.params.model_params import (
     ViTBackboneParams,
 )
 from vla_foundry_jax.registry import get_loss, model_record
+from vla_foundry_jax.training.ema import model_from_state
 from vla_foundry_jax.training.optimizer import make_optimizer
 from vla_foundry_jax.training.state import frozen_prefixes, init_train_state, make_model_spec
 from vla_foundry_jax.training.step import make_train_step
@@ -459,8 +460,8 @@ def test_train_steps_lower_the_loss_and_ema_weights_are_used():
     assert float(fixed(state)) < 0.9 * before
     jax.tree.map(np.testing.assert_array_equal, frozen_before, jax.tree.map(np.asarray, state["frozen"]))
     # EMA: the inference model takes the EMA weights when present
-    ema_model = dp.model_from_state(spec, state, use_ema=True)
-    live_model = dp.model_from_state(spec, state, use_ema=False)
+    ema_model = model_from_state(spec, state, use_ema=True)
+    live_model = model_from_state(spec, state, use_ema=False)
     e = np_params(ema_model)["output_layer.kernel"]
     np.testing.assert_array_equal(e, np.asarray(state["ema"]["output_layer"]["kernel"].get_value()))
     assert not np.array_equal(e, np_params(live_model)["output_layer.kernel"])
@@ -469,7 +470,7 @@ def test_train_steps_lower_the_loss_and_ema_weights_are_used():
     a2 = np.asarray(dp.sample_actions(live_model, small, jax.random.PRNGKey(1), num_inference_steps=5))
     assert not np.allclose(a1, a2)
     no_ema = dict(state, ema=None)
-    assert np.array_equal(np_params(dp.model_from_state(spec, no_ema))["output_layer.kernel"],
+    assert np.array_equal(np_params(model_from_state(spec, no_ema))["output_layer.kernel"],
                           np_params(live_model)["output_layer.kernel"])  # fmt: skip
 
 

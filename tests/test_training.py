@@ -182,6 +182,31 @@ def test_bfloat16_compute_keeps_float32_params():
     assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(state["params"]))
 
 
+def test_train_result_model_casts_the_ema_to_bf16_params():
+    """``TrainResult.model(use_ema=True)`` of a ``pure_bf16`` run: bfloat16 parameters holding the float32 EMA
+    rounded to bfloat16 (the one EMA selection, ``training.ema.select_ema``)."""
+    from vla_foundry_jax import checkpoint as ckpt_lib
+    from vla_foundry_jax.training.loop import TrainResult
+
+    hp = HyperParams(precision="pure_bf16", lr=1e-2, warmup="0")
+    spec, state, step = _setup(TINY_LM, hp, ema=EMAParams(enabled=True))
+    for i in range(3):
+        state, _ = step(state, _batch(i))
+    result = TrainResult({}, state, spec, None)
+    ema = {k: np.asarray(v) for k, v in ckpt_lib.flat_params(state["ema"]).items()}
+    raw = {k: np.asarray(v) for k, v in ckpt_lib.flat_params(state["params"]).items()}
+    assert all(v.dtype == np.float32 for v in ema.values()) and all(v.dtype == jnp.bfloat16 for v in raw.values())
+    got = {k: np.asarray(v) for k, v in ckpt_lib.flat_params(nnx.state(result.model(use_ema=True), nnx.Param)).items()}
+    assert got.keys() == ema.keys()
+    for k, v in got.items():
+        assert v.dtype == jnp.bfloat16, k
+        np.testing.assert_array_equal(v, ema[k].astype(jnp.bfloat16), err_msg=k)
+    assert any(not np.array_equal(got[k], raw[k]) for k in got)  # the EMA, not the live weights
+    live = ckpt_lib.flat_params(nnx.state(result.model(use_ema=False), nnx.Param))
+    for k, v in live.items():
+        np.testing.assert_array_equal(np.asarray(v), raw[k], err_msg=k)
+
+
 def test_unknown_model_type_and_builder_errors():
     from vla_foundry_jax.models import build_model
     from vla_foundry_jax.registry import NotBuiltYetError, UnknownTypeError, params_class

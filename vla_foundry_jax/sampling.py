@@ -14,6 +14,7 @@ from flax import nnx
 from vla_foundry_jax import checkpoint as ckpt_lib
 from vla_foundry_jax.models import build_model
 from vla_foundry_jax.params import TrainExperimentParams
+from vla_foundry_jax.training.ema import select_ema
 from vla_foundry_jax.training.state import model_kwargs
 
 
@@ -30,12 +31,8 @@ def load_run_model(path: str, *, use_ema: bool = False) -> tuple[nnx.Module, Tra
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     rest = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), rest)
     (params,) = ckpt_lib.restore_model_weights(path, [params])
-    used = False
-    if use_ema:
-        with_ema = restore_ema_params(ckpt_lib.resolve_step_dir(path), params)
-        if with_ema is not None:
-            params, used = with_ema, True
-    return nnx.merge(graphdef, params, rest), exp, used
+    ema = restore_ema_params(ckpt_lib.resolve_step_dir(path), params) if use_ema else None
+    return nnx.merge(graphdef, select_ema(params, ema), rest), exp, ema is not None
 
 
 def load_model(path: str) -> tuple[nnx.Module, TrainExperimentParams]:
@@ -45,7 +42,8 @@ def load_model(path: str) -> tuple[nnx.Module, TrainExperimentParams]:
 
 
 def restore_ema_params(step_dir: str, params: Any) -> Any | None:
-    """``params`` with the EMA values stored in ``<step_dir>/train`` (trainable parameters), or None if no EMA."""
+    """The EMA stored in ``<step_dir>/train`` as a tree like ``params`` (trainable parameters; float32, as kept in
+    training: :func:`~vla_foundry_jax.training.ema.select_ema` casts it), or None when the run kept no EMA."""
     path = os.path.join(step_dir, "train")
     meta = ocp.PyTreeCheckpointer().metadata(path)
     tree = getattr(meta, "item_metadata", None) or getattr(meta, "tree", None) or meta
@@ -94,8 +92,7 @@ def restore_ema_params(step_dir: str, params: Any) -> Any | None:
             values[prefix[:-1]] = node
 
     collect("", restored["ema"])
-    by_name = {n: values[k].astype(wanted[n].dtype) for n, k in names.items()}
-    return ckpt_lib.set_flat_params(params, by_name)
+    return ckpt_lib.set_flat_params(params, {n: values[k] for n, k in names.items()})
 
 
 def _tokenizer(exp: TrainExperimentParams) -> Any:

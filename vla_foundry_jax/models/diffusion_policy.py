@@ -491,14 +491,6 @@ def sample_actions(
     return _sample(graphdef, state, arrays, rng, num_inference_steps=num_inference_steps)
 
 
-def model_from_state(spec: Any, state: dict[str, Any], *, use_ema: bool = True) -> DiffusionPolicy:
-    """The policy of a train state for inference: the EMA weights when the state has them and ``use_ema``."""
-    params = state["ema"] if use_ema and state.get("ema") is not None else state["params"]
-    if params is state.get("ema"):
-        params = jax.tree.map(lambda e, p: e.astype(p.dtype), params, state["params"])
-    return spec.merge(params, state["frozen"], state["rest"])
-
-
 def policy_eval_metrics(model: DiffusionPolicy, batch: dict[str, Any], rng: jax.Array) -> dict[str, jax.Array]:
     """``val_action_mse``: actions sampled with the model's default inference steps against the data's, masked MSE
     over the future steps in the normalised action space."""

@@ -1,7 +1,9 @@
 """EMA of the trainable weights (reference §3.12): ``vanilla`` (fixed alpha) and ``ema`` (adaptive).
 
 Pure functions over parameter pytrees, applied inside the jitted step after the optimizer update.
-The EMA copy is float32 whatever the parameter dtype.
+The EMA copy is float32 whatever the parameter dtype; :func:`select_ema` is the one place that picks the EMA
+(or the raw weights) for inference and casts it back to the parameters' dtypes, and :func:`model_from_state`
+rebuilds a model from a train state with it (``TrainResult.model``, ``sampling.load_run_model``).
 """
 
 from __future__ import annotations
@@ -36,3 +38,19 @@ def ema_decay(ema: EMAParams, num_updates: jax.Array) -> jax.Array:
 def ema_update(ema: EMAParams, ema_params: Any, params: Any, num_updates: jax.Array) -> Any:
     decay = ema_decay(ema, num_updates)
     return jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p.astype(jnp.float32), ema_params, params)
+
+
+def select_ema(params: Any, ema: Any, *, use_ema: bool = True) -> Any:
+    """The trainable weights a model runs with: ``ema`` when ``use_ema`` and the run kept one (``ema`` neither
+    None nor empty), each leaf cast to the dtype of the parameter it averages (the EMA is float32, a ``pure_bf16``
+    run's parameters bfloat16); else ``params`` unchanged. ``ema`` has ``params``' tree structure."""
+    if not use_ema or ema is None or not jax.tree.leaves(ema):
+        return params
+    return jax.tree.map(lambda e, p: jnp.asarray(e).astype(p.dtype), ema, params)
+
+
+def model_from_state(spec: Any, state: dict[str, Any], *, use_ema: bool = True) -> Any:
+    """The model of a train state for inference (``spec``: its ``training.state.ModelSpec``): :func:`select_ema`
+    of ``state["params"]`` / ``state["ema"]`` merged with the frozen weights and the rest of the state."""
+    params = select_ema(state["params"], state.get("ema"), use_ema=use_ema)
+    return spec.merge(params, state["frozen"], state["rest"])

@@ -27,6 +27,7 @@ from vla_foundry_jax.models import load_weights
 from vla_foundry_jax.models.build import submodels
 from vla_foundry_jax.params import ParamsError, TrainExperimentParams
 from vla_foundry_jax.registry import get_loss, model_record
+from vla_foundry_jax.training.ema import model_from_state
 from vla_foundry_jax.training.metrics import MetricsWriter
 from vla_foundry_jax.training.optimizer import make_optimizer
 from vla_foundry_jax.training.reliability import (
@@ -52,8 +53,8 @@ class TrainResult:
     experiment: TrainExperimentParams
 
     def model(self, *, use_ema: bool = False) -> Any:
-        params = self.state["ema"] if use_ema and self.state["ema"] is not None else self.state["params"]
-        return self.spec.merge(params, self.state["frozen"], self.state["rest"])
+        """The trained model; with ``use_ema`` its EMA weights (cast to the parameter dtypes) when the run kept them."""
+        return model_from_state(self.spec, self.state, use_ema=use_ema)
 
 
 @dataclasses.dataclass(frozen=True)
