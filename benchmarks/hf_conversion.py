@@ -3,7 +3,7 @@
     python benchmarks/hf_conversion.py [--hidden 768 --layers 12 --vocab 32000]
 
 A random Llama (hidden 768, 12 layers, 12 heads, intermediate 2048, vocab 32000, tied: ~110M parameters, float32) is
-made from its config and saved with ``save_pretrained`` (torch, benchmark only). ``launch.convert_hf.convert_hf`` then
+made from its config and saved with ``save_pretrained`` (torch, benchmark only). ``apps.hf_conversion.convert_hf`` then
 runs in a fresh subprocess that, after its imports, records its resident memory (baseline), resets the peak
 (``/proc/self/clear_refs``) and reports the peak (``VmHWM``) at the end, and separately the peak when the load phase
 (safetensors -> placed parameters) returns, before the Orbax save. Prints one JSON line: seconds, model bytes, peak
@@ -36,8 +36,7 @@ def status(key):
 
 import jax, numpy, orbax.checkpoint, transformers, safetensors  # noqa: imports count towards the baseline
 from flax import nnx
-from launch.convert_hf import convert_hf
-from vla_foundry_jax.convert import hf_decoder_maps  # noqa
+from vla_foundry_jax.apps import hf_conversion
 from transformers import AutoConfig
 AutoConfig.from_pretrained(sys.argv[1])
 baseline = status("VmRSS")
@@ -48,14 +47,14 @@ try:
 except OSError:
     reset = False
 load = {}
-_load = hf_decoder_maps.load_hf_decoder_weights
-def _timed_load(*a, **k):  # convert_hf imports it from the module at call time: marks the end of the load phase
+_load = hf_conversion.load_hf_decoder_weights
+def _timed_load(*a, **k):  # convert_hf calls it by its module name: marks the end of the load phase
     out = _load(*a, **k)
     load.update(seconds=time.perf_counter() - t0, peak=status("VmHWM"))
     return out
-hf_decoder_maps.load_hf_decoder_weights = _timed_load
+hf_conversion.load_hf_decoder_weights = _timed_load
 t0 = time.perf_counter()
-summary = convert_hf(sys.argv[1], sys.argv[2])
+summary = hf_conversion.convert_hf(sys.argv[1], sys.argv[2])
 seconds = time.perf_counter() - t0
 print(json.dumps({"seconds": seconds, "baseline_rss": baseline, "peak_rss": status("VmHWM"), "peak_reset": reset,
                   "load_seconds": load["seconds"], "load_peak_rss": load["peak"], "params": summary["params"]}))

@@ -4,12 +4,14 @@
 
 Writes ``HF_DIR/model.safetensors`` + ``config.json`` (+ tokenizer / generation files next to the run's HF config),
 loadable with ``transformers.AutoModelForCausalLM.from_pretrained(HF_DIR)``. See
-:mod:`vla_foundry_jax.convert.hf_export`.
+:func:`vla_foundry_jax.apps.hf_conversion.export_transformer_hf`.
 """
 
 from __future__ import annotations
 
 from absl import app, flags
+
+from vla_foundry_jax.apps.hf_conversion import export_transformer_hf
 
 flags.DEFINE_string("run_dir", None, "Run directory (or checkpoints/<step>) of a transformer_hf run.", required=True)
 flags.DEFINE_string("out_dir", None, "HF checkpoint directory to write.", required=True)
@@ -19,8 +21,6 @@ FLAGS = flags.FLAGS
 
 def main(argv: list[str]) -> None:
     del argv
-    from vla_foundry_jax.convert.hf_export import export_transformer_hf
-
     print(export_transformer_hf(FLAGS.run_dir, FLAGS.out_dir, dtype=FLAGS.dtype))
 
 

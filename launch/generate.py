@@ -1,11 +1,14 @@
 """Generate text from a trained run: ``python -m launch.generate --run_dir=DIR --prompt='the red'``.
 
-The model is rebuilt from the params stored in the checkpoint; no gin file is needed.
+The model is rebuilt from the params stored in the checkpoint; no gin file is needed
+(:func:`vla_foundry_jax.apps.text_generation.sample_text`).
 """
 
 from __future__ import annotations
 
 from absl import app, flags
+
+from vla_foundry_jax.apps.text_generation import sample_text
 
 flags.DEFINE_string("run_dir", None, "Run directory (or checkpoints/<step> directory) of a trained LLM.", required=True)
 flags.DEFINE_string("prompt", "", "Prompt text.")
@@ -19,13 +22,9 @@ FLAGS = flags.FLAGS
 
 def main(argv: list[str]) -> None:
     del argv
-    from vla_foundry_jax.sampling import load_model, sample_text
-
-    model, exp = load_model(FLAGS.run_dir)
     text = sample_text(
-        model,
+        FLAGS.run_dir,
         FLAGS.prompt,
-        exp=exp,
         max_new_tokens=FLAGS.max_new_tokens,
         temperature=FLAGS.temperature,
         top_k=FLAGS.top_k,

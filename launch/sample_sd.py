@@ -5,17 +5,19 @@
 
 One grid row per prompt, ``num_images`` columns. The model is rebuilt from the run's stored params (no gin file),
 with its EMA weights when the run kept them; prompts are tokenised with the run's tokenizer, padded (and
-truncated) to the training captions' length ``data.seq_len + 1``.
+truncated) to the training captions' length ``data.seq_len + 1``
+(:func:`vla_foundry_jax.apps.stable_diffusion.sample_grid`).
 """
 
 from __future__ import annotations
 
-import os
-
 from absl import app, flags, logging
 
+from vla_foundry_jax.apps.stable_diffusion import sample_grid
+
 flags.DEFINE_string("run_dir", None, "Run directory (or checkpoints/<step>) of a stable_diffusion run.", required=True)
-flags.DEFINE_multi_string("prompt", ["a red ball ."], "Prompt(s); repeat the flag for several rows.")
+flags.DEFINE_multi_string("prompt", None, "Prompt(s); repeat the flag for several rows (default: 'a red ball .'; "
+                          "none for a run without a text encoder).")  # fmt: skip
 flags.DEFINE_integer("num_images", 8, "Images per prompt (grid columns).")
 flags.DEFINE_float("guidance_scale", None, "Classifier-free guidance scale (default: the model's when it was trained "
                    "with guidance, else none); 1 = conditional only.")  # fmt: skip
@@ -31,32 +33,18 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.set_verbosity(logging.WARNING)
-    import jax
-    import numpy as np
-
-    from vla_foundry_jax.models import stable_diffusion as sd
-
-    if FLAGS.num_images <= 0:
-        raise app.UsageError("--num_images must be positive.")
-    model, exp, used_ema = sd.load_sd_model(FLAGS.run_dir, use_ema=FLAGS.use_ema)
-    prompts = [p for p in FLAGS.prompt for _ in range(FLAGS.num_images)]
-    ids = mask = None
-    if model.has_text:
-        ids, mask = sd.encode_prompts(exp, prompts)
-    elif FLAGS.prompt != ["a red ball ."]:
-        raise app.UsageError("this run has no text encoder (clip.hf_pretrained is None): sample without --prompt.")
-    images = sd.sample_images(
-        model,
-        ids,
-        jax.random.PRNGKey(FLAGS.seed),
-        num_steps=FLAGS.num_steps,
+    done = sample_grid(
+        FLAGS.run_dir,
+        FLAGS.prompt,
+        num_images=FLAGS.num_images,
         guidance_scale=FLAGS.guidance_scale,
-        batch_size=len(prompts),
-        prompt_mask=mask,
+        num_steps=FLAGS.num_steps,
+        seed=FLAGS.seed,
+        use_ema=FLAGS.use_ema,
+        scale=FLAGS.scale,
+        out=FLAGS.out,
     )
-    out = FLAGS.out or os.path.join(FLAGS.run_dir, "samples.png")
-    sd.save_image_grid(np.asarray(images), out, ncols=FLAGS.num_images, scale=FLAGS.scale)
-    print(f"wrote {out}: {len(FLAGS.prompt)} prompt(s) x {FLAGS.num_images} images (ema={used_ema})")
+    print(f"wrote {done['path']}: {done['num_prompts']} prompt(s) x {done['num_images']} images (ema={done['ema']})")
 
 
 if __name__ == "__main__":

@@ -1,14 +1,16 @@
 """Train any model type from gin files: ``python -m launch.train --gin_file=gin_configs/quickstart.gin``.
 
-Every process of a multi-host run executes the same command; JAX's runtime joins them.
+Every process of a multi-host run executes the same command; JAX's runtime joins them
+(:func:`vla_foundry_jax.apps.gin_train.train_from_gin`).
 """
 
 from __future__ import annotations
 
 import logging as logging_std
-import os
 
 from absl import app, flags, logging
+
+from vla_foundry_jax.apps.gin_train import train_from_gin
 
 flags.DEFINE_multi_string("gin_file", [], "Gin file(s) to parse, in order (a name under gin_configs/ also works).")
 flags.DEFINE_multi_string(
@@ -33,29 +35,17 @@ def main(argv: list[str]) -> None:
     logging.get_absl_handler().addFilter(_QuietLibraries())
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    from vla_foundry_jax import gin_utils
-
-    bindings = list(FLAGS.gin_bindings)
-    for name in ("coordinator_address", "num_processes", "process_id"):
-        value = getattr(FLAGS, name)
-        if value is not None:
-            bindings.append(f"distributed.{name} = {value!r}")
-    gin_utils.parse_gin(FLAGS.gin_file, bindings, FLAGS.gin_search_paths)
-    experiment = gin_utils.build_experiment()
-
-    from vla_foundry_jax.training.loop import train
-
-    result = train(experiment, gin_config=gin_utils.operative_config_str())
-    exp = result.experiment
-    logging.info("finished: %s", {k: round(v, 5) for k, v in result.metrics.items() if isinstance(v, float)})
-    if exp.sample_prompt is not None:
-        from vla_foundry_jax.sampling import sample_text
-
-        text = sample_text(result, exp.sample_prompt, max_new_tokens=exp.sample_max_new_tokens)
-        print(f"sample: {exp.sample_prompt!r} -> {text!r}", flush=True)
-        if exp.output_dir:
-            with open(os.path.join(exp.output_dir, "sample.txt"), "w") as f:
-                f.write(text + "\n")
+    done = train_from_gin(
+        FLAGS.gin_file,
+        FLAGS.gin_bindings,
+        FLAGS.gin_search_paths,
+        coordinator_address=FLAGS.coordinator_address,
+        num_processes=FLAGS.num_processes,
+        process_id=FLAGS.process_id,
+    )
+    logging.info("finished: %s", {k: round(v, 5) for k, v in done.result.metrics.items() if isinstance(v, float)})
+    if done.sample is not None:
+        print(f"sample: {done.result.experiment.sample_prompt!r} -> {done.sample!r}", flush=True)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
-"""launch.eval_policy: observation windows, the receding-horizon rollout (with an oracle), the plot, and the CLI on
-a policy trained for a few steps from gin_configs/vla_quickstart.gin."""
+"""apps.policy_eval (``launch.eval_policy``): observation windows, the receding-horizon rollout (with an oracle),
+the plot, and the CLI on a policy trained for a few steps from gin_configs/vla_quickstart.gin."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import sys
 import numpy as np
 import pytest
 
-from launch.eval_policy import draw_predictions, observation_sample, random_rollout, rollout
+from vla_foundry_jax.apps.policy_eval import draw_predictions, observation_sample, random_rollout, rollout
 from vla_foundry_jax.data.robotics import robotics_transform
 from vla_foundry_jax.params.data_params import NormalizationParams, RoboticsDataParams
 from vla_foundry_jax.testbeds.tiny_robotics import (

@@ -1,4 +1,5 @@
-"""HF -> our run (``launch.convert_hf``) and our ``transformer_hf`` -> HF safetensors (``convert.hf_export``)."""
+"""HF -> our run and our ``transformer_hf`` -> HF safetensors (``apps.hf_conversion``: ``launch.convert_hf``,
+``launch.export_hf``)."""
 
 from __future__ import annotations
 
@@ -13,12 +14,11 @@ from flax import nnx
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from launch.convert_hf import convert_hf  # noqa: E402
 from tests.conftest import tiny_experiment  # noqa: E402
 from tests.test_transformer_hf import load_ours, save_hf  # noqa: E402
 from vla_foundry_jax import checkpoint as ckpt_lib  # noqa: E402
+from vla_foundry_jax.apps.hf_conversion import convert_hf, export_transformer_hf  # noqa: E402
 from vla_foundry_jax.configs.hf_hub import HFLoadError  # noqa: E402
-from vla_foundry_jax.convert.hf_export import export_transformer_hf  # noqa: E402
 from vla_foundry_jax.params import TransformerHFParams  # noqa: E402
 
 TOL = 1e-4

@@ -134,19 +134,20 @@ def test_sd_config_errors():
     from vla_foundry_jax.params import ImageCaptionDataParams, ParamsError
     from vla_foundry_jax.params.model_params import CLIPHFParams, StableDiffusionParams, UNetParams
     from vla_foundry_jax.registry import model_record
+    from vla_foundry_jax.training.resolve import resolve_stable_diffusion
 
     params = StableDiffusionParams(
         unet=UNetParams(channels=[8, 16], image_size=8, time_emb_dim=8, text_emb_dim=64),
         clip=CLIPHFParams(hf_pretrained=CLIP),
     )
-    _, data = sd.resolve_stable_diffusion(params, _sd_data(tokenizer=None, image_size=224))
+    _, data = resolve_stable_diffusion(params, _sd_data(tokenizer=None, image_size=224))
     assert data.image_size == 8 and data.tokenizer == CLIP
     with pytest.raises(
         ParamsError, match=r"image_caption.seq_len = 20: .* 16 positions; set image_caption.seq_len <= 15"
     ):
-        sd.resolve_stable_diffusion(params, _sd_data(seq_len=20))
+        resolve_stable_diffusion(params, _sd_data(seq_len=20))
     with pytest.raises(ParamsError, match=r"image_caption\.processor = 'stable_diffusion'"):
-        sd.resolve_stable_diffusion(params, ImageCaptionDataParams(processor="tiny_data/vlm_processor"))
+        resolve_stable_diffusion(params, ImageCaptionDataParams(processor="tiny_data/vlm_processor"))
     with pytest.raises(ValueError, match=r"pixel_values \[B, 8, 8, 3\] .* got \(2, 16, 16, 3\)"):
         model_record("stable_diffusion").batch_check(
             params, {"pixel_values": np.zeros((2, 16, 16, 3)), "input_ids": np.zeros(2)}
@@ -172,11 +173,11 @@ def test_guidance_without_text_encoder_at_sampling():
 
 
 def test_color_classifier_on_real_images():
-    from launch.eval_sd import classify_color
+    from vla_foundry_jax.apps.sd_eval import classify_color
+    from vla_foundry_jax.apps.stable_diffusion import images_to_uint8
     from vla_foundry_jax.data.image_caption import decode_sample
     from vla_foundry_jax.data.processor import StableDiffusionProcessor
     from vla_foundry_jax.data.shards import ShardDataSource
-    from vla_foundry_jax.models.stable_diffusion import images_to_uint8
     from vla_foundry_jax.testbeds.tiny_datasets import SHAPE_COLORS
 
     src = ShardDataSource(f"{TINY}/shapes/val/manifest.jsonl")
@@ -247,7 +248,7 @@ def test_interrupted_run_resumes_exactly(straight_run, tmp_path):
 
 def test_load_sd_model_uses_ema(straight_run):
     from vla_foundry_jax import checkpoint as ckpt_lib
-    from vla_foundry_jax.models.stable_diffusion import load_sd_model
+    from vla_foundry_jax.apps.stable_diffusion import load_sd_model
 
     out, result = straight_run
     ema = {k: np.asarray(v) for k, v in ckpt_lib.flat_params(result.state["ema"]).items()}

@@ -8,6 +8,7 @@ import pytest
 from flax import nnx
 from PIL import Image
 
+from vla_foundry_jax.apps.stable_diffusion import save_image_grid
 from vla_foundry_jax.layers.positional import sinusoidal_embedding
 from vla_foundry_jax.models import build_model
 from vla_foundry_jax.models import stable_diffusion as sd
@@ -251,7 +252,7 @@ def test_guided_sampling_with_text(clip_dir):
 
 def test_save_image_grid(tmp_path):
     imgs = np.stack([np.full((4, 6, 3), v, np.float32) for v in (-1.0, 0.0, 1.0)])
-    path = sd.save_image_grid(imgs, str(tmp_path / "grid.png"))
+    path = save_image_grid(imgs, str(tmp_path / "grid.png"))
     out = np.asarray(Image.open(path))
     assert out.shape == (8, 12, 3)  # 2 x 2 grid, one empty cell
     assert out[0, 0, 0] == 0 and out[0, 6, 0] == 128 and out[4, 0, 0] == 255 and out[4, 6, 0] == 0

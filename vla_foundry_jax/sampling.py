@@ -1,4 +1,4 @@
-"""Rebuild a trained model from its checkpoint (params JSON + Orbax weights) and sample text from it."""
+"""Rebuild a trained model from its checkpoint (params JSON + Orbax weights), with its EMA weights on request."""
 
 from __future__ import annotations
 
@@ -93,46 +93,3 @@ def restore_ema_params(step_dir: str, params: Any) -> Any | None:
 
     collect("", restored["ema"])
     return ckpt_lib.set_flat_params(params, {n: values[k] for n, k in names.items()})
-
-
-def _tokenizer(exp: TrainExperimentParams) -> Any:
-    from transformers import AutoTokenizer
-
-    name = getattr(exp.data, "tokenizer", None)
-    if not name:
-        raise ValueError(f"data type {exp.data.type!r} names no tokenizer; cannot turn a prompt into token ids.")
-    return AutoTokenizer.from_pretrained(name)
-
-
-def sample_text(
-    model_or_result: Any,
-    prompt: str,
-    *,
-    exp: TrainExperimentParams | None = None,
-    max_new_tokens: int = 32,
-    temperature: float = 0.0,
-    top_k: int = 50,
-    top_p: float = 0.9,
-    seed: int = 0,
-) -> str:
-    """Continue ``prompt`` with the model (a module, or a ``TrainResult``); temperature 0 is greedy."""
-    from vla_foundry_jax.models.generation import generate
-
-    if hasattr(model_or_result, "spec"):
-        exp = model_or_result.experiment
-        model = model_or_result.model()
-    else:
-        model = model_or_result
-    tok = _tokenizer(exp)
-    ids = np.asarray([tok(prompt)["input_ids"]], np.int32)
-    out = generate(
-        model,
-        jnp.asarray(ids),
-        max_new_tokens=max_new_tokens,
-        temperature=temperature,
-        top_k=top_k,
-        top_p=top_p,
-        eos_token_id=tok.eos_token_id,
-        rng=jax.random.PRNGKey(seed),
-    )
-    return tok.decode(np.asarray(out)[0, ids.shape[1] :], skip_special_tokens=True)

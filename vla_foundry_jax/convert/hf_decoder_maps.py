@@ -9,7 +9,7 @@ HFDecoderConfig` (``qkv_bias``, untied ``lm_head`` ...). HF names may carry a ``
 checkpoints) or not (bare ``*Model``); :data:`LM_HEAD` is outside the body. ``lm_head.weight`` stored next to tied
 embeddings is ignored (HF ties it too), as are stale ``rotary_emb.inv_freq`` buffers. The tables serve the VLM
 language models (:mod:`~vla_foundry_jax.convert.vlm_hf_maps`) and the export back to HF
-(``convert.hf_export``) too.
+(``apps.hf_conversion``) too.
 
 Strict, through :func:`~vla_foundry_jax.convert.engine.load_rules` (every HF tensor consumed, every parameter
 filled, every shape equal; else one report of the missing, unexpected and mismatched names), each tensor placed

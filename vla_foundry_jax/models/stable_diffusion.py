@@ -27,32 +27,30 @@ falls back to the text config's ``bos_token_id`` / ``eos_token_id`` / ``pad_toke
 
 Sampling (:func:`sample_images`, one ``jax.jit`` over every step via ``NoiseScheduler.sample``): from
 ``x ~ N(0, I)`` ``[B, image_size, image_size, in_channels]``; prompt text encoded with the prompt's attention
-mask when one is given (:func:`encode_prompts` gives ids and mask; the empty prompt of guidance is then masked too,
-exactly as in training), else **without attention mask** (the original's ``generate``, whose text tower then sees
-pad positions differently from training: the UNet's cross-attention and max-pooling read every position, pads
-included); with guidance the UNet runs on ``[uncond; cond]`` and
+mask when one is given (``apps.stable_diffusion.encode_prompts`` gives ids and mask; the empty prompt of
+guidance is then masked too, exactly as in training), else **without attention mask** (the original's
+``generate``, whose text tower then sees pad positions differently from training: the UNet's cross-attention and
+max-pooling read every position, pads included); with guidance the UNet runs on ``[uncond; cond]`` and
 ``out = uncond + s (cond - uncond)`` (:func:`cfg_combine`); returns ``clip(x, -1, 1)``.
 **Quirk fixed** (reference §8 item 14): the original's loop ``t = T-1 .. 1`` never runs ``t = 0`` (flow ends at
-time ``1/T``); here the scheduler's inclusive schedule runs ``t = 0`` too. :func:`save_image_grid` writes a PNG
-(``round(255 * clip(x / 2 + 0.5, 0, 1))``, as the original's conversion to uint8).
+time ``1/T``); here the scheduler's inclusive schedule runs ``t = 0`` too.
 
 Guidance or CFG training without a text encoder is a :class:`ParamsError`.
 
 Data and runs. Training data is ``image_caption`` read with ``image_caption.processor = "stable_diffusion"``
 (``data.processor.StableDiffusionProcessor``: resize to ``unet.image_size``, random horizontal flip, [-1, 1],
-caption -> CLIP token ids); :func:`resolve_stable_diffusion` ties the data to the model before building.
+caption -> CLIP token ids); ``training.resolve.resolve_stable_diffusion`` ties the data to the model before building.
 **Prompts longer than the padded length ``data.seq_len + 1`` are truncated** to it (keeping the final end-of-text
-token, as HF's ``CLIPTokenizer(truncation=True)``), in training and in :func:`encode_prompts`; ``seq_len + 1`` may
-not exceed the text tower's ``max_position_embeddings`` (77 for OpenAI CLIP, 16 for ``tiny_data/tiny_clip``).
-:func:`load_sd_model` rebuilds a run for sampling (EMA weights when the run kept them); :func:`fresh_model` is
-its untrained baseline.
+token, as HF's ``CLIPTokenizer(truncation=True)``), in training and in ``apps.stable_diffusion.encode_prompts``;
+``seq_len + 1`` may not exceed the text tower's ``max_position_embeddings`` (77 for OpenAI CLIP, 16 for
+``tiny_data/tiny_clip``). Run loading, prompt tokenisation and PNG grids are application code:
+:mod:`vla_foundry_jax.apps.stable_diffusion`.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
-import math
 from collections.abc import Callable
 from typing import Any
 
@@ -306,12 +304,12 @@ def sample_images(
 ) -> jax.Array:
     """Generate ``[B, image_size, image_size, in_channels]`` images in [-1, 1] (one jit over every step).
 
-    ``prompt_ids [B, S]`` (None: unconditional, then ``batch_size`` is required; :func:`encode_prompts` makes them
-    from text); ``prompt_mask [B, S]``: the prompt's attention mask, then the empty prompt of guidance is masked
-    too, exactly as in training (None: no mask, the original's ``generate``); ``num_steps`` None runs all
-    ``T`` timesteps (DDPM needs that; flow matching may stride); ``guidance_scale`` None uses the model's
-    ``guidance_scale`` when ``do_classifier_free_guidance`` is on, else no guidance. Guidance needs a text encoder
-    and a prompt.
+    ``prompt_ids [B, S]`` (None: unconditional, then ``batch_size`` is required;
+    ``apps.stable_diffusion.encode_prompts`` makes them from text); ``prompt_mask [B, S]``: the prompt's
+    attention mask, then the empty prompt of guidance is masked too, exactly as in training (None: no mask, the
+    original's ``generate``); ``num_steps`` None runs all ``T`` timesteps (DDPM needs that; flow matching may
+    stride); ``guidance_scale`` None uses the model's ``guidance_scale`` when ``do_classifier_free_guidance`` is
+    on, else no guidance. Guidance needs a text encoder and a prompt.
     """
     if model.in_channels != model.out_channels:
         raise ValueError(
@@ -350,86 +348,6 @@ def sample_images(
         batch_size=int(batch_size),
         guided=guidance_scale is not None,
     )
-
-
-def images_to_uint8(images: Any) -> np.ndarray:
-    """``[-1, 1]`` float images -> uint8 ``round(255 * clip(x / 2 + 0.5, 0, 1))``."""
-    x = np.clip(np.asarray(images, np.float32) / 2 + 0.5, 0.0, 1.0)
-    return np.round(255 * x).astype(np.uint8)
-
-
-def save_image_grid(images: Any, path: str, ncols: int | None = None, *, scale: int = 1) -> str:
-    """Write ``images [N, H, W, C]`` (C = 1 or 3, values in [-1, 1]) as one PNG grid, row-major; returns ``path``.
-    ``scale`` > 1 enlarges every pixel to a ``scale x scale`` block (nearest) so tiny samples stay visible."""
-    from PIL import Image
-
-    imgs = images_to_uint8(images)
-    if scale < 1:
-        raise ValueError(f"save_image_grid: scale must be >= 1, got {scale}.")
-    if scale > 1:
-        imgs = imgs.repeat(scale, axis=1).repeat(scale, axis=2)
-    if imgs.ndim != 4 or imgs.shape[-1] not in (1, 3):
-        raise ValueError(f"save_image_grid expects [N, H, W, 1 or 3] images, got shape {imgs.shape}.")
-    N, H, W, C = imgs.shape
-    ncols = ncols or math.ceil(math.sqrt(N))
-    nrows = math.ceil(N / ncols)
-    grid = np.zeros((nrows * H, ncols * W, C), np.uint8)
-    for i, img in enumerate(imgs):
-        r, c = divmod(i, ncols)
-        grid[r * H : (r + 1) * H, c * W : (c + 1) * W] = img
-    Image.fromarray(grid[..., 0] if C == 1 else grid).save(path, format="PNG")
-    return path
-
-
-# ------------------------------------------------------------------------------------------------ data, prompts, runs
-
-
-def prompt_tokenizer(exp: Any) -> Any:
-    """The run's prompt tokenizer: ``data.tokenizer`` (resolved to ``clip.hf_pretrained``), else the CLIP path."""
-    from transformers import AutoTokenizer
-
-    from vla_foundry_jax.configs.hf_hub import resolve_hf_path
-
-    name = getattr(exp.data, "tokenizer", None) or exp.model.clip.hf_pretrained
-    if not name:
-        raise ValueError("the run has no text encoder (stable_diffusion.clip.hf_pretrained is None): no prompts.")
-    return AutoTokenizer.from_pretrained(resolve_hf_path(name))
-
-
-def encode_prompts(exp: Any, prompts: list[str] | tuple[str, ...]) -> tuple[np.ndarray, np.ndarray]:
-    """``(input_ids, attention_mask)`` int32 ``[n, seq_len + 1]`` of ``prompts`` with the run's tokenizer, padded
-    and truncated exactly like its training captions (``data.processor.tokenize_prompts``)."""
-    from vla_foundry_jax.data.processor import tokenize_prompts
-
-    length = int(exp.data.seq_len) + 1
-    tok = prompt_tokenizer(exp)
-    for p in prompts:
-        n = len(tok(p)["input_ids"])
-        if n > length:
-            logger.warning("prompt %r has %d tokens: truncated to %d (data.seq_len + 1).", p, n, length)
-    return tokenize_prompts(tok, list(prompts), length)
-
-
-def load_sd_model(path: str, *, use_ema: bool = True) -> tuple[StableDiffusion, Any, bool]:
-    """``(model, experiment params, used_ema)`` of a stable-diffusion run (run, checkpoints or step directory):
-    :func:`vla_foundry_jax.sampling.load_run_model` after checking the model type."""
-    from vla_foundry_jax import checkpoint as ckpt_lib
-    from vla_foundry_jax.sampling import load_run_model
-
-    kind = ckpt_lib.load_experiment_params(path).model.type
-    if kind != "stable_diffusion":
-        raise ValueError(f"{path} holds a {kind!r} model, not stable_diffusion.")
-    return load_run_model(path, use_ema=use_ema)
-
-
-def fresh_model(exp: Any, seed: int | None = None) -> StableDiffusion:
-    """The run's model before training: fresh init with ``seed`` (None: the run's ``hparams.seed``, as training
-    initialises) and the text encoder's ``clip.hf_pretrained`` weights loaded, i.e. the baseline of an evaluation."""
-    from vla_foundry_jax.models.build import build_model
-    from vla_foundry_jax.training.state import model_kwargs
-
-    seed = exp.hparams.seed if seed is None else seed
-    return build_model(exp.model, rngs=nnx.Rngs(seed), **model_kwargs(exp.hparams))
 
 
 register_model(

@@ -1,4 +1,5 @@
-"""Caption images with a trained VLM and score captions against references."""
+"""Caption images with a trained VLM and score captions against references (``launch.caption``,
+``launch.eval_caption``)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from vla_foundry_jax.data.processor import IMAGE_TOKEN, processor_for_data
 from vla_foundry_jax.data.shards import ShardDataSource
 from vla_foundry_jax.models.generation import generate
 from vla_foundry_jax.params import TrainExperimentParams
+from vla_foundry_jax.sampling import load_model
 
 
 class Captioner:
@@ -68,3 +70,23 @@ def evaluate(captioner: Captioner, manifest: str, *, batch_size: int = 64, limit
             if len(examples) < 8:
                 examples.append({"reference": s["caption"], "prediction": pred})
     return {"exact_match": matches / max(n, 1), "num_samples": n, "examples": examples}
+
+
+def caption_run(run_dir: str, paths: list[str], *, max_new_tokens: int = 16) -> list[tuple[str, str]]:
+    """``(path, caption)`` of each image file, captioned by the VLM run in ``run_dir`` (its trained weights)."""
+    model, exp = load_model(run_dir)
+    captions = Captioner(model, exp, max_new_tokens=max_new_tokens).caption_files(paths)
+    return list(zip(paths, captions, strict=True))
+
+
+def evaluate_run(
+    run_dir: str, *, manifest: str | None = None, batch_size: int = 64, limit: int | None = None
+) -> dict[str, Any]:
+    """:func:`evaluate` of the VLM run in ``run_dir`` on ``manifest`` (default: the run's first
+    ``val_dataset_manifest``); the result also names the ``manifest``."""
+    model, exp = load_model(run_dir)
+    if manifest is None:
+        if not exp.data.val_dataset_manifest:
+            raise ValueError(f"{run_dir}: the run has no val_dataset_manifest; give a manifest.jsonl to evaluate on.")
+        manifest = exp.data.val_dataset_manifest[0]
+    return {**evaluate(Captioner(model, exp), manifest, batch_size=batch_size, limit=limit), "manifest": manifest}

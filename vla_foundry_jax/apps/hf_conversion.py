@@ -1,9 +1,26 @@
-"""``transformer_hf`` -> Hugging Face safetensors: the inverse of :mod:`vla_foundry_jax.convert.hf_decoder_maps`.
+"""Hugging Face causal LM <-> our ``transformer_hf`` runs (``launch.convert_hf``, ``launch.export_hf``).
 
-:func:`export_transformer_hf` writes ``out_dir/model.safetensors`` + ``config.json`` (+ the tokenizer files and
-``generation_config.json`` found next to the model's config) so that ``transformers.AutoModelForCausalLM
-.from_pretrained(out_dir)`` loads the trained weights. Every active rule of the decoder
-table (:func:`~vla_foundry_jax.convert.hf_decoder_maps.decoder_rules`) is inverted (``Transform.invert``):
+HF -> run: :func:`convert_hf` writes ``RUN_DIR/checkpoints/0/{model,params,train,data}`` (our run layout) and
+``RUN_DIR/params.json``, and copies the HF ``config.json`` (plus tokenizer / generation files when present) into
+``RUN_DIR/hf_config/`` together with a marker file (``converted_run.json``: where it came from). The stored
+experiment's ``transformer_hf.hf_pretrained`` points at that absolute ``RUN_DIR/hf_config`` directory, so the run
+needs neither the HF directory nor the hub:
+
+* ``vla_foundry_jax.sampling.load_model(RUN_DIR)`` / ``python -m launch.generate --run_dir=RUN_DIR`` rebuild it;
+* training starts from it with ``transformer_hf.hf_pretrained = 'RUN_DIR/hf_config'``,
+  ``transformer_hf.resume_from_checkpoint = 'RUN_DIR'`` and ``transformer_hf.resume_weights_only = True`` (the
+  ``transformer_hf`` weight loader sees the marker and leaves the weights to ``resume_from_checkpoint``). Pointing
+  ``hf_pretrained`` at the original HF directory also works (the checkpoint's weights then replace the HF ones).
+
+The step-0 checkpoint holds weights only (no optimizer state): resume from it with ``resume_weights_only = True``.
+Moving ``RUN_DIR`` breaks the stored absolute ``hf_pretrained``; convert again (or rewrite ``hf_pretrained``).
+The parameters are stored in float32 (``hparams.precision = 'fp32'`` in the stored experiment).
+
+Run -> HF, the inverse of :mod:`vla_foundry_jax.convert.hf_decoder_maps`: :func:`export_transformer_hf` writes
+``out_dir/model.safetensors`` + ``config.json`` (+ the tokenizer files and ``generation_config.json`` found next
+to the model's config) so that ``transformers.AutoModelForCausalLM.from_pretrained(out_dir)`` loads the trained
+weights. Every active rule of the decoder table (:func:`~vla_foundry_jax.convert.hf_decoder_maps.decoder_rules`)
+is inverted (``Transform.invert``):
 
 * ``TRANSPOSE``: kernels ``[in, out]`` transposed back to torch's ``[out, in]``;
 * ``{i}``: the stacked ``[L, ...]`` parameter split into one tensor per layer;
@@ -20,14 +37,23 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import time
 from typing import Any
 
+import jax
 import numpy as np
+from flax import nnx
 
 from vla_foundry_jax import checkpoint as ckpt_lib
 from vla_foundry_jax.configs.hf_decoder import HFDecoderConfig, hf_decoder_config
 from vla_foundry_jax.configs.hf_hub import resolve_hf_path
-from vla_foundry_jax.convert.hf_decoder_maps import CONFIG_ONLY_MARKER, decoder_rules
+from vla_foundry_jax.convert.hf_decoder_maps import CONFIG_ONLY_MARKER, decoder_rules, load_hf_decoder_weights
+from vla_foundry_jax.models import build_model
+from vla_foundry_jax.params import HyperParams, TrainExperimentParams, TransformerHFParams
+from vla_foundry_jax.sampling import load_model
+
+HF_CONFIG_DIR = "hf_config"
+SUPPORTED_TYPES = ("transformer_hf",)
 
 # Files of an HF model directory besides weights and config that describe the tokenizer or generation defaults.
 SIDE_FILES = (
@@ -57,6 +83,61 @@ def copy_side_files(src: str, dst: str, *, with_config: bool = True) -> list[str
             shutil.copyfile(os.path.join(src, name), os.path.join(dst, name))
             copied.append(name)
     return copied
+
+
+def convert_hf(hf_pretrained: str, output_dir: str, *, model_type: str = "transformer_hf") -> dict:
+    """Convert ``hf_pretrained`` (HF directory or hub id) into the run directory ``output_dir`` (see the module
+    docstring); returns a summary: ``output_dir``, ``hf_config``, ``files_copied``, ``params``, ``seconds``."""
+    if model_type not in SUPPORTED_TYPES:
+        raise ValueError(f"model type {model_type!r}: only {', '.join(SUPPORTED_TYPES)} can be converted.")
+    t0 = time.perf_counter()
+    output_dir = os.path.abspath(os.path.expanduser(output_dir))
+    ckpt_dir = os.path.join(output_dir, "checkpoints")
+    if os.path.isdir(ckpt_dir) and any(d.isdigit() for d in os.listdir(ckpt_dir)):
+        raise ValueError(f"{output_dir} already holds checkpoints; give a new output directory.")
+    src = resolve_hf_path(hf_pretrained)
+    config_dir = os.path.join(output_dir, HF_CONFIG_DIR)
+    copied = copy_side_files(src, config_dir)
+    with open(os.path.join(config_dir, CONFIG_ONLY_MARKER), "w") as f:
+        json.dump({"converted_from": hf_pretrained, "resolved": src, "weights": "../checkpoints/0/model"}, f, indent=2)
+
+    stored_params = TransformerHFParams(hf_pretrained=config_dir)
+    config = hf_decoder_config(stored_params)
+    # abstract model: no random initialisation; the loader places each converted tensor as the parameter
+    model = nnx.eval_shape(lambda: build_model(stored_params, rngs=nnx.Rngs(0), load_weights=False))
+    abstract = nnx.state(model, nnx.Param)
+    (params,) = load_hf_decoder_weights(src, config, [abstract], "", source=hf_pretrained)
+    exp = TrainExperimentParams(
+        name=os.path.basename(output_dir),
+        output_dir=output_dir,
+        model=stored_params,
+        hparams=HyperParams(precision="fp32"),
+        async_checkpointing=False,
+    )
+    state = {
+        "params": params,
+        "frozen": nnx.State({}),
+        "step": jax.numpy.zeros((), jax.numpy.int32),
+        "opt_state": {},
+        "ema": {},
+        "rng": jax.random.key_data(jax.random.key(0)),
+        "rest": {},
+    }
+    # uncompressed: the save then adds ~0.25x the model's bytes of host memory instead of ~1x (see RunCheckpointer)
+    checkpointer = ckpt_lib.RunCheckpointer(output_dir, async_save=False, compress_model=False)
+    checkpointer.save(0, state, exp, {})
+    checkpointer.wait()
+    checkpointer.close()
+    with open(os.path.join(output_dir, "params.json"), "w") as f:
+        f.write(exp.to_json())
+    n = sum(int(v.size) for v in ckpt_lib.flat_params(params).values())
+    return {
+        "output_dir": output_dir,
+        "hf_config": config_dir,
+        "files_copied": copied,
+        "params": n,
+        "seconds": round(time.perf_counter() - t0, 2),
+    }
 
 
 def hf_tensors(flat: dict[str, Any], config: HFDecoderConfig, dtype: str | None = None) -> dict[str, np.ndarray]:
@@ -93,11 +174,7 @@ def hf_tensors(flat: dict[str, Any], config: HFDecoderConfig, dtype: str | None 
 
 def _model_and_config(run_dir_or_model: Any) -> tuple[dict[str, Any], Any, str | None]:
     """(flat params, TransformerHFParams, HF directory of its config) of a run directory or a built model."""
-    from vla_foundry_jax.params import TransformerHFParams
-
     if isinstance(run_dir_or_model, (str, os.PathLike)):
-        from vla_foundry_jax.sampling import load_model
-
         model, exp = load_model(os.fspath(run_dir_or_model))
         params = exp.model
     elif isinstance(run_dir_or_model, tuple):  # (model, TransformerHFParams)
@@ -106,8 +183,6 @@ def _model_and_config(run_dir_or_model: Any) -> tuple[dict[str, Any], Any, str |
         raise TypeError("export_transformer_hf takes a run directory or a (model, TransformerHFParams) pair.")
     if not isinstance(params, TransformerHFParams):
         raise ValueError(f"export_transformer_hf exports transformer_hf models, not {params.type!r}.")
-    from flax import nnx
-
     flat = ckpt_lib.flat_params(nnx.state(model, nnx.Param))
     return flat, params, resolve_hf_path(params.hf_pretrained)
 
