@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from absl import app, flags
 
+from vla_foundry_jax import cli
 from vla_foundry_jax.apps.captioning import caption_run
 
 flags.DEFINE_string("run_dir", None, "Run directory (or checkpoints/<step>) of a trained VLM.", required=True)
@@ -23,4 +24,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

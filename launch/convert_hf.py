@@ -13,6 +13,7 @@ import json
 
 from absl import app, flags, logging
 
+from vla_foundry_jax import cli
 from vla_foundry_jax.apps.hf_conversion import convert_hf
 
 flags.DEFINE_string("hf_pretrained", None, "HF model directory (config.json + *.safetensors) or hub id.")
@@ -31,4 +32,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

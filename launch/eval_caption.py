@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import json
 
-from absl import app, flags
+from absl import flags
 
+from vla_foundry_jax import cli
 from vla_foundry_jax.apps.captioning import evaluate_run
 
 flags.DEFINE_string("run_dir", None, "Run directory (or checkpoints/<step>) of a trained VLM.", required=True)
@@ -29,4 +30,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -13,6 +13,7 @@ import json
 
 from absl import app, flags
 
+from vla_foundry_jax import cli
 from vla_foundry_jax.apps.policy_eval import evaluate
 
 flags.DEFINE_string("run_dir", None, "Run directory (or checkpoints/<step>) of a reach policy.", required=True)
@@ -45,4 +46,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -14,6 +14,7 @@ import json
 
 from absl import app, flags, logging
 
+from vla_foundry_jax import cli
 from vla_foundry_jax.apps.sd_eval import evaluate_run
 
 flags.DEFINE_string("run_dir", None, "Run directory (or checkpoints/<step>) of a stable_diffusion run.", required=True)
@@ -45,4 +46,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

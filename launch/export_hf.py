@@ -9,8 +9,9 @@ loadable with ``transformers.AutoModelForCausalLM.from_pretrained(HF_DIR)``. See
 
 from __future__ import annotations
 
-from absl import app, flags
+from absl import flags
 
+from vla_foundry_jax import cli
 from vla_foundry_jax.apps.hf_conversion import export_transformer_hf
 
 flags.DEFINE_string("run_dir", None, "Run directory (or checkpoints/<step>) of a transformer_hf run.", required=True)
@@ -25,4 +26,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

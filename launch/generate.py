@@ -6,8 +6,9 @@ The model is rebuilt from the params stored in the checkpoint; no gin file is ne
 
 from __future__ import annotations
 
-from absl import app, flags
+from absl import flags
 
+from vla_foundry_jax import cli
 from vla_foundry_jax.apps.text_generation import sample_text
 
 flags.DEFINE_string("run_dir", None, "Run directory (or checkpoints/<step> directory) of a trained LLM.", required=True)
@@ -35,4 +36,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

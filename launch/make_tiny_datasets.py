@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from absl import app, flags
 
+from vla_foundry_jax import cli
 from vla_foundry_jax.testbeds.tiny_data import make_tiny_data, tree_size
 
 flags.DEFINE_string("out_dir", "tiny_data", "Output directory.")
@@ -57,4 +58,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

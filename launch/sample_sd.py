@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from absl import app, flags, logging
 
+from vla_foundry_jax import cli
 from vla_foundry_jax.apps.stable_diffusion import sample_grid
 
 flags.DEFINE_string("run_dir", None, "Run directory (or checkpoints/<step>) of a stable_diffusion run.", required=True)
@@ -48,4 +49,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -10,6 +10,7 @@ import logging as logging_std
 
 from absl import app, flags, logging
 
+from vla_foundry_jax import cli
 from vla_foundry_jax.apps.gin_train import train_from_gin
 
 flags.DEFINE_multi_string("gin_file", [], "Gin file(s) to parse, in order (a name under gin_configs/ also works).")
@@ -20,6 +21,12 @@ flags.DEFINE_multi_string("gin_search_paths", [], "Extra directories searched fo
 flags.DEFINE_string("coordinator_address", None, "Multi-process: host:port of process 0 (else auto-detected).")
 flags.DEFINE_integer("num_processes", None, "Multi-process: number of processes.")
 flags.DEFINE_integer("process_id", None, "Multi-process: this process's index.")
+flags.DEFINE_bool(
+    "allow_config_change",
+    False,
+    "Continue the run in experiment.output_dir under a changed experiment (lr, budget, ...); without it a rerun "
+    "with changes is refused and lists them.",
+)
 FLAGS = flags.FLAGS
 
 
@@ -42,6 +49,7 @@ def main(argv: list[str]) -> None:
         coordinator_address=FLAGS.coordinator_address,
         num_processes=FLAGS.num_processes,
         process_id=FLAGS.process_id,
+        allow_config_change=FLAGS.allow_config_change,
     )
     logging.info("finished: %s", {k: round(v, 5) for k, v in done.result.metrics.items() if isinstance(v, float)})
     if done.sample is not None:
@@ -49,4 +57,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

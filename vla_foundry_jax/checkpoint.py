@@ -307,8 +307,8 @@ def resolve_step_dir(path: str) -> str:
     path = os.path.abspath(os.path.expanduser(path))
     if not os.path.isdir(path):
         raise CheckpointError(
-            f"resume_from_checkpoint: {path} does not exist; give a run directory of ours, "
-            f"its checkpoints/ directory or a checkpoints/<step> directory."
+            f"{path} does not exist; give a run directory of ours, its checkpoints/ directory or a "
+            "checkpoints/<step> directory."
         )
     if os.path.isdir(os.path.join(path, "model")) and os.path.isdir(os.path.join(path, "params")):
         return path
@@ -318,8 +318,8 @@ def resolve_step_dir(path: str) -> str:
     )
     if not steps:
         raise CheckpointError(
-            f"resume_from_checkpoint: no finished checkpoint under {ckpt_dir} (expected checkpoints/<step>/model); "
-            f"point it at a run directory that has saved at least once."
+            f"{path} holds no finished checkpoint (expected {ckpt_dir}/<step>/model); give a run directory that has "
+            "saved at least once."
         )
     return os.path.join(ckpt_dir, str(steps[-1]))
 

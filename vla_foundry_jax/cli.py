@@ -1,7 +1,7 @@
 """Entry-point plumbing: every ``launch/`` script runs its ``main`` through :func:`run`.
 
-Expected errors (the project's :class:`~vla_foundry_jax.errors.VLAFoundryError` classes and missing or unreadable
-files) print one line ``error: <message>`` on stderr and exit with status 2; ``VLA_FOUNDRY_TRACEBACK=1`` in the
+Expected errors (the project's :class:`~vla_foundry_jax.errors.VLAFoundryError` classes, bad flags and missing or
+unreadable files) print ``error: <message>`` on stderr and exit with status 2; ``VLA_FOUNDRY_TRACEBACK=1`` in the
 environment shows the traceback instead. Anything else is a bug and keeps its traceback.
 """
 
@@ -12,7 +12,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from absl import app
+from absl import app, flags
 
 from vla_foundry_jax.errors import VLAFoundryError
 
@@ -22,10 +22,20 @@ FILE_ERRORS = (FileNotFoundError, NotADirectoryError, IsADirectoryError, Permiss
 
 
 def error_line(exc: BaseException) -> str:
-    """The one line (or short block) printed for an expected error."""
+    """The line (or short block) printed for an expected error, without gin's "In call to configurable" trail."""
     if isinstance(exc, FILE_ERRORS) and exc.filename is not None:
         return f"error: {exc.strerror or type(exc).__name__}: {exc.filename!r}"
-    return f"error: {exc}"
+    lines = [ln for ln in str(exc).splitlines() if not ln.strip().startswith("In call to configurable")]
+    return "error: " + "\n".join(lines).rstrip()
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing, with a bad or missing flag reported as ``error: ...`` and exit status 2."""
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as exc:
+        print(f"error: {exc} (--helpshort lists the flags)", file=sys.stderr, flush=True)
+        sys.exit(EXIT_USAGE)
 
 
 def fail(message: str) -> None:
@@ -40,7 +50,7 @@ def guarded(main: Callable[[list[str]], Any]) -> Callable[[list[str]], Any]:
     def wrapped(argv: list[str]) -> Any:
         try:
             return main(argv)
-        except (VLAFoundryError, *FILE_ERRORS) as exc:
+        except (VLAFoundryError, app.UsageError, *FILE_ERRORS) as exc:
             if os.environ.get(TRACEBACK_ENV, "") not in ("", "0"):
                 raise
             print(error_line(exc), file=sys.stderr, flush=True)
@@ -51,4 +61,4 @@ def guarded(main: Callable[[list[str]], Any]) -> Callable[[list[str]], Any]:
 
 def run(main: Callable[[list[str]], Any]) -> None:
     """``absl.app.run(main)`` with the project's error reporting (module docstring)."""
-    app.run(guarded(main))
+    app.run(guarded(main), flags_parser=parse_flags)

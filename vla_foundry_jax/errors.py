@@ -9,3 +9,7 @@ class VLAFoundryError(Exception):
     Its message names what the user gave and the fix. Entry points (``vla_foundry_jax.cli.run``) print it as
     ``error: <message>`` and exit with status 2, without a traceback.
     """
+
+
+class UsageError(VLAFoundryError, ValueError):
+    """A request an application cannot serve: a run of the wrong model type, an option value out of range."""

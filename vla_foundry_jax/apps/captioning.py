@@ -13,6 +13,7 @@ import numpy as np
 from vla_foundry_jax.data.image_caption import decode_image, decode_sample
 from vla_foundry_jax.data.processor import IMAGE_TOKEN, processor_for_data
 from vla_foundry_jax.data.shards import ShardDataSource
+from vla_foundry_jax.errors import UsageError
 from vla_foundry_jax.models.generation import generate
 from vla_foundry_jax.params import TrainExperimentParams
 from vla_foundry_jax.sampling import load_model
@@ -87,6 +88,6 @@ def evaluate_run(
     model, exp = load_model(run_dir)
     if manifest is None:
         if not exp.data.val_dataset_manifest:
-            raise ValueError(f"{run_dir}: the run has no val_dataset_manifest; give a manifest.jsonl to evaluate on.")
+            raise UsageError(f"{run_dir}: the run has no val_dataset_manifest; give a manifest.jsonl to evaluate on.")
         manifest = exp.data.val_dataset_manifest[0]
     return {**evaluate(Captioner(model, exp), manifest, batch_size=batch_size, limit=limit), "manifest": manifest}

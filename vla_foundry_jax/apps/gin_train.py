@@ -27,6 +27,7 @@ def train_from_gin(
     coordinator_address: str | None = None,
     num_processes: int | None = None,
     process_id: int | None = None,
+    allow_config_change: bool = False,
 ) -> GinTrainResult:
     """Parse ``gin_files`` then ``gin_bindings`` (a name under gin_configs/ also works), build the experiment and
     run (or resume) it; the operative gin config is written to ``<output_dir>/config.gin``.
@@ -34,7 +35,8 @@ def train_from_gin(
     ``coordinator_address`` / ``num_processes`` / ``process_id`` bind ``distributed.*`` of a multi-process run
     (None: auto-detected). Every process of a multi-host run makes the same call. With
     ``experiment.sample_prompt`` set, the trained model continues it (``sample_max_new_tokens`` tokens), and the
-    text is also written to ``<output_dir>/sample.txt``.
+    text is also written to ``<output_dir>/sample.txt``. ``allow_config_change``: continue a run of the same
+    ``output_dir`` under a changed experiment (``training.loop.check_rerun``).
     """
     bindings = list(gin_bindings)
     for name, value in (
@@ -46,7 +48,7 @@ def train_from_gin(
             bindings.append(f"distributed.{name} = {value!r}")
     gin_utils.parse_gin(gin_files, bindings, gin_search_paths)
     experiment = gin_utils.build_experiment()
-    result = train(experiment, gin_config=gin_utils.operative_config_str())
+    result = train(experiment, gin_config=gin_utils.operative_config_str(), allow_config_change=allow_config_change)
     exp = result.experiment
     text = None
     if exp.sample_prompt is not None:

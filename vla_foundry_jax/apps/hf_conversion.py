@@ -46,8 +46,9 @@ from flax import nnx
 
 from vla_foundry_jax import checkpoint as ckpt_lib
 from vla_foundry_jax.configs.hf_decoder import HFDecoderConfig, hf_decoder_config
-from vla_foundry_jax.configs.hf_hub import resolve_hf_path
+from vla_foundry_jax.configs.hf_hub import load_hf_config, resolve_hf_path
 from vla_foundry_jax.convert.hf_decoder_maps import CONFIG_ONLY_MARKER, decoder_rules, load_hf_decoder_weights
+from vla_foundry_jax.errors import UsageError
 from vla_foundry_jax.models import build_model
 from vla_foundry_jax.params import HyperParams, TrainExperimentParams, TransformerHFParams
 from vla_foundry_jax.sampling import load_model
@@ -87,49 +88,66 @@ def copy_side_files(src: str, dst: str, *, with_config: bool = True) -> list[str
 
 def convert_hf(hf_pretrained: str, output_dir: str, *, model_type: str = "transformer_hf") -> dict:
     """Convert ``hf_pretrained`` (HF directory or hub id) into the run directory ``output_dir`` (see the module
-    docstring); returns a summary: ``output_dir``, ``hf_config``, ``files_copied``, ``params``, ``seconds``."""
+    docstring); returns a summary: ``output_dir``, ``hf_config``, ``files_copied``, ``params``, ``seconds``.
+
+    The source is checked before anything is written, and the run is assembled in a sibling temporary directory that
+    is renamed to ``output_dir`` only when complete: a failure or a kill never leaves a half-written run behind.
+    """
     if model_type not in SUPPORTED_TYPES:
-        raise ValueError(f"model type {model_type!r}: only {', '.join(SUPPORTED_TYPES)} can be converted.")
+        raise UsageError(f"model type {model_type!r}: only {', '.join(SUPPORTED_TYPES)} can be converted.")
     t0 = time.perf_counter()
     output_dir = os.path.abspath(os.path.expanduser(output_dir))
-    ckpt_dir = os.path.join(output_dir, "checkpoints")
-    if os.path.isdir(ckpt_dir) and any(d.isdigit() for d in os.listdir(ckpt_dir)):
-        raise ValueError(f"{output_dir} already holds checkpoints; give a new output directory.")
+    if os.path.isdir(os.path.join(output_dir, "checkpoints")):
+        raise UsageError(f"{output_dir} already holds checkpoints; give a new output directory.")
+    if os.path.exists(output_dir) and (not os.path.isdir(output_dir) or os.listdir(output_dir)):
+        raise UsageError(f"--output_dir = {output_dir} already exists and is not empty; give a new output directory.")
     src = resolve_hf_path(hf_pretrained)
-    config_dir = os.path.join(output_dir, HF_CONFIG_DIR)
-    copied = copy_side_files(src, config_dir)
-    with open(os.path.join(config_dir, CONFIG_ONLY_MARKER), "w") as f:
-        json.dump({"converted_from": hf_pretrained, "resolved": src, "weights": "../checkpoints/0/model"}, f, indent=2)
-
-    stored_params = TransformerHFParams(hf_pretrained=config_dir)
-    config = hf_decoder_config(stored_params)
-    # abstract model: no random initialisation; the loader places each converted tensor as the parameter
-    model = nnx.eval_shape(lambda: build_model(stored_params, rngs=nnx.Rngs(0), load_weights=False))
-    abstract = nnx.state(model, nnx.Param)
-    (params,) = load_hf_decoder_weights(src, config, [abstract], "", source=hf_pretrained)
-    exp = TrainExperimentParams(
-        name=os.path.basename(output_dir),
-        output_dir=output_dir,
-        model=stored_params,
-        hparams=HyperParams(precision="fp32"),
-        async_checkpointing=False,
-    )
-    state = {
-        "params": params,
-        "frozen": nnx.State({}),
-        "step": jax.numpy.zeros((), jax.numpy.int32),
-        "opt_state": {},
-        "ema": {},
-        "rng": jax.random.key_data(jax.random.key(0)),
-        "rest": {},
-    }
-    # uncompressed: the save then adds ~0.25x the model's bytes of host memory instead of ~1x (see RunCheckpointer)
-    checkpointer = ckpt_lib.RunCheckpointer(output_dir, async_save=False, compress_model=False)
-    checkpointer.save(0, state, exp, {})
-    checkpointer.wait()
-    checkpointer.close()
-    with open(os.path.join(output_dir, "params.json"), "w") as f:
-        f.write(exp.to_json())
+    load_hf_config(hf_pretrained)  # a source without config.json fails here, naming the source
+    staging = f"{output_dir}.partial-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        copied = copy_side_files(src, os.path.join(staging, HF_CONFIG_DIR))
+        with open(os.path.join(staging, HF_CONFIG_DIR, CONFIG_ONLY_MARKER), "w") as f:
+            json.dump(
+                {"converted_from": hf_pretrained, "resolved": src, "weights": "../checkpoints/0/model"}, f, indent=2
+            )
+        config_dir = os.path.join(output_dir, HF_CONFIG_DIR)  # where the run will live; stored in its params
+        stored_params = TransformerHFParams(hf_pretrained=config_dir)
+        staged_params = TransformerHFParams(hf_pretrained=os.path.join(staging, HF_CONFIG_DIR))
+        config = hf_decoder_config(staged_params)
+        # abstract model: no random initialisation; the loader places each converted tensor as the parameter
+        model = nnx.eval_shape(lambda: build_model(staged_params, rngs=nnx.Rngs(0), load_weights=False))
+        abstract = nnx.state(model, nnx.Param)
+        (params,) = load_hf_decoder_weights(src, config, [abstract], "", source=hf_pretrained)
+        exp = TrainExperimentParams(
+            name=os.path.basename(output_dir),
+            output_dir=output_dir,
+            model=stored_params,
+            hparams=HyperParams(precision="fp32"),
+            async_checkpointing=False,
+        )
+        state = {
+            "params": params,
+            "frozen": nnx.State({}),
+            "step": jax.numpy.zeros((), jax.numpy.int32),
+            "opt_state": {},
+            "ema": {},
+            "rng": jax.random.key_data(jax.random.key(0)),
+            "rest": {},
+        }
+        # uncompressed: the save then adds ~0.25x the model's bytes of host memory instead of ~1x (see RunCheckpointer)
+        checkpointer = ckpt_lib.RunCheckpointer(staging, async_save=False, compress_model=False)
+        checkpointer.save(0, state, exp, {})
+        checkpointer.wait()
+        checkpointer.close()
+        with open(os.path.join(staging, "params.json"), "w") as f:
+            f.write(exp.to_json())
+        if os.path.isdir(output_dir):
+            os.rmdir(output_dir)  # empty (checked above)
+        os.replace(staging, output_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     n = sum(int(v.size) for v in ckpt_lib.flat_params(params).values())
     return {
         "output_dir": output_dir,
@@ -146,7 +164,7 @@ def hf_tensors(flat: dict[str, Any], config: HFDecoderConfig, dtype: str | None 
     target = None
     if dtype is not None:
         if dtype not in _DTYPES:
-            raise ValueError(f"dtype {dtype!r}: choose one of {sorted(_DTYPES)}.")
+            raise UsageError(f"dtype {dtype!r}: choose one of {sorted(_DTYPES)}.")
         import ml_dtypes
 
         target = np.dtype(ml_dtypes.bfloat16) if dtype == "bfloat16" else np.dtype(_DTYPES[dtype])
@@ -154,7 +172,7 @@ def hf_tensors(flat: dict[str, Any], config: HFDecoderConfig, dtype: str | None 
     missing = sorted(r.target for r in rules if r.target not in flat)
     unused = sorted(set(flat) - {r.target for r in rules})
     if missing or unused:
-        raise ValueError(
+        raise UsageError(
             f"the parameters do not match the {config.model_type} map: missing {missing[:20]}, unused {unused[:20]}."
         )
     out: dict[str, np.ndarray] = {}
@@ -182,7 +200,7 @@ def _model_and_config(run_dir_or_model: Any) -> tuple[dict[str, Any], Any, str |
     else:
         raise TypeError("export_transformer_hf takes a run directory or a (model, TransformerHFParams) pair.")
     if not isinstance(params, TransformerHFParams):
-        raise ValueError(f"export_transformer_hf exports transformer_hf models, not {params.type!r}.")
+        raise UsageError(f"export_transformer_hf exports transformer_hf models, not {params.type!r}.")
     flat = ckpt_lib.flat_params(nnx.state(model, nnx.Param))
     return flat, params, resolve_hf_path(params.hf_pretrained)
 
@@ -199,19 +217,34 @@ def export_transformer_hf(run_dir_or_model: Any, out_dir: str, *, dtype: str | N
     from safetensors.numpy import save_file
 
     flat, params, hf_dir = _model_and_config(run_dir_or_model)
+    out_dir = os.path.abspath(os.path.expanduser(out_dir))
+    if os.path.realpath(out_dir) == os.path.realpath(hf_dir):
+        raise UsageError(
+            f"--out_dir = {out_dir} is the directory the run reads its HF config from; export into another directory."
+        )
     config = hf_decoder_config(params)
     tensors = hf_tensors(flat, config, dtype)
-    os.makedirs(out_dir, exist_ok=True)
-    copy_side_files(hf_dir, out_dir)
-    for stale in (CONFIG_ONLY_MARKER, "model.safetensors.index.json"):
-        if os.path.exists(os.path.join(out_dir, stale)):
-            os.remove(os.path.join(out_dir, stale))
-    written = str(next(iter(tensors.values())).dtype)
-    with open(os.path.join(out_dir, "config.json")) as f:
-        cfg = json.load(f)
-    cfg["dtype"] = written
-    cfg.pop("torch_dtype", None)
-    with open(os.path.join(out_dir, "config.json"), "w") as f:
-        json.dump(cfg, f, indent=2, sort_keys=True)
-    save_file(tensors, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
+    # Every file is written in full to a staging directory beside out_dir, then moved in (each move atomic), the
+    # weights last: a failure leaves out_dir as it was or with whole files only.
+    staging = f"{out_dir.rstrip(os.sep)}.partial-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        copy_side_files(hf_dir, staging)
+        written = str(next(iter(tensors.values())).dtype)
+        with open(os.path.join(staging, "config.json")) as f:
+            cfg = json.load(f)
+        cfg["dtype"] = written
+        cfg.pop("torch_dtype", None)
+        with open(os.path.join(staging, "config.json"), "w") as f:
+            json.dump(cfg, f, indent=2, sort_keys=True)
+        save_file(tensors, os.path.join(staging, "model.safetensors"), metadata={"format": "pt"})
+        os.makedirs(out_dir, exist_ok=True)
+        for stale in (CONFIG_ONLY_MARKER, "model.safetensors.index.json"):
+            if os.path.exists(os.path.join(out_dir, stale)):
+                os.remove(os.path.join(out_dir, stale))
+        names = sorted(os.listdir(staging), key=lambda n: n == "model.safetensors")
+        for name in names:
+            os.replace(os.path.join(staging, name), os.path.join(out_dir, name))
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return out_dir

@@ -22,6 +22,7 @@ import numpy as np
 from vla_foundry_jax import checkpoint as ckpt_lib
 from vla_foundry_jax.data.pipeline import build_eval_iterator
 from vla_foundry_jax.data.robotics import robotics_transform
+from vla_foundry_jax.errors import UsageError
 from vla_foundry_jax.models.diffusion_policy import sample_actions
 from vla_foundry_jax.sampling import load_run_model
 from vla_foundry_jax.testbeds.tiny_robotics import (
@@ -39,7 +40,7 @@ def load_policy(run_dir: str, *, use_ema: bool = True) -> tuple[Any, Any]:
     """``(DiffusionPolicy, experiment params)`` of the latest checkpoint under ``run_dir`` (EMA weights if kept)."""
     kind = ckpt_lib.load_experiment_params(run_dir).model.type
     if kind != "diffusion_policy":
-        raise ValueError(f"{run_dir} holds a {kind!r} model, not a diffusion_policy.")
+        raise UsageError(f"{run_dir} holds a {kind!r} model, not a diffusion_policy.")
     model, exp, _ = load_run_model(run_dir, use_ema=use_ema)
     return model, exp
 
@@ -48,17 +49,17 @@ def check_reach_run(exp: Any) -> None:
     """Raise ValueError unless the run trains on the tiny reach task's robotics layout."""
     data = exp.data
     if data.type != "robotics" or list(data.action_fields) != [ACTION_FIELD]:
-        raise ValueError(
+        raise UsageError(
             f"eval_policy rolls out the tiny reach task: the run must train on robotics data with action_fields "
             f"['{ACTION_FIELD}'] (got {data.type!r}, {list(getattr(data, 'action_fields', []))})."
         )
     if list(data.proprioception_fields) not in ([], [PROPRIO_FIELD]) or tuple(data.image_names) != ("scene_t0",):
-        raise ValueError(
+        raise UsageError(
             f"eval_policy needs proprioception_fields [] or ['{PROPRIO_FIELD}'] and image_names ['scene_t0'] "
             f"(got {list(data.proprioception_fields)}, {list(data.image_names)})."
         )
     if (data.lowdim_past_timesteps, data.lowdim_future_timesteps) != (PAST, FUTURE):
-        raise ValueError(
+        raise UsageError(
             f"eval_policy builds windows of past {PAST} / future {FUTURE}; the run uses "
             f"{data.lowdim_past_timesteps} / {data.lowdim_future_timesteps}."
         )
@@ -103,7 +104,7 @@ def rollout(
     and ``steps``.
     """
     if not 1 <= execute_steps <= FUTURE + 1:
-        raise ValueError(f"execute_steps must be in [1, {FUTURE + 1}], got {execute_steps}.")
+        raise UsageError(f"execute_steps must be in [1, {FUTURE + 1}], got {execute_steps}.")
     envs = [ReachEnv(max_steps=max_steps) for _ in range(num_episodes)]
     obs = [env.reset(seed + i) for i, env in enumerate(envs)]
     prev_agent: list[np.ndarray | None] = [None] * num_episodes

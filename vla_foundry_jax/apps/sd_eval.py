@@ -23,6 +23,7 @@ from vla_foundry_jax.apps.stable_diffusion import (
     load_sd_model,
     save_image_grid,
 )
+from vla_foundry_jax.errors import UsageError
 from vla_foundry_jax.models.stable_diffusion import sample_images
 from vla_foundry_jax.testbeds.tiny_datasets import SHAPE_COLORS, SHAPE_NAMES
 
@@ -40,7 +41,7 @@ def classify_color(image: np.ndarray, palette: Mapping[str, tuple[int, int, int]
     """
     img = np.asarray(image, np.int32)
     if img.ndim != 3 or img.shape[-1] != 3:
-        raise ValueError(f"classify_color expects [H, W, 3], got {img.shape}.")
+        raise UsageError(f"classify_color expects [H, W, 3], got {img.shape}.")
     border = np.concatenate([img[0], img[-1], img[:, 0], img[:, -1]])
     background = np.median(border, axis=0)
     diff = np.abs(img - background).max(axis=-1)
@@ -90,7 +91,7 @@ def evaluate_run(
     """
     model, exp, used_ema = load_sd_model(run_dir, use_ema=use_ema)
     if not model.has_text:
-        raise ValueError(f"{run_dir}: the model has no text encoder, so it cannot be prompted with colours.")
+        raise UsageError(f"{run_dir}: the model has no text encoder, so it cannot be prompted with colours.")
     prompts, targets = color_prompts(samples_per_color)
     ids, mask = encode_prompts(exp, prompts)
 

@@ -24,6 +24,7 @@ from flax import nnx
 from vla_foundry_jax import checkpoint as ckpt_lib
 from vla_foundry_jax.configs.hf_hub import resolve_hf_path
 from vla_foundry_jax.data.processor import tokenize_prompts
+from vla_foundry_jax.errors import UsageError
 from vla_foundry_jax.models import build_model
 from vla_foundry_jax.models.stable_diffusion import StableDiffusion, sample_images
 from vla_foundry_jax.sampling import load_run_model
@@ -39,7 +40,7 @@ def load_sd_model(path: str, *, use_ema: bool = True) -> tuple[StableDiffusion, 
     :func:`vla_foundry_jax.sampling.load_run_model` after checking the model type."""
     kind = ckpt_lib.load_experiment_params(path).model.type
     if kind != "stable_diffusion":
-        raise ValueError(f"{path} holds a {kind!r} model, not stable_diffusion.")
+        raise UsageError(f"{path} holds a {kind!r} model, not stable_diffusion.")
     return load_run_model(path, use_ema=use_ema)
 
 
@@ -57,7 +58,7 @@ def prompt_tokenizer(exp: Any) -> Any:
 
     name = getattr(exp.data, "tokenizer", None) or exp.model.clip.hf_pretrained
     if not name:
-        raise ValueError("the run has no text encoder (stable_diffusion.clip.hf_pretrained is None): no prompts.")
+        raise UsageError("the run has no text encoder (stable_diffusion.clip.hf_pretrained is None): no prompts.")
     return AutoTokenizer.from_pretrained(resolve_hf_path(name))
 
 
@@ -86,11 +87,11 @@ def save_image_grid(images: Any, path: str, ncols: int | None = None, *, scale: 
 
     imgs = images_to_uint8(images)
     if scale < 1:
-        raise ValueError(f"save_image_grid: scale must be >= 1, got {scale}.")
+        raise UsageError(f"save_image_grid: scale must be >= 1, got {scale}.")
     if scale > 1:
         imgs = imgs.repeat(scale, axis=1).repeat(scale, axis=2)
     if imgs.ndim != 4 or imgs.shape[-1] not in (1, 3):
-        raise ValueError(f"save_image_grid expects [N, H, W, 1 or 3] images, got shape {imgs.shape}.")
+        raise UsageError(f"save_image_grid expects [N, H, W, 1 or 3] images, got shape {imgs.shape}.")
     N, H, W, C = imgs.shape
     ncols = ncols or math.ceil(math.sqrt(N))
     nrows = math.ceil(N / ncols)
@@ -120,14 +121,14 @@ def sample_grid(
     ``guidance_scale`` None: the model's when it was trained with guidance. Returns ``path``, ``num_prompts``,
     ``num_images`` and ``ema`` (whether the EMA weights were used)."""
     if num_images <= 0:
-        raise ValueError(f"num_images must be positive, got {num_images}.")
+        raise UsageError(f"num_images must be positive, got {num_images}.")
     model, exp, used_ema = load_sd_model(run_dir, use_ema=use_ema)
     ids = mask = None
     if model.has_text:
         rows = list(DEFAULT_PROMPTS if prompts is None else prompts)
         ids, mask = encode_prompts(exp, [p for p in rows for _ in range(num_images)])
     elif prompts is not None:
-        raise ValueError(
+        raise UsageError(
             f"{run_dir}: the run has no text encoder (clip.hf_pretrained is None): sample without prompts."
         )
     else:

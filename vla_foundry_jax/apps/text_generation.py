@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vla_foundry_jax.errors import UsageError
 from vla_foundry_jax.models.generation import generate
 from vla_foundry_jax.params import TrainExperimentParams
 from vla_foundry_jax.sampling import load_model
@@ -20,7 +21,7 @@ def prompt_tokenizer(exp: TrainExperimentParams) -> Any:
 
     name = getattr(exp.data, "tokenizer", None)
     if not name:
-        raise ValueError(f"data type {exp.data.type!r} names no tokenizer; cannot turn a prompt into token ids.")
+        raise UsageError(f"data type {exp.data.type!r} names no tokenizer; cannot turn a prompt into token ids.")
     return AutoTokenizer.from_pretrained(name)
 
 
