@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable
 from typing import Any
 
@@ -10,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vla_foundry_jax import checkpoint as ckpt_lib
 from vla_foundry_jax.data.image_caption import decode_image, decode_sample
 from vla_foundry_jax.data.processor import IMAGE_TOKEN, processor_for_data
 from vla_foundry_jax.data.shards import ShardDataSource
@@ -73,9 +75,25 @@ def evaluate(captioner: Captioner, manifest: str, *, batch_size: int = 64, limit
     return {"exact_match": matches / max(n, 1), "num_samples": n, "examples": examples}
 
 
+CAPTIONING_TYPES = ("vlm", "vlm_hf")
+
+
+def load_captioning_model(run_dir: str) -> tuple[Any, Any]:
+    """``(model, experiment)`` of the VLM run in ``run_dir``; a run of another model type is a clear error."""
+    kind = ckpt_lib.load_experiment_params(run_dir).model.type
+    if kind not in CAPTIONING_TYPES:
+        raise UsageError(
+            f"{run_dir} holds a {kind!r} model; captioning needs a run of {' or '.join(CAPTIONING_TYPES)}."
+        )
+    return load_model(run_dir)
+
+
 def caption_run(run_dir: str, paths: list[str], *, max_new_tokens: int = 16) -> list[tuple[str, str]]:
     """``(path, caption)`` of each image file, captioned by the VLM run in ``run_dir`` (its trained weights)."""
-    model, exp = load_model(run_dir)
+    missing = [p for p in paths if not os.path.isfile(p)]
+    if missing:
+        raise UsageError(f"no such image file: {', '.join(repr(p) for p in missing)}.")
+    model, exp = load_captioning_model(run_dir)
     captions = Captioner(model, exp, max_new_tokens=max_new_tokens).caption_files(paths)
     return list(zip(paths, captions, strict=True))
 
@@ -85,7 +103,7 @@ def evaluate_run(
 ) -> dict[str, Any]:
     """:func:`evaluate` of the VLM run in ``run_dir`` on ``manifest`` (default: the run's first
     ``val_dataset_manifest``); the result also names the ``manifest``."""
-    model, exp = load_model(run_dir)
+    model, exp = load_captioning_model(run_dir)
     if manifest is None:
         if not exp.data.val_dataset_manifest:
             raise UsageError(f"{run_dir}: the run has no val_dataset_manifest; give a manifest.jsonl to evaluate on.")

@@ -211,6 +211,22 @@ def train(
 
     spec = make_model_spec(exp.model, hp, mesh)
     optimizer = make_optimizer(hp, budget.total_steps)
+    # Everything the run reads is checked before anything is written under output_dir.
+    for path, child in submodels(exp.model):
+        if child.resume_from_checkpoint:
+            try:
+                ckpt_lib.resolve_step_dir(child.resume_from_checkpoint)
+            except ckpt_lib.CheckpointError as e:
+                where = f"{path[:-1] or child.gin_name}.resume_from_checkpoint = {child.resume_from_checkpoint!r}"
+                raise ckpt_lib.CheckpointError(f"{where}: {e}") from None
+    validator = make_validator(exp, spec, get_loss(exp.model.type), mesh)
+    iterator = build_train_iterator(
+        exp.data,
+        global_batch_size=hp.global_batch_size,
+        num_batches=budget.total_steps,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+    )
     checkpointer = ckpt_lib.RunCheckpointer(
         output_dir, max_to_keep=exp.max_checkpoint_limit, async_save=exp.async_checkpointing
     )
@@ -264,14 +280,6 @@ def train(
         accum_steps=budget.accum_steps,
         total_steps=budget.total_steps,
         state_shardings=state_shardings,
-    )
-    validator = make_validator(exp, spec, get_loss(exp.model.type), mesh)
-    iterator = build_train_iterator(
-        exp.data,
-        global_batch_size=hp.global_batch_size,
-        num_batches=budget.total_steps,
-        process_index=jax.process_index(),
-        process_count=jax.process_count(),
     )
     if data_state is not None:
         iterator.set_state(data_state)
