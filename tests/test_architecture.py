@@ -22,7 +22,8 @@ LAYERS = [
     ("convert", "data"),
     ("models",),
     ("training", "sampling"),
-    ("apps", "testbeds", "gin_utils", "cli"),
+    ("testbeds", "gin_utils"),
+    ("apps", "cli"),
 ]
 
 
