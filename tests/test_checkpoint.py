@@ -5,13 +5,13 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
 import time
 
 import numpy as np
 import pytest
 
-from tests.conftest import ROOT, logged_losses, subprocess_env, tiny_experiment, tiny_train_command
+from tests.fixtures.multidevice import run, start
+from tests.fixtures.runs import logged_losses, tiny_experiment, tiny_train_command
 from vla_foundry_jax import checkpoint as ckpt_lib
 from vla_foundry_jax.training.loop import train
 
@@ -133,25 +133,11 @@ def test_checkpoint_from_a_different_model_is_refused(trained_run):
 
 def test_hard_kill_then_resume_reproduces_losses(tmp_path):
     steps = 80
-    env = subprocess_env()
     straight = str(tmp_path / "straight")
-    subprocess.run(
-        tiny_train_command(straight, steps, ["ema.enabled = True"]),
-        cwd=ROOT,
-        env=env,
-        check=True,
-        capture_output=True,
-        timeout=300,
-    )
+    run(tiny_train_command(straight, steps, ["ema.enabled = True"]), timeout=300)
 
     killed = str(tmp_path / "killed")
-    proc = subprocess.Popen(
-        tiny_train_command(killed, steps, ["ema.enabled = True"]),
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    proc = start(tiny_train_command(killed, steps, ["ema.enabled = True"]), quiet=True)
     half = os.path.join(killed, "checkpoints", str(steps // 2))
     deadline = time.time() + 240
     while time.time() < deadline:
@@ -162,14 +148,7 @@ def test_hard_kill_then_resume_reproduces_losses(tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert ckpt_lib.RunCheckpointer(killed).latest_step() == steps // 2, "the run was not killed mid-way"
-    done = subprocess.run(
-        tiny_train_command(killed, steps, ["ema.enabled = True"]),
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    done = run(tiny_train_command(killed, steps, ["ema.enabled = True"]), timeout=300, check=False)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "resuming from" in done.stderr
     a, b = logged_losses(straight), logged_losses(killed)
@@ -177,14 +156,7 @@ def test_hard_kill_then_resume_reproduces_losses(tmp_path):
     for step in range(1, steps + 1):
         assert abs(a[step] - b[step]) <= 1e-6, (step, a[step], b[step])
     # running the finished command again does nothing and says so
-    again = subprocess.run(
-        tiny_train_command(killed, steps, ["ema.enabled = True"]),
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    again = run(tiny_train_command(killed, steps, ["ema.enabled = True"]), timeout=300, check=False)
     assert again.returncode == 0 and "nothing to do" in again.stderr
 
 

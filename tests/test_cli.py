@@ -3,18 +3,17 @@
 from __future__ import annotations
 
 import subprocess
-import sys
 
 import pytest
 
-from tests.conftest import ROOT, subprocess_env, tiny_experiment
+from tests.fixtures.multidevice import run
+from tests.fixtures.runs import tiny_experiment, train_command
 from vla_foundry_jax import parallel
 from vla_foundry_jax.params import DistributedParams, ParamsError
 
 
 def _train(*args: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "launch.train", "--gin_file=gin_configs/quickstart.gin", *args]
-    return subprocess.run(cmd, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=120)
+    return run([*train_command("quickstart.gin"), *args], timeout=120, check=False)
 
 
 @pytest.mark.parametrize(
@@ -35,8 +34,7 @@ def test_bad_bindings_fail_before_training(binding, expected, tmp_path):
 
 
 def test_missing_gin_file_is_named():
-    cmd = [sys.executable, "-m", "launch.train", "--gin_file=gin_configs/quickstrat.gin"]
-    res = subprocess.run(cmd, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=120)
+    res = run(train_command("quickstrat.gin"), timeout=120, check=False)
     assert res.returncode != 0 and "quickstrat.gin" in res.stderr and "quickstart.gin" in res.stderr
 
 

@@ -14,8 +14,8 @@ from flax import nnx
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from tests.conftest import tiny_experiment  # noqa: E402
-from tests.test_transformer_hf import load_ours, save_hf  # noqa: E402
+from tests.fixtures.hf_checkpoints import load_causal_lm, save_causal_lm  # noqa: E402
+from tests.fixtures.runs import tiny_experiment  # noqa: E402
 from vla_foundry_jax import checkpoint as ckpt_lib  # noqa: E402
 from vla_foundry_jax.apps.hf_conversion import convert_hf, export_transformer_hf  # noqa: E402
 from vla_foundry_jax.configs.hf_hub import HFLoadError  # noqa: E402
@@ -37,7 +37,7 @@ def test_convert_load_model_and_weights_only_resume(tmp_path, monkeypatch):
     from vla_foundry_jax.sampling import load_model
     from vla_foundry_jax.training.loop import train
 
-    path, hf = save_hf(tmp_path, "llama_untied_mqa_odd_hd")
+    path, hf = save_causal_lm(tmp_path, "llama_untied_mqa_odd_hd")
     run = os.path.join(str(tmp_path), "converted")
     summary = convert_hf(path, run)
     assert summary["params"] == sum(p.numel() for p in hf.parameters())
@@ -95,7 +95,7 @@ def test_train_export_reload_in_transformers(tmp_path):
 
     from vla_foundry_jax.training.loop import train
 
-    path, _ = save_hf(tmp_path, "llama_tied_gqa")
+    path, _ = save_causal_lm(tmp_path, "llama_tied_gqa")
     run = os.path.join(str(tmp_path), "run")
     exp = tiny_experiment(run, steps=2, batch=2, seq_len=8)
     result = train(exp.replace(model=TransformerHFParams(hf_pretrained=path), num_checkpoints=1))
@@ -110,7 +110,7 @@ def test_train_export_reload_in_transformers(tmp_path):
     ours = np.asarray(result.model()(ids).logits)
     np.testing.assert_allclose(_hf_logits(hf, ids), ours, atol=TOL, rtol=0)
     # the export moved: training changed the weights, the export carries the trained ones
-    _, original = save_hf(tmp_path / "again", "llama_tied_gqa")
+    _, original = save_causal_lm(tmp_path / "again", "llama_tied_gqa")
     assert np.abs(_hf_logits(original, ids) - ours).max() > 1e-3
 
 
@@ -119,8 +119,8 @@ def test_export_inverts_the_maps(tmp_path, arch):
     """Gemma's norm offset, untied heads and biases: the export equals the original HF tensors, logits agree."""
     from safetensors.numpy import load_file
 
-    path, hf = save_hf(tmp_path, arch)
-    ours = load_ours(path)
+    path, hf = save_causal_lm(tmp_path, arch)
+    ours = load_causal_lm(path)
     out = export_transformer_hf((ours, TransformerHFParams(hf_pretrained=path)), os.path.join(str(tmp_path), "out"))
     exported = load_file(os.path.join(out, "model.safetensors"))
     sd = {k: v.detach().numpy() for k, v in hf.state_dict().items()}

@@ -8,12 +8,10 @@ vit-backbone policy trained on fixed synthetic robotics batches with the project
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 
-from tests.conftest import ROOT, subprocess_env
+from tests.fixtures.multidevice import run_python
 
 STEPS, BATCH = 4, 8
 
@@ -100,15 +98,7 @@ def _run(tmp_path, name: str, devices: int, mesh: tuple[int, int, int], resume_a
         "import json, sys; from tests.test_policy_sharding import worker; "
         f"print('LOSSES', json.dumps(worker({mesh!r}, {out!r}, {resume_at!r})))"
     )
-    proc = subprocess.run(
-        [sys.executable, "-c", code],
-        cwd=ROOT,
-        env=subprocess_env(devices),
-        capture_output=True,
-        text=True,
-        timeout=500,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    proc = run_python(code, devices=devices, timeout=500)
     line = [x for x in proc.stdout.splitlines() if x.startswith("LOSSES ")][-1]
     return json.loads(line[len("LOSSES ") :])
 

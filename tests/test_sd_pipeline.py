@@ -7,14 +7,15 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 import sys
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from tests.conftest import ROOT, TINY, logged_losses, subprocess_env
+from tests.fixtures.multidevice import assert_losses_match, last_json, losses_on_one_and_eight_devices, run
+from tests.fixtures.paths import ROOT, TINY
+from tests.fixtures.runs import logged_losses, train_command
 
 CLIP = os.path.join(TINY, "tiny_clip")
 STEPS = 6
@@ -270,44 +271,20 @@ def test_load_sd_model_uses_ema(straight_run):
 
 def test_sample_and_eval_cli(straight_run, tmp_path):
     out, _ = straight_run
-    env = subprocess_env()
     png = str(tmp_path / "grid.png")
     cmd = [sys.executable, "-m", "launch.sample_sd", f"--run_dir={out}", "--prompt=a red ball .",
            "--prompt=a blue box .", "--num_images=3", "--num_steps=5", "--scale=2", f"--out={png}"]  # fmt: skip
-    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
+    run(cmd)
     assert np.asarray(Image.open(png)).shape == (2 * 8 * 2, 3 * 8 * 2, 3)  # 2 prompts x 3 images of 8x8, scale 2
     cmd = [sys.executable, "-m", "launch.eval_sd", f"--run_dir={out}", "--samples_per_color=2", "--num_steps=5"]
-    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    summary = json.loads(done.stdout.strip().splitlines()[-1])
+    summary = last_json(run(cmd))
     assert summary["num_samples"] == 12 and summary["ema"] is True
     assert 0.0 <= summary["color_accuracy"] <= 1.0 and 0.0 <= summary["untrained_color_accuracy"] <= 1.0
 
 
 def test_eight_devices_match_one(tmp_path):
-    runs = {}
-    for name, devices, extra in [
-        ("one", 1, []),
-        (
-            "fsdp4_tensor2",
-            8,
-            [
-                "distributed.data_parallelism = 1",
-                "distributed.fsdp_parallelism = 4",
-                "distributed.tensor_parallelism = 2",
-                "hparams.per_gpu_batch_size = 4",
-            ],
-        ),
-    ]:
-        out = str(tmp_path / name)
-        bindings = [*_bindings(out, batch=16, steps=3), *extra]
-        cmd = [sys.executable, "-m", "launch.train", "--gin_file=gin_configs/sd_quickstart.gin"]
-        cmd += [f"--gin_bindings={b}" for b in bindings]
-        done = subprocess.run(cmd, cwd=ROOT, env=subprocess_env(devices), capture_output=True, text=True, timeout=600)
-        assert done.returncode == 0, done.stderr[-3000:]
-        runs[name] = logged_losses(out)
-    one, sharded = runs["one"], runs["fsdp4_tensor2"]
-    assert sorted(one) == sorted(sharded) == [1, 2, 3]
-    for step in one:
-        assert abs(one[step] - sharded[step]) <= 1e-5, (step, one[step], sharded[step])
+    def command(out, mesh):
+        return train_command("sd_quickstart.gin", [*_bindings(out, batch=16, steps=3), *mesh])
+
+    one, sharded = losses_on_one_and_eight_devices(command, tmp_path)
+    assert_losses_match(one, sharded, [1, 2, 3], 1e-5)

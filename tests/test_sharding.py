@@ -4,26 +4,22 @@ joined by jax.distributed on loopback, each matching the single-device losses wi
 from __future__ import annotations
 
 import socket
-import subprocess
 
 import pytest
 
-from tests.conftest import ROOT, logged_losses, subprocess_env, tiny_train_command
+from tests.fixtures.multidevice import assert_losses_match, finish, losses_on_one_and_eight_devices, start
+from tests.fixtures.runs import logged_losses, tiny_train_command, train_command
 
 STEPS, BATCH = 6, 16
 
 
-def _run(out_dir, devices, bindings, extra_args=(), env_extra=None):
-    env = subprocess_env(devices)
-    env.update(env_extra or {})
-    cmd = tiny_train_command(out_dir, STEPS, bindings, batch=BATCH) + list(extra_args)
-    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+def _run(out_dir, devices, bindings, extra_args=()):
+    return start(tiny_train_command(out_dir, STEPS, bindings, batch=BATCH) + list(extra_args), devices=devices)
 
 
 def _finish(proc):
-    out, _ = proc.communicate(timeout=420)
-    assert proc.returncode == 0, out[-4000:]
-    return out
+    done = finish(proc, timeout=420)
+    return done.stdout + done.stderr
 
 
 @pytest.fixture(scope="module")
@@ -34,9 +30,7 @@ def single_device_losses(tmp_path_factory):
 
 
 def _assert_close(a, b):
-    assert sorted(a) == sorted(b) == list(range(1, STEPS + 1))
-    for step in a:
-        assert abs(a[step] - b[step]) <= 1e-5, (step, a[step], b[step])
+    assert_losses_match(a, b, list(range(1, STEPS + 1)), 1e-5)
 
 
 @pytest.mark.parametrize(
@@ -100,36 +94,9 @@ def _vlm_command(out_dir: str, bindings: list[str]) -> list[str]:
         "hparams.global_batch_size = 16",
         "hparams.per_gpu_batch_size = 16",
     ]
-    cmd = ["python", "-m", "launch.train", "--gin_file=gin_configs/vlm_quickstart.gin"]
-    return cmd + [f"--gin_bindings={b}" for b in [*base, *bindings]]
+    return train_command("vlm_quickstart.gin", [*base, *bindings])
 
 
 def test_vlm_on_eight_devices_matches_one(tmp_path):
-    import sys
-
-    runs = {}
-    for name, devices, bindings in [
-        ("one", 1, []),
-        (
-            "fsdp4_tensor2",
-            8,
-            [
-                "distributed.data_parallelism = 1",
-                "distributed.fsdp_parallelism = 4",
-                "distributed.tensor_parallelism = 2",
-                "hparams.per_gpu_batch_size = 4",
-            ],
-        ),
-    ]:
-        out = str(tmp_path / name)
-        cmd = _vlm_command(out, bindings)
-        cmd[0] = sys.executable
-        proc = subprocess.Popen(
-            cmd, cwd=ROOT, env=subprocess_env(devices), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-        )
-        _finish(proc)
-        runs[name] = logged_losses(out)
-    one, sharded = runs["one"], runs["fsdp4_tensor2"]
-    assert sorted(one) == sorted(sharded) == [1, 2, 3, 4]
-    for step in one:
-        assert abs(one[step] - sharded[step]) <= 1e-5, (step, one[step], sharded[step])
+    one, sharded = losses_on_one_and_eight_devices(_vlm_command, tmp_path, timeout=420)
+    assert_losses_match(one, sharded, [1, 2, 3, 4], 1e-5)

@@ -14,92 +14,29 @@ from flax import nnx
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
+from tests.fixtures.hf_checkpoints import CAUSAL_LM_ARCHS, hf_greedy, load_causal_lm, save_causal_lm  # noqa: E402
+from tests.fixtures.multidevice import last_json, run_python  # noqa: E402
 from vla_foundry_jax.configs.hf_decoder import UnsupportedArchitectureError  # noqa: E402
 from vla_foundry_jax.configs.hf_hub import HFLoadError, resolve_hf_path  # noqa: E402
-from vla_foundry_jax.convert.hf_decoder_maps import load_transformer_hf_weights  # noqa: E402
 from vla_foundry_jax.models import build_model  # noqa: E402
 from vla_foundry_jax.models.generation import generate  # noqa: E402
 from vla_foundry_jax.params import TransformerHFParams  # noqa: E402
 from vla_foundry_jax.registry import get_loss  # noqa: E402
 
 TOL = 1e-4
-COMMON = {
-    "vocab_size": 160,
-    "hidden_size": 32,
-    "intermediate_size": 48,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "max_position_embeddings": 128,
-    "rms_norm_eps": 1e-6,
-}
-ARCHS = {
-    "llama_tied_gqa": ("LlamaConfig", {"tie_word_embeddings": True}),
-    "llama_untied_mqa_odd_hd": (
-        "LlamaConfig",
-        {
-            "tie_word_embeddings": False,
-            "num_key_value_heads": 1,
-            "head_dim": 6,
-            "attention_bias": True,
-            "mlp_bias": True,
-        },
-    ),
-    "qwen2": ("Qwen2Config", {"tie_word_embeddings": False}),
-    "qwen3": ("Qwen3Config", {"head_dim": 12, "tie_word_embeddings": True, "attention_bias": True}),
-    "mistral_sliding": ("MistralConfig", {"sliding_window": 4, "tie_word_embeddings": False}),
-    "gemma": ("GemmaConfig", {"head_dim": 10, "num_key_value_heads": 1}),
-    "gemma2": (
-        "Gemma2Config",
-        {
-            "head_dim": 8,
-            "sliding_window": 4,
-            "query_pre_attn_scalar": 12,
-            "attn_logit_softcapping": 5.0,
-            "final_logit_softcapping": 3.0,
-            "num_hidden_layers": 3,
-        },
-    ),
-}
-
-
-def save_hf(tmp_path, arch: str, *, dtype=None, **save_kw) -> tuple[str, object]:
-    """A tiny random HF causal LM of ``arch`` saved with ``save_pretrained``; returns (dir, torch model)."""
-    cls_name, extra = ARCHS[arch]
-    config = getattr(transformers, cls_name)(**{**COMMON, **extra})
-    config._attn_implementation = "eager"
-    torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(config).eval()
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():  # perturb every weight (norms, biases included) so each one matters
-        for p in model.parameters():
-            p.add_(0.1 * torch.randn(p.shape, generator=gen))
-    if dtype is not None:
-        model = model.to(dtype)
-    path = os.path.join(str(tmp_path), arch)
-    model.save_pretrained(path, **save_kw)
-    return path, model
-
-
-def load_ours(path: str):
-    params = TransformerHFParams(hf_pretrained=path)
-    model = build_model(params, rngs=nnx.Rngs(0))
-    (state,) = load_transformer_hf_weights(params, [nnx.state(model, nnx.Param)], "")
-    nnx.update(model, state)
-    return model
 
 
 def _ids(shape, seed=0, vocab=160):
     return np.random.default_rng(seed).integers(1, vocab, size=shape).astype(np.int64)
 
 
-@pytest.mark.parametrize("arch", list(ARCHS))
+@pytest.mark.parametrize("arch", list(CAUSAL_LM_ARCHS))
 def test_parity_logits_hidden_states_padding(tmp_path, arch):
     save_kw = {"max_shard_size": "20KB"} if arch == "qwen2" else {}  # qwen2: sharded index
-    path, hf = save_hf(tmp_path, arch, **save_kw)
+    path, hf = save_causal_lm(tmp_path, arch, **save_kw)
     if arch == "qwen2":
         assert os.path.isfile(os.path.join(path, "model.safetensors.index.json"))
-    ours = load_ours(path)
+    ours = load_causal_lm(path)
     ids = _ids((2, 10))
     mask = np.ones_like(ids)
     mask[1, :3] = 0  # left padding on row 1
@@ -121,19 +58,10 @@ def test_parity_logits_hidden_states_padding(tmp_path, arch):
 
 @pytest.mark.parametrize("arch", ["llama_untied_mqa_odd_hd", "gemma2"])
 def test_greedy_generation_matches_hf(tmp_path, arch):
-    path, hf = save_hf(tmp_path, arch)
-    ours = load_ours(path)
+    path, hf = save_causal_lm(tmp_path, arch)
+    ours = load_causal_lm(path)
     ids = _ids((2, 6), seed=3)
-    with torch.no_grad():
-        ref = hf.generate(
-            torch.from_numpy(ids),
-            attention_mask=torch.ones_like(torch.from_numpy(ids)),
-            max_new_tokens=20,
-            min_new_tokens=20,
-            do_sample=False,
-            eos_token_id=None,
-            pad_token_id=0,
-        ).numpy()
+    ref = hf_greedy(hf, input_ids=torch.from_numpy(ids), attention_mask=torch.ones_like(torch.from_numpy(ids)))
     got = np.asarray(generate(ours, jnp.asarray(ids), max_new_tokens=20, temperature=0.0))
     np.testing.assert_array_equal(got, ref)
 
@@ -141,23 +69,14 @@ def test_greedy_generation_matches_hf(tmp_path, arch):
 @pytest.mark.parametrize("arch", ["llama_untied_mqa_odd_hd", "gemma2"])
 def test_left_padded_greedy_generation_matches_hf(tmp_path, arch):
     """Left-padded prompts: positions from the attention mask (``cumsum - 1``), as HF ``generate``."""
-    path, hf = save_hf(tmp_path, arch)
-    ours = load_ours(path)
+    path, hf = save_causal_lm(tmp_path, arch)
+    ours = load_causal_lm(path)
     ids = _ids((3, 7), seed=4)
     mask = np.ones_like(ids)
     mask[1, :3] = 0
     mask[2, :5] = 0
     ids[mask == 0] = 0
-    with torch.no_grad():
-        ref = hf.generate(
-            torch.from_numpy(ids),
-            attention_mask=torch.from_numpy(mask),
-            max_new_tokens=20,
-            min_new_tokens=20,
-            do_sample=False,
-            eos_token_id=None,
-            pad_token_id=0,
-        ).numpy()
+    ref = hf_greedy(hf, input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask))
     got = np.asarray(generate(ours, jnp.asarray(ids), jnp.asarray(mask), max_new_tokens=20, temperature=0.0))
     np.testing.assert_array_equal(got, ref)
     # each left-padded row generates what its unpadded prompt alone generates
@@ -166,8 +85,8 @@ def test_left_padded_greedy_generation_matches_hf(tmp_path, arch):
 
 
 def test_bf16_checkpoint_and_parameter_layout(tmp_path):
-    path, hf = save_hf(tmp_path, "llama_tied_gqa", dtype=torch.bfloat16)
-    ours = load_ours(path)
+    path, hf = save_causal_lm(tmp_path, "llama_tied_gqa", dtype=torch.bfloat16)
+    ours = load_causal_lm(path)
     emb = hf.model.embed_tokens.weight.detach().float().numpy()
     np.testing.assert_array_equal(np.asarray(ours.embed_tokens[...]), emb)
     q = hf.model.layers[1].self_attn.q_proj.weight.detach().float().numpy()
@@ -196,11 +115,11 @@ def test_errors(tmp_path, monkeypatch):
         resolve_hf_path("no-such-org/no-such-model")
 
     # a directory with only a PyTorch .bin: says how to convert
-    path, _ = save_hf(tmp_path, "llama_tied_gqa")
+    path, _ = save_causal_lm(tmp_path, "llama_tied_gqa")
     bin_dir = os.path.join(str(tmp_path), "bin_only")
     _fake_bin(path, bin_dir)
     with pytest.raises(HFLoadError, match=r"no \*\.safetensors.*save_pretrained"):
-        load_ours(bin_dir)
+        load_causal_lm(bin_dir)
 
     # config disagrees with the tensors: shape mismatches listed
     with open(os.path.join(path, "config.json")) as f:
@@ -209,7 +128,7 @@ def test_errors(tmp_path, monkeypatch):
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(cfg, f)
     with pytest.raises(HFLoadError, match=r"shape mismatches \(6\).*mlp.gate_proj.weight: checkpoint \(48, 32\)"):
-        load_ours(path)
+        load_causal_lm(path)
 
     # untied config but no lm_head tensor: missing listed; extra tensor: unexpected listed
     cfg["intermediate_size"] = 48
@@ -217,7 +136,7 @@ def test_errors(tmp_path, monkeypatch):
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(cfg, f)
     with pytest.raises(HFLoadError, match=r"missing from the checkpoint \(1\): lm_head.weight"):
-        load_ours(path)
+        load_causal_lm(path)
 
 
 def _fake_bin(src: str, dst: str) -> None:
@@ -232,10 +151,10 @@ def _fake_bin(src: str, dst: str) -> None:
 
 
 def test_train_loop_two_steps(tmp_path):
-    from tests.conftest import tiny_experiment
+    from tests.fixtures.runs import tiny_experiment
     from vla_foundry_jax.training.loop import train
 
-    path, hf = save_hf(tmp_path, "llama_tied_gqa")
+    path, hf = save_causal_lm(tmp_path, "llama_tied_gqa")
     assert get_loss("transformer_hf") is get_loss("transformer")
     exp = tiny_experiment(os.path.join(str(tmp_path), "run"), steps=2, batch=2, seq_len=8)
     exp = exp.replace(model=TransformerHFParams(hf_pretrained=path), num_checkpoints=1)
@@ -251,13 +170,13 @@ SHARDED_SCRIPT = """
 import os, sys, json
 import numpy as np
 import torch, transformers
-from tests.conftest import tiny_experiment
-from tests.test_transformer_hf import save_hf
+from tests.fixtures.hf_checkpoints import save_causal_lm
+from tests.fixtures.runs import tiny_experiment
 from vla_foundry_jax.params import DistributedParams, TransformerHFParams
 from vla_foundry_jax.training.loop import train
 
 tmp = sys.argv[1]
-path, hf = save_hf(tmp, "qwen2")
+path, hf = save_causal_lm(tmp, "qwen2")
 exp = tiny_experiment(os.path.join(tmp, "run"), steps=1, batch=4, seq_len=8)
 exp = exp.replace(
     model=TransformerHFParams(hf_pretrained=path),
@@ -274,20 +193,6 @@ print(json.dumps({"loss": float(result.metrics["loss"]), "spec": str(kernel.shar
 
 def test_sharded_load_in_train_loop(tmp_path):
     """4 CPU devices (fsdp 2 x tensor 2): the loader places each tensor in its target sharding; training runs."""
-    import subprocess
-    import sys
-
-    from tests.conftest import ROOT, subprocess_env
-
-    proc = subprocess.run(
-        [sys.executable, "-c", SHARDED_SCRIPT, str(tmp_path)],
-        cwd=ROOT,
-        env=subprocess_env(4),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    out = last_json(run_python(SHARDED_SCRIPT, str(tmp_path), devices=4, timeout=300))
     assert np.isfinite(out["loss"]) and out["devices"] == 4, out
     assert "fsdp" in out["spec"] or "tensor" in out["spec"], out

@@ -11,31 +11,28 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from tests.conftest import ROOT, subprocess_env
+from tests.fixtures.multidevice import last_json, run
+from tests.fixtures.runs import train_command
 
 STEPS = 3
 BATCH = 8
 
 
 def _train(gin_file: str, out_dir: str, bindings: list[str]) -> None:
-    cmd = [sys.executable, "-m", "launch.train", f"--gin_file=gin_configs/{gin_file}"]
-    cmd += [
-        f"--gin_bindings=experiment.output_dir = '{out_dir}'",
-        f"--gin_bindings=experiment.total_train_samples = {STEPS * BATCH}",
-        "--gin_bindings=experiment.num_checkpoints = 1",
-        f"--gin_bindings=hparams.global_batch_size = {BATCH}",
-        f"--gin_bindings=hparams.per_gpu_batch_size = {BATCH}",
-        *[f"--gin_bindings={b}" for b in bindings],
+    base = [
+        f"experiment.output_dir = '{out_dir}'",
+        f"experiment.total_train_samples = {STEPS * BATCH}",
+        "experiment.num_checkpoints = 1",
+        f"hparams.global_batch_size = {BATCH}",
+        f"hparams.per_gpu_batch_size = {BATCH}",
     ]
-    proc = subprocess.run(cmd, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    run(train_command(gin_file, [*base, *bindings]))
 
 
 def _weights(run_dir: str) -> dict[str, np.ndarray]:
@@ -93,15 +90,6 @@ def test_policy_trains_and_evaluates(chain):
     (val,) = [r for r in rows if "val_loss" in r]
     assert val["step"] == STEPS and val["val_samples"] == 8
     assert np.isfinite(val["val_loss"]) and 0.0 < val["val_action_mse"] < 10.0
-    proc = subprocess.run(
-        [sys.executable, "-m", "launch.eval_policy", f"--run_dir={vla}", "--num_episodes=2"],
-        cwd=ROOT,
-        env=subprocess_env(),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result = last_json(run([sys.executable, "-m", "launch.eval_policy", f"--run_dir={vla}", "--num_episodes=2"]))
     assert 0.0 <= result["success_rate"] <= 1.0 and result["num_episodes"] == 2
     assert os.path.exists(os.path.join(vla, "eval_policy.png"))

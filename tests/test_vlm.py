@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import os
-
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
-from tests.conftest import TINY, tiny_experiment
+from tests.fixtures.paths import PROCESSOR
+from tests.fixtures.runs import tiny_experiment
 from vla_foundry_jax.models import build_model
 from vla_foundry_jax.models.generation import generate
 from vla_foundry_jax.models.vlm import ImageTokenError, check_image_tokens, image_tokens_per_image, vlm_loss
@@ -120,9 +119,7 @@ def test_resolve_from_processor_and_mismatch_errors():
     from vla_foundry_jax.training.resolve import resolve_vlm
 
     # the processor directory makes 32 x 32 images; a 32-pixel ViT with 8-pixel patches and shuffle 2 gives 4 tokens
-    data = ImageCaptionDataParams(
-        dataset_manifest=["x"], processor=os.path.join(TINY, "vlm_processor"), image_size=32, img_num_tokens=4
-    )
+    data = ImageCaptionDataParams(dataset_manifest=["x"], processor=PROCESSOR, image_size=32, img_num_tokens=4)
 
     def params(shuffle=2, img=32, vocab=100):
         p = _params(shuffle=shuffle, vocab=vocab)

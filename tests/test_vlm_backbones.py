@@ -14,6 +14,16 @@ from flax import nnx
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
+from tests.fixtures.hf_checkpoints import (  # noqa: E402
+    IMAGE_TOKEN,
+    TINY_TEXT,
+    idefics3_config,
+    paligemma_config,
+    save_perturbed,
+)
+from tests.fixtures.paths import PROCESSOR  # noqa: E402
+from tests.fixtures.robotics import reach_data  # noqa: E402
+from tests.fixtures.weights import loaded_with_init  # noqa: E402
 from vla_foundry_jax import checkpoint as ckpt_lib  # noqa: E402
 from vla_foundry_jax.models import build_model  # noqa: E402
 from vla_foundry_jax.models.vlm import VLM, ImageTokenError  # noqa: E402
@@ -31,21 +41,7 @@ from vla_foundry_jax.training.loop import write_run_files  # noqa: E402
 from vla_foundry_jax.training.state import frozen_prefixes, trainable_filter  # noqa: E402
 
 ATOL = 1e-4
-VISION = dict(
-    hidden_size=24, intermediate_size=40, num_hidden_layers=2, num_attention_heads=2, image_size=16, patch_size=4
-)
-TEXT = dict(
-    vocab_size=120,
-    hidden_size=32,
-    intermediate_size=48,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=8,
-    max_position_embeddings=64,
-)
-V = 120  # HF vocabulary: the action token gets id 120
-IMAGE_TOKEN = 100
+V = TINY_TEXT["vocab_size"]  # HF vocabulary: the action token gets id 120
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -56,46 +52,14 @@ IMAGE_TOKEN = 100
 def hf_ckpts(tmp_path_factory):
     """Tiny PaliGemma (Gemma, tied head) and Idefics3 (Llama, untied head), saved with ``save_pretrained``."""
     root = tmp_path_factory.mktemp("vlm_backbone")
-    configs = {
-        "paligemma": transformers.PaliGemmaConfig(
-            text_config=dict(TEXT, model_type="gemma"),
-            vision_config=VISION,
-            image_token_index=IMAGE_TOKEN,
-            projection_dim=32,
+    return {
+        "paligemma": save_perturbed(
+            transformers.PaliGemmaForConditionalGeneration, paligemma_config(), root / "paligemma"
         ),
-        "idefics3": transformers.Idefics3Config(
-            text_config=dict(TEXT, model_type="llama", pad_token_id=0),
-            vision_config=VISION,
-            image_token_id=IMAGE_TOKEN,
-            scale_factor=2,
-            tie_word_embeddings=False,
+        "idefics3": save_perturbed(
+            transformers.Idefics3ForConditionalGeneration, idefics3_config(tie=False), root / "idefics3"
         ),
     }
-    classes = {
-        "paligemma": transformers.PaliGemmaForConditionalGeneration,
-        "idefics3": transformers.Idefics3ForConditionalGeneration,
-    }
-    out = {}
-    for name, cfg in configs.items():
-        for c in (cfg, cfg.text_config, cfg.vision_config):
-            c._attn_implementation = "eager"
-        torch.manual_seed(0)
-        model = classes[name](cfg)
-        with torch.no_grad():  # non-trivial norms and biases, so a mis-mapped tensor shows
-            for pname, p in model.named_parameters():
-                if pname.endswith("bias") or "norm" in pname:
-                    p.add_(0.1 * torch.randn_like(p))
-        model.eval().save_pretrained(str(root / name))
-        out[name] = (str(root / name), model)
-    return out
-
-
-def _split_load(params, prefix=""):
-    model = build_model(params, rngs=nnx.Rngs(1))
-    graphdef, p, rest = nnx.split(model, nnx.Param, ...)
-    fresh = {k: np.asarray(v) for k, v in ckpt_lib.flat_params(p).items()}
-    [p] = model_record(params.type).weight_loader(params, [p], prefix)
-    return nnx.merge(graphdef, p, rest), fresh
 
 
 def _hf_inputs(name, b=2, seed=0):
@@ -137,7 +101,7 @@ def _hf_reference(hf, name, ids, mask, images, n_layers):
 def test_vlm_backbone_matches_hf_hidden_states(hf_ckpts, name, n_layers):
     path, hf = hf_ckpts[name]
     params = VLMBackboneParams(hf_pretrained=path, num_vlm_layers_to_use=n_layers)
-    model, _ = _split_load(params)
+    model, _ = loaded_with_init(params)
     assert isinstance(model, PaliGemmaBackbone if name == "paligemma" else Idefics3Backbone)
     assert model.action_token_id == V and model.conditioning_dim == 32 * n_layers
     ids, mask, images = _hf_inputs(name)
@@ -157,7 +121,7 @@ def test_vlm_backbone_matches_hf_hidden_states(hf_ckpts, name, n_layers):
 def test_vlm_backbone_weights_and_action_row(hf_ckpts, name):
     path, hf = hf_ckpts[name]
     params = VLMBackboneParams(hf_pretrained=path, num_vlm_layers_to_use=1)
-    model, fresh = _split_load(params)
+    model, fresh = loaded_with_init(params)
     flat = {k: np.asarray(v) for k, v in ckpt_lib.flat_params(nnx.state(model, nnx.Param)).items()}
     sd = {k: v.detach().numpy() for k, v in hf.state_dict().items()}
     hf_emb = next(v for k, v in sd.items() if k.endswith("embed_tokens.weight"))
@@ -178,7 +142,7 @@ def test_vlm_backbone_weights_and_action_row(hf_ckpts, name):
 def test_vlm_backbone_dead_head_frozen_and_batch_check(hf_ckpts):
     path, _ = hf_ckpts["idefics3"]
     params = VLMBackboneParams(hf_pretrained=path, num_vlm_layers_to_use=2)
-    model, _ = _split_load(params)
+    model, _ = loaded_with_init(params)
     ids, mask, images = _hf_inputs("idefics3")
     grads = nnx.grad(lambda m: jnp.sum(m(jnp.asarray(ids), jnp.asarray(images), jnp.asarray(mask)) ** 2))(model)
     g = {k: float(np.abs(np.asarray(v)).max()) for k, v in ckpt_lib.flat_params(grads).items()}
@@ -374,10 +338,6 @@ def test_foundry_batch_check(foundry):
 # ----------------------------------------------------------------------------------------------------------
 # inside a diffusion_policy: the loop's initial-weight load, freezing, training and a whole-policy resume
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-REACH = os.path.join(REPO, "tiny_data", "reach", "train")
-PROCESSOR = os.path.join(REPO, "tiny_data", "vlm_processor")
-
 
 @pytest.fixture(scope="module")
 def reach_vlm_run(tmp_path_factory):
@@ -394,7 +354,7 @@ def policy_experiment(
     out: str, vlm_run: str, *, freeze: bool = False, steps: int = 4, denoiser_run: str | None = None
 ) -> TrainExperimentParams:
     from vla_foundry_jax.params import DiffusionPolicyParams, HyperParams
-    from vla_foundry_jax.params.data_params import NormalizationParams, RoboticsDataParams
+    from vla_foundry_jax.params.data_params import NormalizationParams
     from vla_foundry_jax.params.model_params import NoiseSchedulerParams
     from vla_foundry_jax.testbeds.tiny_robotics import ACTION_FIELD, PROPRIO_FIELD
 
@@ -413,16 +373,8 @@ def policy_experiment(
         noise_scheduler=NoiseSchedulerParams(clamp_range=(-3.0, 3.0)),
         use_flow_matching_scheduler=True,
     )
-    data = RoboticsDataParams(
-        dataset_manifest=[os.path.join(REACH, "manifest.jsonl")],
-        dataset_statistics=[os.path.join(REACH, "stats.json")],
-        processor=PROCESSOR,
-        img_num_tokens=1,
-        max_text_seq_len=12,
-        action_fields=[ACTION_FIELD],
-        proprioception_fields=[PROPRIO_FIELD],
-        normalization=NormalizationParams(method="percentile_1_99", scope="per_timestep", centered_norm=True),
-        num_workers=0,
+    data = reach_data(
+        normalization=NormalizationParams(method="percentile_1_99", scope="per_timestep", centered_norm=True)
     )
     return TrainExperimentParams(
         output_dir=out,
@@ -438,20 +390,12 @@ def policy_experiment(
 
 def test_policy_starts_from_the_vlm_run_and_freeze_keeps_it(reach_vlm_run, tmp_path):
     """The loop's initial-weight load puts the vlm run into the policy's backbone; freeze leaves it untouched."""
-    from vla_foundry_jax import parallel
-    from vla_foundry_jax.models import load_weights
-    from vla_foundry_jax.registry import get_loss
-    from vla_foundry_jax.training.optimizer import make_optimizer
+    from tests.fixtures.training import single_device_train_step
     from vla_foundry_jax.training.resolve import resolve_experiment
-    from vla_foundry_jax.training.state import init_train_state, make_model_spec
-    from vla_foundry_jax.training.step import make_train_step
 
     run, src = reach_vlm_run
     exp = resolve_experiment(policy_experiment(str(tmp_path), run, freeze=True))
-    hp = exp.hparams
-    spec = make_model_spec(exp.model, hp, parallel.make_mesh(exp.distributed, jax.devices()[:1]))
-    state = init_train_state(spec, make_optimizer(hp, 4), hp, use_ema=False)
-    state["params"], state["frozen"] = load_weights(spec.params, [state["params"], state["frozen"]])
+    _, state, step = single_device_train_step(exp.model, exp.hparams, 4, ema=exp.ema, load_weights=True)
     frozen = {k: np.asarray(v) for k, v in ckpt_lib.flat_params(state["frozen"]).items()}
     bb = {k[len("vision_language_backbone.") :]: v for k, v in frozen.items() if k.startswith("vision_language_")}
     assert set(bb) == set(src)  # the whole backbone is frozen ...
@@ -467,11 +411,6 @@ def test_policy_starts_from_the_vlm_run_and_freeze_keeps_it(reach_vlm_run, tmp_p
     batch = next(build_train_iterator(exp.data, global_batch_size=4, num_batches=1))
     model_record("vlm_foundry_backbone").batch_check(exp.model.vision_language_backbone, batch)
     assert batch["pixel_values"].shape[2:4] == (32, 32)  # resized to the ViT's 16 inside the backbone
-    shardings = jax.tree.map(lambda x: x.sharding, state)
-    step = make_train_step(
-        spec, get_loss("diffusion_policy"), make_optimizer(hp, 4), hp, exp.ema, accum_steps=1, total_steps=4,
-        state_shardings=shardings,
-    )  # fmt: skip
     before = jax.tree.map(np.asarray, state["params"])
     state, m = step(state, {k: jnp.asarray(v) for k, v in batch.items()})
     assert np.isfinite(float(m["loss"]))
@@ -487,7 +426,7 @@ def test_policy_run_resumes_exactly_without_growing_the_table_again(reach_vlm_ru
     backbone has the same V + 1 rows as the saved one and the trained weights replace the vlm run's."""
     import shutil
 
-    from tests.conftest import logged_losses
+    from tests.fixtures.runs import logged_losses
     from vla_foundry_jax.training.loop import train
 
     run, src = reach_vlm_run
