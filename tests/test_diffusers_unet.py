@@ -17,6 +17,8 @@ diffusers = pytest.importorskip("diffusers")
 
 from safetensors.numpy import load_file, save_file  # noqa: E402
 
+from tests.fixtures.training import fixed_draw_loss, single_device_train_step  # noqa: E402
+from tests.fixtures.weights import perturb_all  # noqa: E402
 from vla_foundry_jax.configs.hf_hub import HFLoadError  # noqa: E402
 from vla_foundry_jax.convert.diffusers_unet_maps import WEIGHTS_NAME, load_diffusers_unet  # noqa: E402
 from vla_foundry_jax.layers.positional import sinusoidal_embedding  # noqa: E402
@@ -68,10 +70,7 @@ def _save_torch_unet(case: str, path: str):
     cls_name, kw = CASES[case]
     torch.manual_seed(0)
     model = getattr(diffusers, cls_name)(**kw).eval()
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.1 * torch.randn(p.shape, generator=gen))
+    perturb_all(model, seed=1)
     model.save_pretrained(path)
     return model
 
@@ -95,20 +94,6 @@ def unet2d_dir(tmp_path_factory):
     path = str(tmp_path_factory.mktemp("unet2d"))
     _save_torch_unet("unet2d", path)
     return path
-
-
-@pytest.fixture(scope="module")
-def clip_dir(tmp_path_factory):
-    """A tiny CLIP config (text width ``TXT``; no weights, no tokenizer)."""
-    from transformers import CLIPConfig
-
-    text = dict(vocab_size=64, hidden_size=TXT, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                max_position_embeddings=16, bos_token_id=61, eos_token_id=62, pad_token_id=63)  # fmt: skip
-    vision = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=8,
-                  patch_size=4)  # fmt: skip
-    path = tmp_path_factory.mktemp("clip")
-    CLIPConfig(text_config=text, vision_config=vision, projection_dim=8).save_pretrained(str(path))
-    return str(path)
 
 
 # ------------------------------------------------------------------------------------------------ parity
@@ -317,11 +302,7 @@ def test_conditional_from_scratch_uses_text():
 
 def test_train_step_lowers_loss():
     from vla_foundry_jax import checkpoint as ckpt_lib
-    from vla_foundry_jax import parallel
-    from vla_foundry_jax.params import DistributedParams, EMAParams, HyperParams
-    from vla_foundry_jax.training.optimizer import make_optimizer
-    from vla_foundry_jax.training.state import init_train_state, make_model_spec
-    from vla_foundry_jax.training.step import make_train_step
+    from vla_foundry_jax.params import HyperParams
 
     params = StableDiffusionParams(
         unet=UNetParams(channels=[8], image_size=4, time_emb_dim=8, text_emb_dim=0),
@@ -330,20 +311,10 @@ def test_train_step_lowers_loss():
         use_flow_matching_scheduler=True,
     )
     hp = HyperParams(precision="fp32", lr=1e-2, warmup="0")
-    spec = make_model_spec(params, hp, parallel.make_mesh(DistributedParams(), jax.devices()[:1]))
+    spec, state, step = single_device_train_step(params, hp, 100)
     assert "unet.down_blocks.0.resnets.0.time_emb_proj.kernel" in ckpt_lib.flat_params(spec.abstract[0])
-    opt = make_optimizer(hp, 100)
-    state = init_train_state(spec, opt, hp, use_ema=False)
-    shardings = jax.tree.map(lambda x: x.sharding, state)
-    loss_fn = get_loss("stable_diffusion")
-    step = make_train_step(spec, loss_fn, opt, hp, EMAParams(), accum_steps=1, total_steps=100,
-                           state_shardings=shardings)  # fmt: skip
     batch = {"pixel_values": jnp.asarray(np.random.default_rng(0).uniform(-1, 1, (4, 4, 4, 3)), jnp.float32)}
-
-    def fixed_loss(st):  # same t / noise draws before and after training
-        model = spec.merge(st["params"], st["frozen"], st["rest"])
-        return float(nnx.jit(lambda m: loss_fn(m, batch, rng=jax.random.key(0))[0])(model))
-
+    fixed_loss = fixed_draw_loss(spec, get_loss("stable_diffusion"), batch)  # same t / noise draws before and after
     before = fixed_loss(state)
     for _ in range(4):
         state, m = step(state, batch)

@@ -11,6 +11,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from tests.fixtures.training import single_device_train_step
+from tests.fixtures.weights import loaded
 from vla_foundry_jax import parallel
 from vla_foundry_jax.models import build_model
 from vla_foundry_jax.models import diffusion_policy as dp
@@ -26,9 +28,7 @@ from vla_foundry_jax.params.model_params import (
 )
 from vla_foundry_jax.registry import get_loss, model_record
 from vla_foundry_jax.training.ema import model_from_state
-from vla_foundry_jax.training.optimizer import make_optimizer
-from vla_foundry_jax.training.state import frozen_prefixes, init_train_state, make_model_spec
-from vla_foundry_jax.training.step import make_train_step
+from vla_foundry_jax.training.state import frozen_prefixes, make_model_spec
 
 B, N, TA, A, P, IMG = 2, 2, 4, 3, 2, 16
 T = 100
@@ -138,35 +138,21 @@ def test_vit_backbone_camera_major_tokens_and_camera_mask(policy):
 @pytest.fixture(scope="module")
 def clip_ckpt(tmp_path_factory):
     torch = pytest.importorskip("torch")
-    from transformers import CLIPConfig, CLIPModel
+    from transformers import CLIPModel
 
-    text = dict(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                max_position_embeddings=16, bos_token_id=61, eos_token_id=62, pad_token_id=63)  # fmt: skip
-    vision = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=IMG,
-                  patch_size=8)  # fmt: skip
+    from tests.fixtures.hf_checkpoints import tiny_clip_config
+
     torch.manual_seed(0)
-    hf = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=8)).eval()
+    hf = CLIPModel(tiny_clip_config(image_size=IMG, patch_size=8)).eval()
     path = tmp_path_factory.mktemp("clip")
     hf.save_pretrained(str(path))
     return str(path), hf
 
 
-def _loaded(params, *, policy_prefix=False):
-    model = build_model(params, rngs=nnx.Rngs(1))
-    graphdef, p, rest = nnx.split(model, nnx.Param, ...)
-    if policy_prefix:
-        [p] = model_record("clip_backbone").weight_loader(
-            params.vision_language_backbone, [p], "vision_language_backbone."
-        )
-    else:
-        [p] = model_record(params.type).weight_loader(params, [p], "")
-    return nnx.merge(graphdef, p, rest)
-
-
 def test_clip_backbone_matches_hf_with_the_originals_text_quirk(clip_ckpt):
     torch = pytest.importorskip("torch")
     path, hf = clip_ckpt
-    bb = _loaded(CLIPBackboneParams(hf_pretrained=path))
+    bb = loaded(CLIPBackboneParams(hf_pretrained=path))
     assert isinstance(bb, CLIPBackbone) and bb.conditioning_dim == 8
     ids = np.array([[61, 5, 6, 62, 63, 63], [61, 7, 8, 9, 10, 62]], np.int32)
     px = np.random.default_rng(0).uniform(-1, 1, (2, N, IMG, IMG, 3)).astype(np.float32)
@@ -209,8 +195,8 @@ def test_clip_backbone_freezing_and_unused_parameters(clip_ckpt):
     frozen = base.replace(vision_language_backbone=CLIPBackboneParams(hf_pretrained=path, freeze=True))
     assert ("vision_language_backbone",) in frozen_prefixes(frozen)
     # the policy loads its CLIP backbone with the clip_hf loader at prefix "vision_language_backbone."
-    model = _loaded(base, policy_prefix=True)
-    ref = _loaded(CLIPBackboneParams(hf_pretrained=path))
+    model = loaded(base, sub="vision_language_backbone")
+    ref = loaded(CLIPBackboneParams(hf_pretrained=path))
     batch = make_batch()
     got = model.condition(jnp.asarray(batch["input_ids"]), jnp.asarray(batch["pixel_values"]))
     np.testing.assert_allclose(np.asarray(got), np.asarray(ref(jnp.asarray(batch["input_ids"]),
@@ -441,14 +427,9 @@ def test_strided_ddpm_step_matches_diffusers_trailing_schedule(n):
 def test_train_steps_lower_the_loss_and_ema_weights_are_used():
     params = policy_params()
     hp = HyperParams(precision="fp32", lr=3e-3, warmup="0")
-    mesh = parallel.make_mesh(DistributedParams(), jax.devices()[:1])
-    spec = make_model_spec(params, hp, mesh)
-    opt = make_optimizer(hp, 100)
     ema = EMAParams(enabled=True, type="vanilla", alpha=0.5)
-    state = init_train_state(spec, opt, hp, use_ema=True)
-    shardings = jax.tree.map(lambda x: x.sharding, state)
+    spec, state, step = single_device_train_step(params, hp, 100, ema=ema)
     loss_fn = get_loss("diffusion_policy")
-    step = make_train_step(spec, loss_fn, opt, hp, ema, accum_steps=1, total_steps=100, state_shardings=shardings)
     batch = jbatch(make_batch(b=4))
     fixed = jax.jit(lambda st: loss_fn(spec.merge(st["params"], st["frozen"], st["rest"]), batch,
                                        rng=jax.random.PRNGKey(0))[0])  # fmt: skip

@@ -3,42 +3,24 @@ the plot, and the CLI on a policy trained for a few steps from gin_configs/vla_q
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
 import sys
 
 import numpy as np
 import pytest
 
+from tests.fixtures.multidevice import last_json, run
+from tests.fixtures.robotics import reach_data
+from tests.fixtures.runs import train_command
 from vla_foundry_jax.apps.policy_eval import draw_predictions, observation_sample, random_rollout, rollout
 from vla_foundry_jax.data.robotics import robotics_transform
-from vla_foundry_jax.params.data_params import NormalizationParams, RoboticsDataParams
-from vla_foundry_jax.testbeds.tiny_robotics import (
-    ACTION_FIELD,
-    PAST,
-    PROPRIO_FIELD,
-    ReachEnv,
-    expert_action,
-    sample_setup,
-)
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-REACH = os.path.join(REPO, "tiny_data", "reach")
+from vla_foundry_jax.params.data_params import NormalizationParams
+from vla_foundry_jax.testbeds.tiny_robotics import PAST, PROPRIO_FIELD, ReachEnv, expert_action, sample_setup
 
 
 @pytest.fixture(scope="module")
 def transform():
-    data = RoboticsDataParams(
-        dataset_manifest=[os.path.join(REACH, "train", "manifest.jsonl")],
-        dataset_statistics=[os.path.join(REACH, "train", "stats.json")],
-        processor=os.path.join(REPO, "tiny_data", "vlm_processor"),
-        img_num_tokens=1,
-        max_text_seq_len=12,
-        action_fields=[ACTION_FIELD],
-        proprioception_fields=[PROPRIO_FIELD],
-        normalization=NormalizationParams(method="min_max", centered_norm=True),
-    )
+    data = reach_data(normalization=NormalizationParams(method="min_max", centered_norm=True))
     return robotics_transform(data, train=False)
 
 
@@ -106,10 +88,9 @@ def test_draw_predictions(tmp_path, transform):
 
 
 def test_cli_on_a_briefly_trained_policy(tmp_path):
-    run = str(tmp_path / "run")
-    env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu")
+    run_dir = str(tmp_path / "run")
     bindings = [
-        f"experiment.output_dir = '{run}'",
+        f"experiment.output_dir = '{run_dir}'",
         "experiment.total_train_samples = 24",  # 3 steps of 8
         "experiment.num_checkpoints = 1",
         "experiment.log_every_n_steps = 1",
@@ -118,16 +99,10 @@ def test_cli_on_a_briefly_trained_policy(tmp_path):
         "vit_backbone.n_layers = 1",
         "transformer.n_layers = 1",
     ]
-    train = [sys.executable, "-m", "launch.train", "--gin_file=gin_configs/vla_quickstart.gin"]
-    out = subprocess.run(
-        train + [f"--gin_bindings={b}" for b in bindings], cwd=REPO, env=env, capture_output=True, text=True
-    )
-    assert out.returncode == 0, out.stderr[-3000:]
-    evaluate = [sys.executable, "-m", "launch.eval_policy", f"--run_dir={run}", "--num_episodes=2"]
+    run(train_command("vla_quickstart.gin", bindings))
+    evaluate = [sys.executable, "-m", "launch.eval_policy", f"--run_dir={run_dir}", "--num_episodes=2"]
     evaluate += ["--num_inference_steps=2", "--num_plot_samples=2", "--max_steps=8"]
-    out = subprocess.run(evaluate, cwd=REPO, env=env, capture_output=True, text=True)
-    assert out.returncode == 0, out.stderr[-3000:]
-    summary = json.loads(out.stdout.strip().splitlines()[-1])
+    summary = last_json(run(evaluate))
     assert summary["num_episodes"] == 2 and 0.0 <= summary["success_rate"] <= 1.0
     assert 0.0 <= summary["random_success_rate"] <= 1.0 and np.isfinite(summary["val_action_error"])
-    assert os.path.isfile(summary["plot"]) and summary["plot"].startswith(run)
+    assert os.path.isfile(summary["plot"]) and summary["plot"].startswith(run_dir)

@@ -15,15 +15,14 @@ from flax import nnx
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from vla_foundry_jax import parallel  # noqa: E402
+from tests.fixtures.hf_checkpoints import torch_images  # noqa: E402
+from tests.fixtures.training import assert_frozen_kept_and_moments_for_trainable_only, single_device_train_step  # noqa: E402
+from tests.fixtures.weights import loaded, perturb_and_save  # noqa: E402
 from vla_foundry_jax.configs.hf_hub import HFLoadError  # noqa: E402
 from vla_foundry_jax.models import build_model  # noqa: E402
-from vla_foundry_jax.params import DistributedParams, EMAParams, HyperParams  # noqa: E402
+from vla_foundry_jax.params import HyperParams  # noqa: E402
 from vla_foundry_jax.params.model_params import CLIPHFParams, ViTHFParams  # noqa: E402
-from vla_foundry_jax.registry import get_loss, model_record  # noqa: E402
-from vla_foundry_jax.training.optimizer import make_optimizer  # noqa: E402
-from vla_foundry_jax.training.state import frozen_prefixes, init_train_state, make_model_spec  # noqa: E402
-from vla_foundry_jax.training.step import make_train_step  # noqa: E402
+from vla_foundry_jax.training.state import frozen_prefixes  # noqa: E402
 
 VISION = dict(
     hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, image_size=16, patch_size=4
@@ -40,16 +39,6 @@ TEXT = dict(
     pad_token_id=1,
 )
 ATOL = 1e-4
-
-
-def _save(model, path) -> str:
-    torch.manual_seed(0)
-    with torch.no_grad():  # non-trivial norms and biases, so a mis-mapped tensor shows
-        for name, p in model.named_parameters():
-            if name.endswith("bias") or "norm" in name:
-                p.add_(0.1 * torch.randn_like(p))
-    model.eval().save_pretrained(str(path))
-    return str(path)
 
 
 @pytest.fixture(scope="module")
@@ -69,33 +58,22 @@ def ckpts(tmp_path_factory):
     clip_vision = CLIPVisionModel(CLIPVisionConfig(**VISION))
     clip = CLIPModel(CLIPConfig(text_config=TEXT, vision_config=VISION, projection_dim=16))
     return {
-        "siglip": (_save(siglip, root / "siglip"), siglip),
-        "clip_vision": (_save(clip_vision, root / "clip_vision"), clip_vision),
-        "clip": (_save(clip, root / "clip"), clip),
+        "siglip": (perturb_and_save(siglip, root / "siglip"), siglip),
+        "clip_vision": (perturb_and_save(clip_vision, root / "clip_vision"), clip_vision),
+        "clip": (perturb_and_save(clip, root / "clip"), clip),
     }
-
-
-def _loaded(params):
-    model = build_model(params, rngs=nnx.Rngs(1))
-    graphdef, p, rest = nnx.split(model, nnx.Param, ...)
-    [p] = model_record(params.type).weight_loader(params, [p], "")
-    return nnx.merge(graphdef, p, rest)
 
 
 def _images(b=2, seed=0):
     return np.random.default_rng(seed).standard_normal((b, 16, 16, 3)).astype(np.float32)
 
 
-def _torch_images(images):
-    return torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2)))
-
-
 def test_siglip_vision_matches_hf_last_hidden_state(ckpts):
     path, hf = ckpts["siglip"]
-    model = _loaded(ViTHFParams(hf_pretrained=path, hidden_dim=32))
+    model = loaded(ViTHFParams(hf_pretrained=path, hidden_dim=32))
     images = _images()
     with torch.no_grad():
-        ref = hf(pixel_values=_torch_images(images)).last_hidden_state.numpy()
+        ref = hf(pixel_values=torch_images(images)).last_hidden_state.numpy()
     out = np.asarray(model(jnp.asarray(images)))
     assert out.shape == (2, 16, 32)  # (16 / 4)^2 patches, no class token
     np.testing.assert_allclose(out, ref, atol=ATOL)
@@ -106,10 +84,10 @@ def test_siglip_vision_matches_hf_last_hidden_state(ckpts):
 
 def test_clip_vision_returns_post_layernormed_tokens(ckpts):
     path, hf = ckpts["clip_vision"]
-    model = _loaded(ViTHFParams(hf_pretrained=path, hidden_dim=32))
+    model = loaded(ViTHFParams(hf_pretrained=path, hidden_dim=32))
     images = _images()
     with torch.no_grad():
-        hf_out = hf(pixel_values=_torch_images(images))
+        hf_out = hf(pixel_values=torch_images(images))
         # HF's last_hidden_state is the encoder output before post_layernorm (it norms only the pooled token).
         ref = hf.post_layernorm(hf_out.last_hidden_state).numpy()
     out = np.asarray(model(jnp.asarray(images)))
@@ -120,10 +98,10 @@ def test_clip_vision_returns_post_layernormed_tokens(ckpts):
 
 def test_vit_hf_also_reads_the_vision_tower_of_a_full_clip_checkpoint(ckpts):
     path, hf = ckpts["clip"]
-    model = _loaded(ViTHFParams(hf_pretrained=path, hidden_dim=32))
+    model = loaded(ViTHFParams(hf_pretrained=path, hidden_dim=32))
     images = _images()
     with torch.no_grad():
-        ref = hf.vision_model(pixel_values=_torch_images(images)).pooler_output.numpy()
+        ref = hf.vision_model(pixel_values=torch_images(images)).pooler_output.numpy()
     np.testing.assert_allclose(np.asarray(model(jnp.asarray(images)))[:, 0], ref, atol=ATOL)
 
 
@@ -134,14 +112,14 @@ def _text_batch():
 
 def test_clip_model_matches_hf(ckpts):
     path, hf = ckpts["clip"]
-    model = _loaded(CLIPHFParams(hf_pretrained=path))
+    model = loaded(CLIPHFParams(hf_pretrained=path))
     ids, mask = _text_batch()
     images = _images(b=2)
     with torch.no_grad():
         ref = hf(
             input_ids=torch.from_numpy(ids).long(),
             attention_mask=torch.from_numpy(mask).long(),
-            pixel_values=_torch_images(images),
+            pixel_values=torch_images(images),
         )
     out = model(jnp.asarray(ids), jnp.asarray(images), jnp.asarray(mask))
     for name in ("text_embeds", "image_embeds", "logits_per_image", "logits_per_text"):
@@ -159,20 +137,7 @@ def test_freeze_flags_keep_towers_out_of_the_optimizer(ckpts):
     params = CLIPHFParams(hf_pretrained=path, freeze_text_encoder=True, freeze_image_encoder=True)
     assert frozen_prefixes(params) == [("text_model",), ("vision_model",)]
     hp = HyperParams(precision="fp32", lr=1e-2, warmup="0")
-    mesh = parallel.make_mesh(DistributedParams(), jax.devices()[:1])
-    spec = make_model_spec(params, hp, mesh)
-    opt = make_optimizer(hp, 10)
-    state = init_train_state(spec, opt, hp, use_ema=False)
-    step = make_train_step(
-        spec,
-        get_loss("clip_hf"),
-        opt,
-        hp,
-        EMAParams(),
-        accum_steps=1,
-        total_steps=10,
-        state_shardings=jax.tree.map(lambda x: x.sharding, state),
-    )
+    _, state, step = single_device_train_step(params, hp, 10)
     assert set(state["params"]) == {"text_projection", "visual_projection", "logit_scale"}
     assert set(state["frozen"]) == {"text_model", "vision_model"}
     frozen_before = jax.tree.map(np.asarray, state["frozen"])
@@ -181,13 +146,9 @@ def test_freeze_flags_keep_towers_out_of_the_optimizer(ckpts):
     batch = {"input_ids": jnp.asarray(ids), "attention_mask": jnp.asarray(mask), "pixel_values": _images(b=3)}
     state, metrics = step(state, batch)
     assert np.isfinite(float(metrics["loss"]))
-    for a, b in zip(jax.tree.leaves(frozen_before), jax.tree.leaves(state["frozen"]), strict=True):
-        np.testing.assert_array_equal(a, b)
+    assert_frozen_kept_and_moments_for_trainable_only(frozen_before, state)
     for a, b in zip(jax.tree.leaves(trainable_before), jax.tree.leaves(state["params"]), strict=True):
         assert not np.array_equal(a, b)  # both projections and logit_scale moved
-    n_opt = sum(x.size for x in jax.tree.leaves(state["opt_state"]))
-    n_train = sum(x.size for x in jax.tree.leaves(state["params"]))
-    assert n_opt <= 2 * n_train + 8  # moments for the trainable leaves only (+ counters)
 
 
 def test_symmetric_infonce_value():
@@ -229,7 +190,7 @@ def test_strict_loading_lists_missing_unexpected_and_mismatched(ckpts, tmp_path)
     shutil.copy(os.path.join(path, "config.json"), bad / "config.json")
     save_file(tensors, str(bad / "model.safetensors"))
     with pytest.raises(HFLoadError) as err:
-        _loaded(ViTHFParams(hf_pretrained=str(bad), hidden_dim=32))
+        loaded(ViTHFParams(hf_pretrained=str(bad), hidden_dim=32))
     msg = str(err.value)
     assert "encoder.layers.1.mlp.fc2.bias" in msg and "missing" in msg
     assert "encoder.layers.0.bogus.weight" in msg and "not used" in msg
@@ -241,7 +202,7 @@ def test_strict_loading_lists_missing_unexpected_and_mismatched(ckpts, tmp_path)
     (bad / "config.json").write_text(json.dumps(config))
     save_file(load_file(os.path.join(path, "model.safetensors")), str(bad / "model.safetensors"))
     with pytest.raises(HFLoadError, match=r"missing from the checkpoint \(16\).*encoder\.layers\.2\."):
-        _loaded(ViTHFParams(hf_pretrained=str(bad), hidden_dim=32))
+        loaded(ViTHFParams(hf_pretrained=str(bad), hidden_dim=32))
 
 
 def test_text_pooling_follows_hf_eos_rules():

@@ -5,13 +5,19 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
+from tests.fixtures.hf_checkpoints import (  # noqa: E402
+    IMAGE_TOKEN,
+    hf_greedy,
+    idefics3_config,
+    save_perturbed,
+    torch_images,
+)
+from tests.fixtures.weights import loaded, sharpened  # noqa: E402
 from vla_foundry_jax.layers.pixel_shuffle import pixel_shuffle  # noqa: E402
-from vla_foundry_jax.models import build_model  # noqa: E402
 from vla_foundry_jax.models.idefics3 import Idefics3  # noqa: E402
 from vla_foundry_jax.models.vlm import ImageTokenError  # noqa: E402
 from vla_foundry_jax.params import HyperParams  # noqa: E402
@@ -19,21 +25,6 @@ from vla_foundry_jax.params.model_params import VLMHFParams  # noqa: E402
 from vla_foundry_jax.registry import get_loss, model_record  # noqa: E402
 
 ATOL = 1e-4
-VISION = dict(
-    hidden_size=24, intermediate_size=40, num_hidden_layers=2, num_attention_heads=2, image_size=16, patch_size=4
-)
-LLAMA = dict(
-    model_type="llama",
-    vocab_size=120,
-    hidden_size=32,
-    intermediate_size=48,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=64,
-    pad_token_id=0,
-)
-IMAGE_TOKEN = 100
 T_IMG = (16 // 4) ** 2 // 4  # 16 patches, pixel shuffle by 2: 4 tokens per image
 
 
@@ -42,34 +33,14 @@ def ckpts(tmp_path_factory):
     root = tmp_path_factory.mktemp("idefics3")
     out = {}
     for name, tie in (("idefics3", False), ("smolvlm", True)):
-        cls_cfg = transformers.Idefics3Config if name == "idefics3" else transformers.SmolVLMConfig
         cls_model = (
             transformers.Idefics3ForConditionalGeneration
             if name == "idefics3"
             else transformers.SmolVLMForConditionalGeneration
         )
-        cfg = cls_cfg(
-            vision_config=VISION, text_config=LLAMA, image_token_id=IMAGE_TOKEN, scale_factor=2, tie_word_embeddings=tie
-        )
-        cfg._attn_implementation = "eager"
-        cfg.text_config._attn_implementation = "eager"
-        cfg.vision_config._attn_implementation = "eager"
-        torch.manual_seed(0)
-        model = cls_model(cfg)
-        with torch.no_grad():  # non-trivial norms and biases, so a mis-mapped tensor shows
-            for pname, p in model.named_parameters():
-                if pname.endswith("bias") or "norm" in pname:
-                    p.add_(0.1 * torch.randn_like(p))
-        model.eval().save_pretrained(str(root / name))
-        out[name] = (str(root / name), model)
+        cfg = idefics3_config(smolvlm=name == "smolvlm", tie=tie)
+        out[name] = save_perturbed(cls_model, cfg, root / name)
     return out
-
-
-def _loaded(params):
-    model = build_model(params, rngs=nnx.Rngs(1))
-    graphdef, p, rest = nnx.split(model, nnx.Param, ...)
-    [p] = model_record(params.type).weight_loader(params, [p], "")
-    return nnx.merge(graphdef, p, rest)
 
 
 def _inputs(b=2, n_img=1, seed=0):
@@ -88,16 +59,13 @@ def _inputs(b=2, n_img=1, seed=0):
 
 def _hf_logits(hf, ids, images):
     with torch.no_grad():
-        return hf(
-            input_ids=torch.from_numpy(ids),
-            pixel_values=torch.from_numpy(np.ascontiguousarray(images.transpose(0, 1, 4, 2, 3))),
-        ).logits.numpy()
+        return hf(input_ids=torch.from_numpy(ids), pixel_values=torch_images(images)).logits.numpy()
 
 
 @pytest.mark.parametrize(("name", "n_img"), [("idefics3", 1), ("smolvlm", 1), ("idefics3", 2)])
 def test_idefics3_logits_match_hf(ckpts, name, n_img):
     path, hf = ckpts[name]
-    model = _loaded(VLMHFParams(hf_pretrained=path))
+    model = loaded(VLMHFParams(hf_pretrained=path))
     assert isinstance(model, Idefics3) and model.config.model_type == name
     assert model.config.tokens_per_image == T_IMG
     assert model.config.text.tie_word_embeddings == (name == "smolvlm")
@@ -145,7 +113,7 @@ def test_idefics3_loss_and_batch_check(ckpts):
     bad[0, ids[0] == IMAGE_TOKEN] = 5
     with pytest.raises(ImageTokenError, match="sample 0 holds 0 image tokens"):
         model_record("vlm_hf").batch_check(params, {"input_ids": bad, "pixel_values": images})
-    model = _loaded(params)
+    model = loaded(params)
     loss, _ = get_loss("vlm_hf")(
         model, {k: jnp.asarray(v) for k, v in batch.items()}, hparams=HyperParams(precision="fp32")
     )
@@ -159,24 +127,17 @@ def test_idefics3_loss_and_batch_check(ckpts):
 @pytest.mark.parametrize("name", ["idefics3", "smolvlm"])
 def test_idefics3_greedy_generation_matches_hf(ckpts, name, tmp_path):
     """20 greedy tokens after a prompt holding two images, as HF ``generate``."""
-    from test_vlm_hf import _sharpened
-
     from vla_foundry_jax.models.generation import generate
 
-    hf = _sharpened(ckpts[name][1], tmp_path / name)
-    model = _loaded(VLMHFParams(hf_pretrained=str(tmp_path / name)))
+    hf = sharpened(ckpts[name][1], tmp_path / name)
+    model = loaded(VLMHFParams(hf_pretrained=str(tmp_path / name)))
     ids, images = _inputs(n_img=2, seed=4)
-    with torch.no_grad():
-        ref = hf.generate(
-            input_ids=torch.from_numpy(ids),
-            pixel_values=torch.from_numpy(np.ascontiguousarray(images.transpose(0, 1, 4, 2, 3))),
-            attention_mask=torch.ones(ids.shape, dtype=torch.long),
-            max_new_tokens=20,
-            min_new_tokens=20,
-            do_sample=False,
-            eos_token_id=None,
-            pad_token_id=0,
-        ).numpy()
+    ref = hf_greedy(
+        hf,
+        input_ids=torch.from_numpy(ids),
+        pixel_values=torch_images(images),
+        attention_mask=torch.ones(ids.shape, dtype=torch.long),
+    )
     got = np.asarray(generate(model, ids, max_new_tokens=20, temperature=0.0, pixel_values=images))
     np.testing.assert_array_equal(got, ref)
     assert len(np.unique(ref[:, ids.shape[1] :])) > 4  # not a degenerate repeat

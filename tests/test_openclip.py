@@ -19,22 +19,20 @@ from flax import nnx
 
 torch = pytest.importorskip("torch")
 
+from tests.fixtures.training import assert_frozen_kept_and_moments_for_trainable_only, single_device_train_step  # noqa: E402
+from tests.fixtures.weights import loaded  # noqa: E402
 from tests.torchvision_standin import import_without_torchvision  # noqa: E402
 
 pytest.importorskip("ftfy")
 pytest.importorskip("safetensors")
 
-from vla_foundry_jax import parallel  # noqa: E402
 from vla_foundry_jax.configs.hf_decoder import UnsupportedArchitectureError  # noqa: E402
 from vla_foundry_jax.configs.hf_hub import HFLoadError  # noqa: E402
 from vla_foundry_jax.configs.openclip import ARCHITECTURES, architecture_from_dict  # noqa: E402
 from vla_foundry_jax.models import build_model  # noqa: E402
-from vla_foundry_jax.params import DistributedParams, EMAParams, HyperParams  # noqa: E402
+from vla_foundry_jax.params import HyperParams  # noqa: E402
 from vla_foundry_jax.params.model_params import CLIP_OpenCLIPParams  # noqa: E402
-from vla_foundry_jax.registry import get_loss, model_record  # noqa: E402
-from vla_foundry_jax.training.optimizer import make_optimizer  # noqa: E402
-from vla_foundry_jax.training.state import frozen_prefixes, init_train_state, make_model_spec  # noqa: E402
-from vla_foundry_jax.training.step import make_train_step  # noqa: E402
+from vla_foundry_jax.training.state import frozen_prefixes  # noqa: E402
 
 EMBED, IMG, CTX, VOCAB = 16, 16, 12, 100
 CONFIG = {
@@ -73,13 +71,6 @@ def _write(tmp_path, config, state_dict, name="model"):
     return str(arch), str(weights)
 
 
-def _loaded(params):
-    model = build_model(params, rngs=nnx.Rngs(1))
-    graphdef, p, rest = nnx.split(model, nnx.Param, ...)
-    [p] = model_record(params.type).weight_loader(params, [p], "")
-    return nnx.merge(graphdef, p, rest)
-
-
 def _batch(b=3, seed=0):
     rng = np.random.default_rng(seed)
     images = rng.normal(size=(b, IMG, IMG, 3)).astype(np.float32)
@@ -95,7 +86,7 @@ def test_embeddings_match_open_clip(tmp_path, quick_gelu):
     config = {**CONFIG, "quick_gelu": quick_gelu}
     ref = _open_clip_model(config)
     arch, weights = _write(tmp_path, config, ref.state_dict())
-    model = _loaded(CLIP_OpenCLIPParams(architecture=arch, pretrained_weights=weights))
+    model = loaded(CLIP_OpenCLIPParams(architecture=arch, pretrained_weights=weights))
     images, ids = _batch()
     with torch.no_grad():
         ref_img = ref.encode_image(torch.from_numpy(images).permute(0, 3, 1, 2), normalize=True).numpy()
@@ -119,14 +110,14 @@ def test_strict_loading_names_the_tensors(tmp_path):
     sd["visual.extra_head.weight"] = torch.zeros(2)
     arch, weights = _write(tmp_path, CONFIG, sd)
     with pytest.raises(HFLoadError) as e:
-        _loaded(CLIP_OpenCLIPParams(architecture=arch, pretrained_weights=weights))
+        loaded(CLIP_OpenCLIPParams(architecture=arch, pretrained_weights=weights))
     assert "visual.transformer.resblocks.1.attn.in_proj_bias" in str(e.value)
     assert "visual.extra_head.weight" in str(e.value)
     # A checkpoint of another size: shape mismatches are listed.
     other = {**CONFIG, "embed_dim": 8}
     _, weights = _write(tmp_path, other, _open_clip_model(other).state_dict(), "other")
     with pytest.raises(HFLoadError, match=r"text_projection: checkpoint \(24, 8\)"):
-        _loaded(CLIP_OpenCLIPParams(architecture=arch, pretrained_weights=weights))
+        loaded(CLIP_OpenCLIPParams(architecture=arch, pretrained_weights=weights))
 
 
 def test_architecture_table_and_unsupported_configs():
@@ -159,28 +150,11 @@ def test_freeze_flags_keep_towers_out_of_the_optimizer(tmp_path):
     params = CLIP_OpenCLIPParams(architecture=str(arch), freeze_text_encoder=True, freeze_image_encoder=True)
     assert frozen_prefixes(params) == [("text_model",), ("vision_model",)]
     hp = HyperParams(precision="fp32", lr=1e-2, warmup="0")
-    mesh = parallel.make_mesh(DistributedParams(), jax.devices()[:1])
-    spec = make_model_spec(params, hp, mesh)
-    opt = make_optimizer(hp, 10)
-    state = init_train_state(spec, opt, hp, use_ema=False)
+    _, state, step = single_device_train_step(params, hp, 10)
     assert set(state["params"]) == {"text_projection", "visual_projection", "logit_scale"}
     assert set(state["frozen"]) == {"text_model", "vision_model"}
-    step = make_train_step(
-        spec,
-        get_loss("clip_openclip"),
-        opt,
-        hp,
-        EMAParams(),
-        accum_steps=1,
-        total_steps=10,
-        state_shardings=jax.tree.map(lambda x: x.sharding, state),
-    )
     frozen_before = jax.tree.map(np.asarray, state["frozen"])
     images, ids = _batch()
     state, metrics = step(state, {"input_ids": jnp.asarray(ids), "pixel_values": jnp.asarray(images)})
     assert np.isfinite(float(metrics["loss"]))
-    for a, b in zip(jax.tree.leaves(frozen_before), jax.tree.leaves(state["frozen"]), strict=True):
-        np.testing.assert_array_equal(a, b)
-    n_opt = sum(x.size for x in jax.tree.leaves(state["opt_state"]))
-    n_train = sum(x.size for x in jax.tree.leaves(state["params"]))
-    assert n_opt <= 2 * n_train + 8  # moments for the trainable leaves only (+ counters)
+    assert_frozen_kept_and_moments_for_trainable_only(frozen_before, state)

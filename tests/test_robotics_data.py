@@ -12,6 +12,8 @@ import numpy as np
 import pytest
 import yaml
 
+from tests.fixtures.paths import PROCESSOR, REACH
+from tests.fixtures.robotics import reach_data
 from vla_foundry_jax.data import DataError, ShardDataSource, build_eval_iterator, build_train_iterator, write_shards
 from vla_foundry_jax.data.normalization import Normalizer, merge_stats
 from vla_foundry_jax.data.processor import VLMProcessor, load_processor
@@ -54,9 +56,6 @@ from vla_foundry_jax.testbeds.tiny_robotics import (
 )
 from vla_foundry_jax.training.resolve import resolve_experiment
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PROCESSOR = os.path.join(REPO, "tiny_data", "vlm_processor")
-REACH = os.path.join(REPO, "tiny_data", "reach")
 IMAGE_ID, PAD_ID = 142, 0
 
 # ---------------------------------------------------------------- a hand-written dataset in the original's LBM layout
@@ -530,21 +529,6 @@ def test_chat_template_and_joint_augmentation(lbm):
 @pytest.fixture(scope="module")
 def reach(tmp_path_factory) -> dict[str, str]:
     return make_tiny_robotics_datasets(str(tmp_path_factory.mktemp("reach")), num_train=40, num_val=12)
-
-
-def reach_data(manifest: str, **kw) -> RoboticsDataParams:
-    base = dict(
-        dataset_manifest=[manifest],
-        dataset_statistics=[os.path.join(os.path.dirname(manifest), "stats.json")],
-        processor=PROCESSOR,
-        img_num_tokens=1,
-        max_text_seq_len=12,
-        action_fields=[ACTION_FIELD],
-        proprioception_fields=[PROPRIO_FIELD],
-        normalization=NormalizationParams(method="percentile_1_99", scope="per_timestep"),
-        num_workers=0,
-    )
-    return RoboticsDataParams(**{**base, **kw})
 
 
 def test_reach_dataset_matches_the_env_and_the_contract(reach):

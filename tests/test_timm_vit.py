@@ -16,6 +16,7 @@ from flax import nnx
 
 torch = pytest.importorskip("torch")
 
+from tests.fixtures.weights import loaded  # noqa: E402
 from tests.torchvision_standin import import_without_torchvision  # noqa: E402
 
 pytest.importorskip("safetensors")
@@ -25,7 +26,6 @@ from vla_foundry_jax.configs.hf_decoder import UnsupportedArchitectureError  # n
 from vla_foundry_jax.models import build_model  # noqa: E402
 from vla_foundry_jax.models.vlm import image_tokens_per_image  # noqa: E402
 from vla_foundry_jax.params.model_params import TransformerParams, ViTHFParams, VLMParams  # noqa: E402
-from vla_foundry_jax.registry import model_record  # noqa: E402
 
 TINY = {"depth": 2, "patch_size": 4, "img_size": 16, "mlp_ratio": 2.0}
 # (timm architecture, model_args written to config.json); heads / activation / LayerNorm eps not given here come
@@ -72,13 +72,6 @@ def _save_timm(root, name: str, arch: str, model_args: dict, seed: int = 0):
     return str(path), model
 
 
-def _loaded(params):
-    model = build_model(params, rngs=nnx.Rngs(1))
-    graphdef, p, rest = nnx.split(model, nnx.Param, ...)
-    [p] = model_record(params.type).weight_loader(params, [p], "")
-    return nnx.merge(graphdef, p, rest)
-
-
 @pytest.fixture(scope="module")
 def timm_ckpts(tmp_path_factory):
     root = tmp_path_factory.mktemp("timm")
@@ -90,7 +83,7 @@ def test_timm_vit_tokens_match_forward_intermediates(timm_ckpts, case):
     path, ref_model = timm_ckpts[case]
     assert hf_vision_configs.is_timm_checkpoint(path)
     width = CASES[case][1]["embed_dim"]
-    model = _loaded(ViTHFParams(hf_pretrained=path, hidden_dim=width))
+    model = loaded(ViTHFParams(hf_pretrained=path, hidden_dim=width))
     c = model.config
     assert (c.family, c.num_heads) == ("timm", ref_model.blocks[0].attn.num_heads)
     images = np.random.default_rng(0).standard_normal((2, 16, 16, 3)).astype(np.float32)
@@ -145,4 +138,4 @@ def test_timm_errors(timm_ckpts, tmp_path):
     params = ViTHFParams(hf_pretrained=str(bad), hidden_dim=24)
     # norm.bias gone: the model still has a final norm (norm.weight present), so it is missing
     with pytest.raises(ValueError, match=r"(?s)missing from the checkpoint \(1\): norm\.bias.*blocks\.0\.extra"):
-        _loaded(params)
+        loaded(params)

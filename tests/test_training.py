@@ -10,14 +10,12 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from vla_foundry_jax import parallel
+from tests.fixtures.training import single_device_train_step
 from vla_foundry_jax.layers.losses import cross_entropy_with_z_loss, masked_mse
-from vla_foundry_jax.params import DistributedParams, EMAParams, HyperParams, TransformerParams
-from vla_foundry_jax.registry import get_loss
+from vla_foundry_jax.params import EMAParams, HyperParams, TransformerParams
 from vla_foundry_jax.training.ema import ema_decay, ema_init, ema_update
-from vla_foundry_jax.training.optimizer import decay_mask, lr_schedule, make_optimizer, parse_steps
-from vla_foundry_jax.training.state import init_train_state, make_model_spec
-from vla_foundry_jax.training.step import make_train_step, split_micro_batches
+from vla_foundry_jax.training.optimizer import decay_mask, lr_schedule, parse_steps
+from vla_foundry_jax.training.step import split_micro_batches
 
 
 def test_parse_steps_fraction_or_count():
@@ -108,16 +106,7 @@ TINY_LM = TransformerParams(hidden_dim=32, n_layers=2, n_heads=2, vocab_size=50,
 
 
 def _setup(model_params, hp, *, accum=1, ema=None):
-    ema = ema or EMAParams()
-    mesh = parallel.make_mesh(DistributedParams(), jax.devices()[:1])
-    spec = make_model_spec(model_params, hp, mesh)
-    opt = make_optimizer(hp, 100)
-    state = init_train_state(spec, opt, hp, use_ema=ema.enabled)
-    shardings = jax.tree.map(lambda x: x.sharding, state)
-    step = make_train_step(
-        spec, get_loss(model_params.type), opt, hp, ema, accum_steps=accum, total_steps=100, state_shardings=shardings
-    )
-    return spec, state, step
+    return single_device_train_step(model_params, hp, 100, ema=ema, accum_steps=accum)
 
 
 def _batch(seed=0, b=8, s=17, vocab=50):

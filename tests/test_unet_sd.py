@@ -8,6 +8,7 @@ import pytest
 from flax import nnx
 from PIL import Image
 
+from tests.fixtures.training import fixed_draw_loss, single_device_train_step
 from vla_foundry_jax.apps.stable_diffusion import save_image_grid
 from vla_foundry_jax.layers.positional import sinusoidal_embedding
 from vla_foundry_jax.models import build_model
@@ -28,20 +29,6 @@ TINY_UNET = UNetParams(channels=[8, 16, 16], image_size=8, time_emb_dim=8, text_
 
 def _images(b=2, seed=0, size=8):
     return jnp.asarray(np.random.default_rng(seed).uniform(-1, 1, (b, size, size, 3)).astype(np.float32))
-
-
-@pytest.fixture(scope="module")
-def clip_dir(tmp_path_factory):
-    """A tiny CLIP config (no weights, no tokenizer: the empty prompt falls back to the config's ids)."""
-    from transformers import CLIPConfig
-
-    text = dict(vocab_size=64, hidden_size=TXT, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                max_position_embeddings=16, bos_token_id=61, eos_token_id=62, pad_token_id=63)  # fmt: skip
-    vision = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=8,
-                  patch_size=4)  # fmt: skip
-    path = tmp_path_factory.mktemp("clip")
-    CLIPConfig(text_config=text, vision_config=vision, projection_dim=8).save_pretrained(str(path))
-    return str(path)
 
 
 def _sd_params(clip_dir=None, **kw):
@@ -182,31 +169,14 @@ def test_sd_param_errors(clip_dir):
 
 
 def test_sd_train_step_lowers_loss():
-    from vla_foundry_jax import parallel
-    from vla_foundry_jax.params import DistributedParams, EMAParams, HyperParams
-    from vla_foundry_jax.training.optimizer import make_optimizer
-    from vla_foundry_jax.training.state import init_train_state, make_model_spec
-    from vla_foundry_jax.training.step import make_train_step
+    from vla_foundry_jax.params import HyperParams
 
     small = UNetParams(channels=[8], image_size=4, time_emb_dim=8, text_emb_dim=0)
     params = _sd_params(None, use_flow_matching_scheduler=True).replace(unet=small)
     hp = HyperParams(precision="fp32", lr=1e-2, warmup="0")
-    mesh = parallel.make_mesh(DistributedParams(), jax.devices()[:1])
-    spec = make_model_spec(params, hp, mesh)
-    opt = make_optimizer(hp, 100)
-    state = init_train_state(spec, opt, hp, use_ema=False)
-    shardings = jax.tree.map(lambda x: x.sharding, state)
-    step = make_train_step(
-        spec, get_loss("stable_diffusion"), opt, hp, EMAParams(), accum_steps=1, total_steps=100,
-        state_shardings=shardings,
-    )  # fmt: skip
+    spec, state, step = single_device_train_step(params, hp, 100)
     batch = {"pixel_values": _images(4, size=4)}
-    loss_fn = get_loss("stable_diffusion")
-
-    def fixed_loss(st):  # same t / noise draws before and after training
-        model = spec.merge(st["params"], st["frozen"], st["rest"])
-        return float(nnx.jit(lambda m: loss_fn(m, batch, rng=jax.random.key(0))[0])(model))
-
+    fixed_loss = fixed_draw_loss(spec, get_loss("stable_diffusion"), batch)  # same t / noise draws before and after
     before = fixed_loss(state)
     for _ in range(4):
         state, m = step(state, batch)

@@ -16,6 +16,7 @@ from flax import nnx
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
+from tests.fixtures.hf_checkpoints import TINY_TEXT, idefics3_config, paligemma_config  # noqa: E402
 from vla_foundry_jax.gin_utils import build_experiment, parse_gin  # noqa: E402
 from vla_foundry_jax.models import build_model  # noqa: E402
 from vla_foundry_jax.params import TrainExperimentParams, TransformerParams, ViTParams, VLMParams  # noqa: E402
@@ -42,19 +43,7 @@ PRESETS = {
                                      (1024, 24, 16, False, True, 0, 2048), (-1.5, 1.5), "add", 8, 0.05),
 }  # fmt: skip
 A, P = 7, 3  # action / proprioception dims (normally from the robotics data)
-TINY_TEXT = dict(
-    vocab_size=120,
-    hidden_size=32,
-    intermediate_size=48,
-    num_hidden_layers=3,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=8,
-    max_position_embeddings=64,
-)
-TINY_VISION = dict(
-    hidden_size=24, intermediate_size=40, num_hidden_layers=2, num_attention_heads=2, image_size=16, patch_size=4
-)
+TEXT = dict(TINY_TEXT, num_hidden_layers=3)
 
 
 def _torch_count(model) -> int:
@@ -81,13 +70,7 @@ def sources(tmp_path_factory):
         24,
     )
     # SmolVLM (tied head): + one embedding row (the action token)
-    smol = transformers.SmolVLMConfig(
-        vision_config=TINY_VISION,
-        text_config=dict(TINY_TEXT, model_type="llama"),
-        image_token_id=100,
-        scale_factor=2,
-        tie_word_embeddings=True,
-    )
+    smol = idefics3_config(TEXT, smolvlm=True, tie=True, pad_token_id=None)
     smol.save_pretrained(str(root / "smolvlm"))
     out["smolvlm"] = (
         f"vlm_backbone.hf_pretrained = '{root / 'smolvlm'}'",
@@ -95,12 +78,7 @@ def sources(tmp_path_factory):
         32,
     )
     # PaliGemma (Gemma, tied head): + one embedding row
-    pali = transformers.PaliGemmaConfig(
-        text_config=dict(TINY_TEXT, model_type="gemma"),
-        vision_config=TINY_VISION,
-        image_token_index=100,
-        projection_dim=32,
-    )
+    pali = paligemma_config(TEXT)
     pali.save_pretrained(str(root / "paligemma"))
     torch_pali = transformers.PaliGemmaForConditionalGeneration(pali)
     head = torch_pali.model.vision_tower.head  # SigLIP's pooling head: unused by PaliGemma, not built

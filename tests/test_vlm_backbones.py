@@ -356,7 +356,6 @@ def policy_experiment(
     from vla_foundry_jax.params import DiffusionPolicyParams, HyperParams
     from vla_foundry_jax.params.data_params import NormalizationParams
     from vla_foundry_jax.params.model_params import NoiseSchedulerParams
-    from vla_foundry_jax.testbeds.tiny_robotics import ACTION_FIELD, PROPRIO_FIELD
 
     backbone = VLMFoundryBackboneParams(resume_from_checkpoint=vlm_run, num_vlm_layers_to_use=2, freeze=freeze)
     model = DiffusionPolicyParams(

@@ -2,40 +2,32 @@
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
+from tests.fixtures.hf_checkpoints import (  # noqa: E402
+    IMAGE_TOKEN,
+    TINY_TEXT,
+    TINY_VISION,
+    eager,
+    hf_greedy,
+    paligemma_config,
+    torch_images,
+)
+from tests.fixtures.training import single_device_train_step  # noqa: E402
+from tests.fixtures.weights import loaded, perturb_and_save, sharpened  # noqa: E402
 from vla_foundry_jax import checkpoint as ckpt_lib  # noqa: E402
-from vla_foundry_jax import parallel  # noqa: E402
-from vla_foundry_jax.models import build_model, load_weights  # noqa: E402
 from vla_foundry_jax.models.vlm import ImageTokenError, image_tokens_per_image  # noqa: E402
-from vla_foundry_jax.params import DistributedParams, EMAParams, HyperParams  # noqa: E402
+from vla_foundry_jax.params import HyperParams  # noqa: E402
 from vla_foundry_jax.params.model_params import TransformerHFParams, ViTHFParams, VLMHFParams, VLMParams  # noqa: E402
 from vla_foundry_jax.registry import get_loss, model_record  # noqa: E402
-from vla_foundry_jax.training.optimizer import make_optimizer  # noqa: E402
-from vla_foundry_jax.training.state import init_train_state, make_model_spec  # noqa: E402
-from vla_foundry_jax.training.step import make_train_step  # noqa: E402
 
 ATOL = 1e-4
-VISION = dict(
-    hidden_size=24, intermediate_size=40, num_hidden_layers=2, num_attention_heads=2, image_size=16, patch_size=4
-)
-GEMMA = dict(
-    vocab_size=120,
-    hidden_size=32,
-    intermediate_size=48,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=1,
-    head_dim=8,
-    max_position_embeddings=64,
-)
+GEMMA = dict(TINY_TEXT, num_key_value_heads=1)
 GEMMA2 = dict(
     GEMMA,
     num_hidden_layers=3,
@@ -44,18 +36,7 @@ GEMMA2 = dict(
     attn_logit_softcapping=5.0,
     final_logit_softcapping=3.0,
 )
-IMAGE_TOKEN = 100
 N_IMG = (16 // 4) ** 2  # 16 image tokens per image
-
-
-def _perturb_and_save(model, path) -> str:
-    torch.manual_seed(0)
-    with torch.no_grad():  # non-trivial norms and biases, so a mis-mapped tensor shows
-        for name, p in model.named_parameters():
-            if name.endswith("bias") or "norm" in name:
-                p.add_(0.1 * torch.randn_like(p))
-    model.eval().save_pretrained(str(path))
-    return str(path)
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +44,6 @@ def ckpts(tmp_path_factory):
     from transformers import (
         LlamaConfig,
         LlamaForCausalLM,
-        PaliGemmaConfig,
         PaliGemmaForConditionalGeneration,
         SiglipVisionConfig,
         SiglipVisionModel,
@@ -71,20 +51,14 @@ def ckpts(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("vlm_hf")
     out = {}
-    for name, text in (
-        ("paligemma", dict(GEMMA, model_type="gemma")),
-        ("paligemma2", dict(GEMMA2, model_type="gemma2")),
-    ):
-        cfg = PaliGemmaConfig(text_config=text, vision_config=VISION, image_token_index=IMAGE_TOKEN, projection_dim=32)
-        cfg._attn_implementation = "eager"
-        cfg.text_config._attn_implementation = "eager"
-        cfg.vision_config._attn_implementation = "eager"
+    for name, text, model_type in (("paligemma", GEMMA, "gemma"), ("paligemma2", GEMMA2, "gemma2")):
+        cfg = eager(paligemma_config(text, model_type=model_type))
         torch.manual_seed(0)
         model = PaliGemmaForConditionalGeneration(cfg)
-        out[name] = (_perturb_and_save(model, root / name), model)
+        out[name] = (perturb_and_save(model, root / name), model)
     torch.manual_seed(1)
-    siglip = SiglipVisionModel(SiglipVisionConfig(**VISION))
-    out["siglip"] = (_perturb_and_save(siglip, root / "siglip"), siglip)
+    siglip = SiglipVisionModel(SiglipVisionConfig(**TINY_VISION))
+    out["siglip"] = (perturb_and_save(siglip, root / "siglip"), siglip)
     llama_cfg = LlamaConfig(
         vocab_size=64,
         hidden_size=32,
@@ -96,15 +70,8 @@ def ckpts(tmp_path_factory):
     )
     torch.manual_seed(2)
     llama = LlamaForCausalLM(llama_cfg)
-    out["llama"] = (_perturb_and_save(llama, root / "llama"), llama)
+    out["llama"] = (perturb_and_save(llama, root / "llama"), llama)
     return out
-
-
-def _loaded(params):
-    model = build_model(params, rngs=nnx.Rngs(1))
-    graphdef, p, rest = nnx.split(model, nnx.Param, ...)
-    [p] = model_record(params.type).weight_loader(params, [p], "")
-    return nnx.merge(graphdef, p, rest)
 
 
 def _inputs(b=2, prompt=(3, 5), suffix=4, seed=0):
@@ -123,18 +90,18 @@ def _inputs(b=2, prompt=(3, 5), suffix=4, seed=0):
 @pytest.mark.parametrize("name", ["paligemma", "paligemma2"])
 def test_paligemma_logits_match_hf(ckpts, name):
     path, hf = ckpts[name]
-    model = _loaded(VLMHFParams(hf_pretrained=path))
+    model = loaded(VLMHFParams(hf_pretrained=path))
     assert model.config.text.model_type == ("gemma" if name == "paligemma" else "gemma2")
     ids, tt, images = _inputs()
     with torch.no_grad():
         ref = hf(
             input_ids=torch.from_numpy(ids),
-            pixel_values=torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2))),
+            pixel_values=torch_images(images),
             token_type_ids=torch.from_numpy(tt),
         ).logits.numpy()
         ref_causal = hf(
             input_ids=torch.from_numpy(ids),
-            pixel_values=torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2))),
+            pixel_values=torch_images(images),
         ).logits.numpy()
     out = np.asarray(model(jnp.asarray(ids), jnp.asarray(images), token_type_ids=jnp.asarray(tt)).logits)
     np.testing.assert_allclose(out, ref, atol=ATOL)
@@ -152,13 +119,13 @@ def test_paligemma_loss_on_caption_tokens_and_batch_check(ckpts):
     model_record("vlm_hf").batch_check(params, batch)
     with pytest.raises(ImageTokenError, match="sample 0 holds 15 image tokens"):
         model_record("vlm_hf").batch_check(params, {"input_ids": ids[:, 1:], "pixel_values": images[:, None]})
-    model = _loaded(params)
+    model = loaded(params)
     hp = HyperParams(precision="fp32")
     loss, _ = get_loss("vlm_hf")(model, {k: jnp.asarray(v) for k, v in batch.items()}, hparams=hp)
     with torch.no_grad():  # HF logits of the same prefix-LM pass on the inputs, CE over the suffix targets
         logits = hf(
             input_ids=torch.from_numpy(ids[:, :-1]),
-            pixel_values=torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2))),
+            pixel_values=torch_images(images),
             token_type_ids=torch.from_numpy(tt[:, :-1]),
         ).logits
         ce = torch.nn.functional.cross_entropy(logits.transpose(1, 2), torch.from_numpy(ids[:, 1:]), reduction="none")
@@ -179,26 +146,6 @@ def test_load_llm_presets(preset, hub_id, vit_hidden):
     assert model.transformer.type == "transformer_hf" and model.transformer.hf_pretrained == hub_id
 
 
-def _setup(model_params):
-    hp = HyperParams(precision="fp32", lr=1e-3, warmup="0")
-    mesh = parallel.make_mesh(DistributedParams(), jax.devices()[:1])
-    spec = make_model_spec(model_params, hp, mesh)
-    opt = make_optimizer(hp, 100)
-    state = init_train_state(spec, opt, hp, use_ema=False)
-    shardings = jax.tree.map(lambda x: x.sharding, state)
-    step = make_train_step(
-        spec,
-        get_loss(model_params.type),
-        opt,
-        hp,
-        EMAParams(),
-        accum_steps=1,
-        total_steps=100,
-        state_shardings=shardings,
-    )
-    return spec, state, step
-
-
 def test_vlm_with_hf_vision_and_hf_llm(ckpts):
     vit = ViTHFParams(hf_pretrained=ckpts["siglip"][0], hidden_dim=24)
     lm = TransformerHFParams(hf_pretrained=ckpts["llama"][0])
@@ -206,9 +153,9 @@ def test_vlm_with_hf_vision_and_hf_llm(ckpts):
     assert image_tokens_per_image(params) == N_IMG
     assert image_tokens_per_image(params.replace(vit=vit.replace(projector_pixel_shuffle_factor=2))) == N_IMG // 4
 
-    spec, state, step = _setup(params)
+    hp = HyperParams(precision="fp32", lr=1e-3, warmup="0")
     # as the training loop does: each sub-model's weight loader runs with its prefix ("vit.", "transformer.")
-    state["params"], state["frozen"] = load_weights(spec.params, [state["params"], state["frozen"]])
+    _, state, step = single_device_train_step(params, hp, 100, load_weights=True)
     flat = ckpt_lib.flat_params(state["params"])
     assert flat["projection"].shape == (24, 32)  # vision hidden -> LM hidden, from the HF configs
     siglip = ckpts["siglip"][1]
@@ -238,41 +185,22 @@ def test_vlm_with_hf_vision_and_hf_llm(ckpts):
     assert np.isfinite(float(m["loss"]))
 
 
-def _sharpened(model, path):
-    """A copy of the HF ``model`` with every weight perturbed (peaked logits, varied greedy tokens), saved at
-    ``path``."""
-    import copy
-
-    model = copy.deepcopy(model)
-    gen = torch.Generator().manual_seed(7)
-    with torch.no_grad():
-        for name, p in model.named_parameters():  # the embeddings stay small: tied, they favour repeats
-            p.add_((0.02 if "embed_tokens" in name else 0.5) * torch.randn(p.shape, generator=gen))
-    model.eval().save_pretrained(str(path))
-    return model
-
-
 @pytest.mark.parametrize("name", ["paligemma", "paligemma2"])
 def test_paligemma_greedy_generation_matches_hf(ckpts, name, tmp_path):
     """20 greedy tokens after an image + prompt prefix (prefix-LM prefill), as HF ``generate``."""
     from vla_foundry_jax.models.generation import generate
 
-    hf = _sharpened(ckpts[name][1], tmp_path / name)
-    model = _loaded(VLMHFParams(hf_pretrained=str(tmp_path / name)))
+    hf = sharpened(ckpts[name][1], tmp_path / name)
+    model = loaded(VLMHFParams(hf_pretrained=str(tmp_path / name)))
     ids, _, images = _inputs(prompt=(4, 4), suffix=0, seed=5)
     tt = np.zeros_like(ids)  # the whole prompt is the prefix
-    with torch.no_grad():
-        ref = hf.generate(
-            input_ids=torch.from_numpy(ids),
-            pixel_values=torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2))),
-            token_type_ids=torch.from_numpy(tt),
-            attention_mask=torch.ones(ids.shape, dtype=torch.long),
-            max_new_tokens=20,
-            min_new_tokens=20,
-            do_sample=False,
-            eos_token_id=None,
-            pad_token_id=0,
-        ).numpy()
+    ref = hf_greedy(
+        hf,
+        input_ids=torch.from_numpy(ids),
+        pixel_values=torch_images(images),
+        token_type_ids=torch.from_numpy(tt),
+        attention_mask=torch.ones(ids.shape, dtype=torch.long),
+    )
     got = generate(model, ids, max_new_tokens=20, temperature=0.0, pixel_values=images[:, None], token_type_ids=tt)
     np.testing.assert_array_equal(np.asarray(got), ref)
     assert len(np.unique(ref[:, ids.shape[1] :])) > 4  # not a degenerate repeat
