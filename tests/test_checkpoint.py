@@ -76,7 +76,7 @@ def test_weights_only_resume_loads_weights_and_restarts(trained_run, tmp_path):
 
 
 def test_nested_resume_loads_only_the_submodel(trained_run):
-    from tests.wrapper_model import WrapperParams
+    from tests.fixtures.wrapper_model import WrapperParams
     from vla_foundry_jax import parallel
     from vla_foundry_jax.models import load_weights
     from vla_foundry_jax.params import HyperParams
@@ -116,7 +116,7 @@ def test_resume_path_without_checkpoint(tmp_path):
 
 def test_checkpoint_from_a_different_model_is_refused(trained_run):
     """An LLM run cannot fill a wrapper model directly: the names differ, and the error lists them."""
-    from tests.wrapper_model import WrapperParams
+    from tests.fixtures.wrapper_model import WrapperParams
     from vla_foundry_jax import parallel
     from vla_foundry_jax.params import HyperParams, TransformerParams
     from vla_foundry_jax.training.optimizer import make_optimizer

@@ -3,7 +3,7 @@
 open_clip's package import pulls torchvision (no working CPU build here) for its image transforms and
 ``FrozenBatchNorm2d``; the model code does not use them, so :func:`_import_open_clip` puts inert stand-in modules
 for the torchvision modules it imports into ``sys.modules`` while importing it, and removes them after
-(tests/torchvision_standin.py).
+(tests/fixtures/torchvision_standin.py).
 """
 
 from __future__ import annotations
@@ -19,9 +19,9 @@ from flax import nnx
 
 torch = pytest.importorskip("torch")
 
+from tests.fixtures.torchvision_standin import import_without_torchvision  # noqa: E402
 from tests.fixtures.training import assert_frozen_kept_and_moments_for_trainable_only, single_device_train_step  # noqa: E402
 from tests.fixtures.weights import loaded  # noqa: E402
-from tests.torchvision_standin import import_without_torchvision  # noqa: E402
 
 pytest.importorskip("ftfy")
 pytest.importorskip("safetensors")

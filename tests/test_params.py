@@ -221,7 +221,7 @@ def _union_members(hint: Any) -> tuple[Any, ...]:
 
 
 def test_seed_covers_every_model_type_key():
-    # test-only types (tests/wrapper_model.py registers "test_wrapper") are not product types
+    # test-only types (tests/fixtures/wrapper_model.py registers "test_wrapper") are not product types
     model_keys = {k for k, c in registry.PARAMS.items() if c.family == "model" and not k.startswith("test_")}
     assert set(SEED) == model_keys
 

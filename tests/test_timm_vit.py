@@ -2,7 +2,7 @@
 
 timm's package import pulls torchvision (no working CPU build here) for its data transforms and a few layers the
 ViT does not use, so :func:`_import_timm` puts inert stand-ins for exactly the torchvision modules it imports into
-``sys.modules`` while importing it and removes them after (tests/torchvision_standin.py).
+``sys.modules`` while importing it and removes them after (tests/fixtures/torchvision_standin.py).
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ from flax import nnx
 
 torch = pytest.importorskip("torch")
 
+from tests.fixtures.torchvision_standin import import_without_torchvision  # noqa: E402
 from tests.fixtures.weights import loaded  # noqa: E402
-from tests.torchvision_standin import import_without_torchvision  # noqa: E402
 
 pytest.importorskip("safetensors")
 

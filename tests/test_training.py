@@ -144,7 +144,7 @@ def test_train_step_lowers_loss_and_tracks_ema():
 
 
 def test_frozen_submodel_gets_no_update_and_no_optimizer_state():
-    from tests.wrapper_model import WrapperParams
+    from tests.fixtures.wrapper_model import WrapperParams
 
     params = WrapperParams(transformer=TINY_LM.replace(freeze=True))
     hp = HyperParams(precision="fp32", lr=1e-2, warmup="0")
