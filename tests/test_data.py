@@ -13,6 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
+from tests.fixtures.paths import TINY
 from vla_foundry_jax.data import (
     DataError,
     ShardDataSource,
@@ -26,8 +27,6 @@ from vla_foundry_jax.params import TextDataParams, TextUntokenizedDataParams
 from vla_foundry_jax.testbeds.tiny_datasets import build_tokenizer, make_tiny_datasets
 
 SEQ = 8
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = os.path.join(REPO, "tiny_data")
 
 
 def _gz(ids: list[int]) -> bytes:

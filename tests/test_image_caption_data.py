@@ -11,6 +11,7 @@ import gin
 import numpy as np
 import pytest
 
+from tests.fixtures.paths import PROCESSOR, TINY
 from vla_foundry_jax.data import (
     DataError,
     ImageCaptionSource,
@@ -42,10 +43,7 @@ from vla_foundry_jax.params.data_params import (
 )
 from vla_foundry_jax.testbeds.tiny_datasets import SHAPE_COLORS, SHAPE_NAMES, make_tiny_vlm_datasets
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = os.path.join(REPO, "tiny_data")
 TOKENIZER = os.path.join(TINY, "tokenizer")
-PROCESSOR = os.path.join(TINY, "vlm_processor")
 SHAPES_TRAIN = os.path.join(TINY, "shapes", "train", "manifest.jsonl")
 SHAPES_VAL = os.path.join(TINY, "shapes", "val", "manifest.jsonl")
 IMG_TOKENS = 4

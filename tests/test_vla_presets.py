@@ -17,6 +17,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from tests.fixtures.hf_checkpoints import TINY_TEXT, idefics3_config, paligemma_config  # noqa: E402
+from tests.fixtures.paths import ROOT  # noqa: E402
 from vla_foundry_jax.gin_utils import build_experiment, parse_gin  # noqa: E402
 from vla_foundry_jax.models import build_model  # noqa: E402
 from vla_foundry_jax.params import TrainExperimentParams, TransformerParams, ViTParams, VLMParams  # noqa: E402
@@ -151,7 +152,7 @@ def test_preset_fields_and_parameter_count(preset, sources):
 
 
 def test_presets_document_their_use():
-    root = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "gin_configs")
+    root = os.path.join(ROOT, "gin_configs")
     for preset in PRESETS:
         with open(os.path.join(root, f"{preset}.gin")) as f:
             head = f.read().split("\ninclude", 1)[0]
