@@ -125,7 +125,7 @@ def test_imports_only_go_down_the_layers():
 def test_launch_tests_and_benchmarks_use_the_library_not_launch():
     offenders = []
     for folder in ("launch", "tests", "benchmarks"):
-        for path in (REPO / folder).glob("*.py"):
+        for path in (REPO / folder).rglob("*.py"):
             for node in ast.walk(ast.parse(path.read_text())):
                 if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "launch":
                     offenders.append(f"{path.relative_to(REPO)} imports {node.module}")
