@@ -15,12 +15,16 @@ import pytest
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # `tests.fixtures` importable
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _fresh_gin_config():
-    """No gin binding parsed by one test module reaches the params another module builds."""
+def _cleared_gin_config():
     gin.clear_config()
     yield
     gin.clear_config()
+
+
+# No gin binding parsed by one test module reaches the params another module builds.
+_fresh_gin_config = pytest.fixture(autouse=True, scope="module", name="_fresh_gin_config")(_cleared_gin_config)
+# Per test, for modules whose params must see class defaults: ``pytestmark = pytest.mark.usefixtures("fresh_gin")``.
+fresh_gin = pytest.fixture(name="fresh_gin")(_cleared_gin_config)
 
 
 @pytest.fixture(scope="session")

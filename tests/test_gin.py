@@ -26,12 +26,7 @@ from vla_foundry_jax.params import (
     VLMParams,
 )
 
-
-@pytest.fixture(autouse=True)
-def _clean_gin():
-    gin.clear_config()
-    yield
-    gin.clear_config()
+pytestmark = pytest.mark.usefixtures("fresh_gin")
 
 
 def _write(path: Path, text: str) -> Path:

@@ -8,7 +8,6 @@ import types
 import typing
 from typing import Any, Literal
 
-import gin
 import pytest
 
 from vla_foundry_jax import registry
@@ -37,13 +36,7 @@ from vla_foundry_jax.params import (
     params_from_dict,
 )
 
-
-@pytest.fixture(autouse=True)
-def _no_gin_bindings():
-    """Params built here must see class defaults, not bindings left by another test."""
-    gin.clear_config()
-    yield
-    gin.clear_config()
+pytestmark = pytest.mark.usefixtures("fresh_gin")  # params built here see class defaults, not another test's bindings
 
 
 # ----------------------------------------------------------------------------------------------------------
