@@ -9,26 +9,17 @@ from flax import nnx
 
 from tests.fixtures.paths import PROCESSOR
 from tests.fixtures.runs import tiny_experiment
+from tests.fixtures.tiny_models import IMAGE_TOKEN, tiny_vlm_params
 from vla_foundry_jax.models import build_model
 from vla_foundry_jax.models.generation import generate
 from vla_foundry_jax.models.vlm import ImageTokenError, check_image_tokens, image_tokens_per_image, vlm_loss
-from vla_foundry_jax.params import HyperParams, ParamsError, TransformerParams, ViTParams, VLMParams
+from vla_foundry_jax.params import HyperParams, ParamsError, VLMParams
 
-IMG = 99  # image token id
+IMG = IMAGE_TOKEN  # image token id
 
 
 def _params(shuffle: int = 1, vocab: int = 100) -> VLMParams:
-    vit = ViTParams(
-        img_size=16,
-        patch_size=4,
-        hidden_dim=16,
-        inter_dim=32,
-        n_heads=2,
-        n_layers=1,
-        projector_pixel_shuffle_factor=shuffle,
-    )
-    lm = TransformerParams(hidden_dim=32, n_layers=2, n_heads=2, vocab_size=vocab, max_seq_len=64)
-    return VLMParams(vit=vit, transformer=lm, image_token_id=IMG)
+    return tiny_vlm_params(shuffle=shuffle, vocab=vocab)
 
 
 @pytest.fixture(scope="module")

@@ -23,6 +23,8 @@ from tests.fixtures.hf_checkpoints import (  # noqa: E402
 )
 from tests.fixtures.paths import PROCESSOR  # noqa: E402
 from tests.fixtures.robotics import reach_data  # noqa: E402
+from tests.fixtures.tiny_models import IMAGE_TOKEN as IMAGE_TOKEN_OURS  # noqa: E402
+from tests.fixtures.tiny_models import tiny_vlm_params  # noqa: E402
 from tests.fixtures.weights import loaded_with_init  # noqa: E402
 from vla_foundry_jax import checkpoint as ckpt_lib  # noqa: E402
 from vla_foundry_jax.models import build_model  # noqa: E402
@@ -160,17 +162,11 @@ def test_vlm_backbone_dead_head_frozen_and_batch_check(hf_ckpts):
 # ----------------------------------------------------------------------------------------------------------
 # vlm_foundry_backbone
 
-IMG = 99  # image token id of the source VLM (vocabulary 100)
+IMG = IMAGE_TOKEN_OURS  # image token id of the source VLM (vocabulary 100)
 
 
 def _vlm_params(causal: bool = True, tied: bool = False) -> VLMParams:
-    vit = ViTParams(
-        img_size=16, patch_size=4, hidden_dim=16, inter_dim=32, n_heads=2, n_layers=1, projector_pixel_shuffle_factor=2
-    )
-    lm = TransformerParams(
-        hidden_dim=32, n_layers=3, n_heads=2, vocab_size=100, max_seq_len=64, is_causal=causal, weight_tying=tied
-    )
-    return VLMParams(vit=vit, transformer=lm, image_token_id=IMG)
+    return tiny_vlm_params(n_layers=3, is_causal=causal, weight_tying=tied)
 
 
 def save_run(out: str, model_params, seed: int = 3) -> dict[str, np.ndarray]:
