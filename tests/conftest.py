@@ -29,8 +29,8 @@ fresh_gin = pytest.fixture(name="fresh_gin")(_cleared_gin_config)
 
 @pytest.fixture(scope="session")
 def clip_dir(tmp_path_factory):
-    """A tiny CLIP config directory (text width 16; no weights, no tokenizer: the empty prompt falls back to the
-    config's ids)."""
+    """A tiny CLIP config directory (text width 16; no weights, so models are built from it with
+    ``load_weights=False``; no tokenizer: the empty prompt falls back to the config's ids)."""
     from tests.fixtures.hf_checkpoints import tiny_clip_config
 
     path = tmp_path_factory.mktemp("clip")

@@ -104,7 +104,7 @@ def test_unet_param_errors():
 @pytest.mark.parametrize("flow", [False, True])
 def test_sd_loss_matches_hand_computation(clip_dir, flow):
     params = _sd_params(clip_dir, use_flow_matching_scheduler=flow)
-    model = build_model(params, rngs=nnx.Rngs(0))
+    model = build_model(params, rngs=nnx.Rngs(0), load_weights=False)
     ids = jnp.asarray(np.random.default_rng(0).integers(0, 61, (2, 5)), jnp.int32)
     mask = jnp.array([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]], jnp.int32)
     batch = {"pixel_values": _images(), "input_ids": ids, "attention_mask": mask}
@@ -129,7 +129,11 @@ def test_sd_loss_matches_hand_computation(clip_dir, flow):
 
 
 def test_sd_condition_dropout(clip_dir):
-    model = build_model(_sd_params(clip_dir, do_classifier_free_guidance=True, dropout_percent=1.0), rngs=nnx.Rngs(0))
+    model = build_model(
+        _sd_params(clip_dir, do_classifier_free_guidance=True, dropout_percent=1.0),
+        rngs=nnx.Rngs(0),
+        load_weights=False,
+    )
     (bos, eos), pad = model.empty_prompt
     ids = jnp.full((2, 4), 5, jnp.int32)
     batch = {"pixel_values": _images(), "input_ids": ids}
@@ -145,7 +149,11 @@ def test_sd_condition_dropout(clip_dir):
         jax.random.key(3),
     )
     np.testing.assert_allclose(pred, pred_e, atol=1e-6)
-    none = build_model(_sd_params(clip_dir, do_classifier_free_guidance=True, dropout_percent=0.0), rngs=nnx.Rngs(0))
+    none = build_model(
+        _sd_params(clip_dir, do_classifier_free_guidance=True, dropout_percent=0.0),
+        rngs=nnx.Rngs(0),
+        load_weights=False,
+    )
     _, _, extras = sd.training_forward(none, batch, jax.random.key(3))
     assert "dropped" not in extras
 
@@ -207,7 +215,9 @@ def test_sampling_shapes_and_range(clip_dir, flow):
 
 def test_guided_sampling_with_text(clip_dir):
     model = build_model(
-        _sd_params(clip_dir, use_flow_matching_scheduler=True, do_classifier_free_guidance=True), rngs=nnx.Rngs(0)
+        _sd_params(clip_dir, use_flow_matching_scheduler=True, do_classifier_free_guidance=True),
+        rngs=nnx.Rngs(0),
+        load_weights=False,
     )
     ids = jnp.asarray([[61, 5, 6, 62], [61, 7, 62, 63]], jnp.int32)
     a = sd.sample_images(model, ids, jax.random.key(0))  # model's guidance_scale
