@@ -8,7 +8,8 @@ import os
 import numpy as np
 import pytest
 
-from tests.conftest import TINY, tiny_experiment
+from tests.fixtures.paths import TINY
+from tests.fixtures.runs import tiny_experiment
 from vla_foundry_jax.params import ParamsError
 from vla_foundry_jax.training.loop import train
 
