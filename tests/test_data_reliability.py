@@ -17,6 +17,7 @@ import sys
 import numpy as np
 import pytest
 
+from tests.fixtures.paths import PROCESSOR, ROOT, TINY
 from vla_foundry_jax.data import DataError, ShardDataSource, build_eval_iterator, build_train_iterator, write_shards
 from vla_foundry_jax.data.shards import BadSampleError
 from vla_foundry_jax.data.text import TextTransform, load_tokenizer
@@ -35,10 +36,7 @@ from vla_foundry_jax.params import (
 from vla_foundry_jax.params.train_params import check_sequence_fits, check_warmup
 
 SEQ = 8
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = os.path.join(REPO, "tiny_data")
 TOKENIZER = os.path.join(TINY, "tokenizer")
-PROCESSOR = os.path.join(TINY, "vlm_processor")
 REACH = os.path.join(TINY, "reach", "train")
 
 
@@ -417,11 +415,11 @@ TEST_ONLY_IMPORTS = {"torch"}  # only to rebuild the bundled tiny CLIP (requirem
 
 
 def test_requirements_hold_every_runtime_import():
-    with open(os.path.join(REPO, "requirements.txt")) as f:
+    with open(os.path.join(ROOT, "requirements.txt")) as f:
         names = {re.split(r"[<>=\[ ;]", line.strip())[0].lower() for line in f if line.strip()[:1].isalpha()}
     imported = set()
     for top in ("vla_foundry_jax", "launch"):
-        for root, _, files in os.walk(os.path.join(REPO, top)):
+        for root, _, files in os.walk(os.path.join(ROOT, top)):
             for name in files:
                 if not name.endswith(".py"):
                     continue
