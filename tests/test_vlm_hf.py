@@ -59,15 +59,7 @@ def ckpts(tmp_path_factory):
     torch.manual_seed(1)
     siglip = SiglipVisionModel(SiglipVisionConfig(**TINY_VISION))
     out["siglip"] = (perturb_and_save(siglip, root / "siglip"), siglip)
-    llama_cfg = LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
+    llama_cfg = LlamaConfig(**dict(TINY_TEXT, vocab_size=64))
     torch.manual_seed(2)
     llama = LlamaForCausalLM(llama_cfg)
     out["llama"] = (perturb_and_save(llama, root / "llama"), llama)
