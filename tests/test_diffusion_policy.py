@@ -512,7 +512,7 @@ def test_transformer_hf_denoiser_reads_its_post_norm_last_hidden_state(tmp_path)
     cfg.save_pretrained(str(tmp_path))
     params = policy_params(transformer=TransformerHFParams(hf_pretrained=str(tmp_path)))
     assert ("transformer", "embed_tokens") in frozen_prefixes(params)
-    model = build_model(params, rngs=nnx.Rngs(0))
+    model = build_model(params, rngs=nnx.Rngs(0), load_weights=False)  # a config-only Llama dir: no weights
     r = np.random.default_rng(3)
     cond = jnp.asarray(r.standard_normal((B, 3, 16)), jnp.float32)
     x = jnp.asarray(r.standard_normal((B, TA, A)), jnp.float32)
