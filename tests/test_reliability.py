@@ -21,7 +21,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from tests.conftest import ROOT, logged_losses, subprocess_env, tiny_experiment, tiny_train_command
+from tests.fixtures.multidevice import run, subprocess_env
+from tests.fixtures.paths import ROOT
+from tests.fixtures.runs import logged_losses, tiny_experiment, tiny_train_command
 from vla_foundry_jax import checkpoint as ckpt_lib
 from vla_foundry_jax import parallel
 from vla_foundry_jax.params import DistributedParams, EMAParams, HyperParams, ParamsError, TransformerParams
@@ -39,7 +41,7 @@ from vla_foundry_jax.training.step import make_train_step
 
 
 def _run(cmd: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
-    return subprocess.run(cmd, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=timeout)
+    return run(cmd, timeout=timeout, check=False)
 
 
 def _records(out: str) -> list[dict]:
