@@ -438,7 +438,7 @@ def test_requirements_hold_every_runtime_import():
 
 def test_training_logs_the_skipped_samples(tmp_path):
     """The loop writes the pipeline's running count of skipped samples to metrics.jsonl."""
-    from tests.conftest import tiny_experiment
+    from tests.fixtures.runs import tiny_experiment
     from vla_foundry_jax.training.loop import train
 
     manifest = _bad_text(tmp_path)
