@@ -9,7 +9,9 @@ import sys
 
 import pytest
 
-from tests.conftest import ROOT, TINY, subprocess_env, tiny_train_command
+from tests.fixtures.multidevice import subprocess_env
+from tests.fixtures.paths import ROOT, TINY
+from tests.fixtures.runs import tiny_train_command
 
 QUICK = ["-m", "launch.train", "--gin_file=gin_configs/quickstart.gin"]
 
