@@ -41,15 +41,8 @@ def load_model(path: str) -> tuple[nnx.Module, TrainExperimentParams]:
     return model, exp
 
 
-def restore_ema_params(step_dir: str, params: Any) -> Any | None:
-    """The EMA stored in ``<step_dir>/train`` as a tree like ``params`` (trainable parameters; float32, as kept in
-    training: :func:`~vla_foundry_jax.training.ema.select_ema` casts it), or None when the run kept no EMA."""
-    path = os.path.join(step_dir, "train")
-    meta = ocp.PyTreeCheckpointer().metadata(path)
-    tree = getattr(meta, "item_metadata", None) or getattr(meta, "tree", None) or meta
-    ema = dict(tree).get("ema")
-    if not ema:
-        return None
+def _flatten_dict(tree: dict[str, Any]) -> dict[str, Any]:
+    """Nested dicts -> ``{"a.b.c": leaf}`` in walk order."""
     flat: dict[str, Any] = {}
 
     def walk(prefix: str, node: Any) -> None:
@@ -59,7 +52,20 @@ def restore_ema_params(step_dir: str, params: Any) -> Any | None:
         else:
             flat[prefix[:-1]] = node
 
-    walk("", dict(ema))
+    walk("", tree)
+    return flat
+
+
+def restore_ema_params(step_dir: str, params: Any) -> Any | None:
+    """The EMA stored in ``<step_dir>/train`` as a tree like ``params`` (trainable parameters; float32, as kept in
+    training: :func:`~vla_foundry_jax.training.ema.select_ema` casts it), or None when the run kept no EMA."""
+    path = os.path.join(step_dir, "train")
+    meta = ocp.PyTreeCheckpointer().metadata(path)
+    tree = getattr(meta, "item_metadata", None) or getattr(meta, "tree", None) or meta
+    ema = dict(tree).get("ema")
+    if not ema:
+        return None
+    flat = _flatten_dict(dict(ema))
     wanted = ckpt_lib.flat_params(params)
     flat = {k: v for k, v in flat.items() if k.endswith(".value") or k in wanted}
     names = {(k[: -len(".value")] if k.endswith(".value") else k): k for k in flat}
@@ -82,14 +88,5 @@ def restore_ema_params(step_dir: str, params: Any) -> Any | None:
         ),
     )
 
-    values: dict[str, Any] = {}
-
-    def collect(prefix: str, node: Any) -> None:
-        if isinstance(node, dict):
-            for k, v in node.items():
-                collect(f"{prefix}{k}.", v)
-        else:
-            values[prefix[:-1]] = node
-
-    collect("", restored["ema"])
+    values = _flatten_dict(restored["ema"])
     return ckpt_lib.set_flat_params(params, {n: values[k] for n, k in names.items()})
