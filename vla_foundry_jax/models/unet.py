@@ -184,21 +184,16 @@ class UNet(nnx.Module):
         self.time_fc1 = _dense(self.time_emb_dim, E, rngs=rngs, **tkw)
         self.time_fc2 = _dense(E, E, rngs=rngs, **tkw)
         self.init_conv = Conv2d(self.in_channels, C[0], 3, rngs=rngs, **kw)
+
+        def level(din: int, c: int, depth: int, resample: str | None) -> Level:
+            """A level at ``depth`` (0 = full resolution): self-attention from depth 2, cross-attention from 1."""
+            return Level(
+                din, c, E, txt, self_attn=depth >= 2, cross_attn=depth >= 1, resample=resample, rngs=rngs, **kw
+            )
+
         down, prev = [], C[0]
         for i, c in enumerate(C):
-            down.append(
-                Level(
-                    prev,
-                    c,
-                    E,
-                    txt,
-                    self_attn=i >= 2,
-                    cross_attn=i >= 1,
-                    resample="down" if i < L - 1 else None,
-                    rngs=rngs,
-                    **kw,
-                )
-            )
+            down.append(level(prev, c, i, "down" if i < L - 1 else None))
             prev = c
         self.down = nnx.List(down)
         self.mid_res1 = ResnetBlock(C[-1], C[-1], E, txt, rngs=rngs, **kw)
@@ -208,20 +203,7 @@ class UNet(nnx.Module):
         up, rev = [], C[::-1]
         for i, c in enumerate(rev):
             din = rev[0] if i == 0 else rev[i - 1] + c  # [x, skip]: skip of this resolution has c channels
-            depth = L - 1 - i
-            up.append(
-                Level(
-                    din,
-                    c,
-                    E,
-                    txt,
-                    self_attn=depth >= 2,
-                    cross_attn=depth >= 1,
-                    resample="up" if i < L - 1 else None,
-                    rngs=rngs,
-                    **kw,
-                )
-            )
+            up.append(level(din, c, L - 1 - i, "up" if i < L - 1 else None))
         self.up = nnx.List(up)
         self.out_norm = _group_norm(C[0], **kw)
         self.out_conv = Conv2d(C[0], int(params.out_channels), 3, rngs=rngs, **kw)
