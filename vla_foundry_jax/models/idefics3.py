@@ -36,12 +36,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from vla_foundry_jax.configs.vlm_hf import Idefics3Config
-from vla_foundry_jax.layers.dense import Dense
 from vla_foundry_jax.layers.pixel_shuffle import pixel_shuffle
-from vla_foundry_jax.models.hf_decoder import HFDecoder
-from vla_foundry_jax.models.hf_vision import HFVisionTower
 from vla_foundry_jax.models.hf_vlm_common import HFVLM
-from vla_foundry_jax.models.vlm import merge_image_tokens
 
 
 class Idefics3(HFVLM):
@@ -56,20 +52,15 @@ class Idefics3(HFVLM):
         param_dtype: jnp.dtype = jnp.float32,
         remat_policy: str | None = None,
     ):
-        self.config = config
-        self.dtype = dtype
-        kw = {"rngs": rngs, "dtype": dtype, "param_dtype": param_dtype, "remat_policy": remat_policy}
-        self.vision_tower = HFVisionTower(config.vision, where="vlm_hf.vision_tower", **kw)
-        self.connector = Dense(
-            config.vision.hidden_size * config.scale_factor**2,
-            config.text.hidden_size,
-            bias=False,
-            names=("mlp", "embed"),
+        self.connector = self._build_towers(
+            config,
+            projector_in=config.vision.hidden_size * config.scale_factor**2,
+            projector_bias=False,
             rngs=rngs,
             dtype=dtype,
             param_dtype=param_dtype,
+            remat_policy=remat_policy,
         )
-        self.language_model = HFDecoder(config.text, **kw)
 
     def encode_images(self, pixel_values: jax.Array) -> jax.Array:
         """``[B, N, img, img, 3]`` (or ``[B, img, img, 3]``) -> connector output ``[B, N * T, H]``."""
@@ -77,12 +68,3 @@ class Idefics3(HFVLM):
             pixel_values = pixel_values[:, None]
         feats = self.vision_tower(pixel_values)  # [B, N, n_p, D]
         return self.connector(pixel_shuffle(feats, self.config.scale_factor))  # [B, N * n_p / s^2, H]
-
-    def embed(self, input_ids: jax.Array, pixel_values: jax.Array | None) -> jax.Array:
-        """Token embeddings with the image positions replaced by image tokens, ``[B, S, H]``."""
-        is_img = input_ids == self.config.image_token_id
-        tokens = self.language_model.embed(input_ids)
-        if pixel_values is None:
-            return tokens
-        images = self.encode_images(pixel_values).astype(tokens.dtype)
-        return merge_image_tokens(tokens, images, is_img)

@@ -66,16 +66,28 @@ def check_image_tokens(params: VLMParams, input_ids: np.ndarray, pixel_values: n
                 f"pixel_values: every image token needs its image."
             )
         return
-    n_images = pixel_values.shape[1] if pixel_values.ndim == 5 else 1
-    expected = n_images * image_tokens_per_image(params)
+    check_image_token_counts(
+        found,
+        pixel_values,
+        params.image_token_id,
+        image_tokens_per_image(params),
+        hint=" Check data.img_num_tokens against the vision tower's image / patch size and the pixel-shuffle factor.",
+    )
+
+
+def check_image_token_counts(
+    found: np.ndarray, pixel_values: np.ndarray | None, image_token_id: int, per_image: int, *, hint: str = ""
+) -> None:
+    """Host-side check: ``found[b]`` (sample b's image-token count) equals its images x ``per_image``
+    (no ``pixel_values``: zero images); raises :class:`ImageTokenError` naming the first sample that disagrees."""
+    n_images = 0 if pixel_values is None else (pixel_values.shape[1] if pixel_values.ndim == 5 else 1)
+    expected = n_images * per_image
     bad = np.flatnonzero(found != expected)
     if bad.size:
         i = int(bad[0])
         raise ImageTokenError(
-            f"sample {i} holds {int(found[i])} image tokens (id {params.image_token_id}) but its {n_images} "
-            f"image(s) give {expected} ({image_tokens_per_image(params)} per image); {bad.size} sample(s) "
-            f"disagree. Check data.img_num_tokens against the vision tower's image / patch size and the "
-            f"pixel-shuffle factor."
+            f"sample {i} holds {int(found[i])} image tokens (id {image_token_id}) but its {n_images} "
+            f"image(s) give {expected} ({per_image} per image); {bad.size} sample(s) disagree.{hint}"
         )
 
 

@@ -40,13 +40,9 @@ from flax import nnx
 
 from vla_foundry_jax.configs.vlm_hf import Idefics3Config, PaliGemmaConfig, vlm_hf_config
 from vla_foundry_jax.convert.vlm_hf_maps import load_vlm_hf_weights
-from vla_foundry_jax.layers.dense import Dense
 from vla_foundry_jax.layers.losses import cross_entropy_with_z_loss
-from vla_foundry_jax.models.hf_decoder import HFDecoder
-from vla_foundry_jax.models.hf_vision import HFVisionTower
 from vla_foundry_jax.models.hf_vlm_common import HFVLM, check_image_tokens
 from vla_foundry_jax.models.idefics3 import Idefics3
-from vla_foundry_jax.models.vlm import merge_image_tokens
 from vla_foundry_jax.params.model_params import VLMHFParams
 from vla_foundry_jax.registry import ModelRecord, register_model
 
@@ -63,20 +59,15 @@ class PaliGemma(HFVLM):
         param_dtype: jnp.dtype = jnp.float32,
         remat_policy: str | None = None,
     ):
-        self.config = config
-        self.dtype = dtype
-        kw = {"rngs": rngs, "dtype": dtype, "param_dtype": param_dtype, "remat_policy": remat_policy}
-        self.vision_tower = HFVisionTower(config.vision, where="vlm_hf.vision_tower", **kw)
-        self.multi_modal_projector = Dense(
-            config.vision.hidden_size,
-            config.text.hidden_size,
-            bias=True,
-            names=("mlp", "embed"),
+        self.multi_modal_projector = self._build_towers(
+            config,
+            projector_in=config.vision.hidden_size,
+            projector_bias=True,
             rngs=rngs,
             dtype=dtype,
             param_dtype=param_dtype,
+            remat_policy=remat_policy,
         )
-        self.language_model = HFDecoder(config.text, **kw)
 
     def encode_images(self, pixel_values: jax.Array) -> jax.Array:
         """``[B, N, img, img, 3]`` (or ``[B, img, img, 3]``) -> projected image tokens ``[B, N * T, H]``."""
@@ -85,17 +76,11 @@ class PaliGemma(HFVLM):
         feats = self.multi_modal_projector(self.vision_tower(pixel_values))  # [B, N, T, H]
         return feats.reshape(feats.shape[0], -1, feats.shape[-1])
 
-    def embed(self, input_ids: jax.Array, pixel_values: jax.Array | None) -> jax.Array:
-        """Token embeddings with the image positions replaced by image tokens, ``[B, S, H]``."""
-        is_img = input_ids == self.config.image_token_id
-        lookup = input_ids
-        if self.config.image_token_id >= self.config.text.vocab_size:  # as HF: an id past the table looks up row 0
-            lookup = jnp.where(is_img, 0, input_ids)
-        tokens = self.language_model.embed(lookup)
-        if pixel_values is None:
-            return tokens
-        images = self.encode_images(pixel_values).astype(tokens.dtype)
-        return merge_image_tokens(tokens, images, is_img)
+    def _lookup_ids(self, input_ids: jax.Array, is_img: jax.Array) -> jax.Array:
+        """As HF: an image-token id past the embedding table looks up row 0."""
+        if self.config.image_token_id >= self.config.text.vocab_size:
+            return jnp.where(is_img, 0, input_ids)
+        return input_ids
 
 
 def check_batch(params: Any, batch: dict[str, np.ndarray]) -> None:
