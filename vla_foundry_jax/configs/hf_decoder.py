@@ -23,6 +23,16 @@ class UnsupportedArchitectureError(VLAFoundryError, ValueError):
     """An HF config whose ``model_type`` (or an option of it) ``transformer_hf`` does not implement."""
 
 
+def supported_model_type(config: Any, supported: Any, who: str) -> str:
+    """``config.model_type``; :class:`UnsupportedArchitectureError` naming ``who`` when it is not in ``supported``."""
+    mt = getattr(config, "model_type", None)
+    if mt not in supported:
+        raise UnsupportedArchitectureError(
+            f"{who} does not support HF model_type {mt!r}; supported: {', '.join(supported)}."
+        )
+    return mt
+
+
 @dataclasses.dataclass(frozen=True)
 class HFDecoderConfig:
     """The architecture facts the Flax module needs, read from an HF ``PretrainedConfig``."""
@@ -54,12 +64,7 @@ class HFDecoderConfig:
 
     @classmethod
     def from_hf(cls, config: Any) -> HFDecoderConfig:
-        mt = getattr(config, "model_type", None)
-        if mt not in SUPPORTED_ARCHITECTURES:
-            raise UnsupportedArchitectureError(
-                f"transformer_hf does not support HF model_type {mt!r}; "
-                f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}."
-            )
+        mt = supported_model_type(config, SUPPORTED_ARCHITECTURES, "transformer_hf")
         rope = dict(getattr(config, "rope_parameters", None) or {})
         rope_type = rope.get("rope_type", rope.get("type", "default"))
         if rope_type != "default" or rope.get("partial_rotary_factor", 1.0) != 1.0:

@@ -36,7 +36,7 @@ import re
 from typing import Any
 
 from vla_foundry_jax.configs.hf_decoder import ACTIVATION_NAMES as DECODER_ACTIVATION_NAMES
-from vla_foundry_jax.configs.hf_decoder import UnsupportedArchitectureError
+from vla_foundry_jax.configs.hf_decoder import UnsupportedArchitectureError, supported_model_type
 from vla_foundry_jax.configs.hf_hub import HFLoadError, load_hf_config, resolve_hf_path
 from vla_foundry_jax.configs.safetensors import tensor_shapes
 
@@ -122,11 +122,7 @@ class HFVisionConfig(EncoderConfig):
 
     @classmethod
     def from_hf(cls, config: Any) -> HFVisionConfig:
-        mt = getattr(config, "model_type", None)
-        if mt not in SUPPORTED_MODEL_TYPES:
-            raise UnsupportedArchitectureError(
-                f"vit_hf does not support HF model_type {mt!r}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}."
-            )
+        mt = supported_model_type(config, SUPPORTED_MODEL_TYPES, "vit_hf")
         if mt in ("siglip", "clip"):
             config = config.vision_config
         if getattr(config, "num_channels", 3) != 3:
