@@ -36,7 +36,7 @@ from vla_foundry_jax.data.augment import augment_images
 from vla_foundry_jax.data.bad_samples import MAX_CONSECUTIVE_BAD, BadSampleLog, SkipBadSamples
 from vla_foundry_jax.data.processor import StableDiffusionProcessor, VLMProcessor, caption_text
 from vla_foundry_jax.data.shards import BadSampleError, ShardDataSource
-from vla_foundry_jax.data.text import pad_or_truncate, sample_text
+from vla_foundry_jax.data.text import pad_or_truncate, sample_where, untokenized_text
 from vla_foundry_jax.params.data_params import DataAugmentationParams
 
 IMAGE_FIELDS = ("jpg", "png", "jpeg", "webp")
@@ -46,10 +46,6 @@ METADATA_FIELD = "json"
 
 class CorruptImageError(BadSampleError):
     """Image bytes that PIL cannot decode."""
-
-
-def _where(sample: dict[str, Any]) -> str:
-    return f"sample {sample.get('__key__')!r} of shard {sample.get('__shard__')!r}"
 
 
 def image_field(sample: dict[str, Any]) -> str | None:
@@ -81,7 +77,7 @@ def decode_sample(sample: dict[str, Any]) -> dict[str, Any]:
     Raises ``BadSampleError`` for a missing caption / image or a caption that is not UTF-8, and its subclass
     ``CorruptImageError`` for undecodable image bytes.
     """
-    where = _where(sample)
+    where = sample_where(sample)
     fields = sorted(k for k in sample if not k.startswith("__"))
     field = image_field(sample)
     if field is None:
@@ -172,9 +168,8 @@ class ImageCaptionTransform:
     def __call__(self, sample: dict[str, Any], rng: np.random.Generator | None = None) -> dict[str, np.ndarray]:
         if "image" not in sample:  # a raw shard sample (not yet decoded by ImageCaptionSource)
             sample = decode_sample(sample)
-        (image,) = augment_images(
-            [sample["image"]], self.augmentation, rng, train=self.train, where=f"image_caption data: {_where(sample)}"
-        )
+        where = f"image_caption data: {sample_where(sample)}"
+        (image,) = augment_images([sample["image"]], self.augmentation, rng, train=self.train, where=where)
         if isinstance(self.processor, StableDiffusionProcessor):  # [s, s, 3] in [-1, 1] (+ ids, attention_mask)
             return self.processor(image, sample["caption"], rng, train=self.train)
         out = self.processor([image], [caption_text(sample["caption"])], self.seq_len + 1, append_eos=self.append_eos)
@@ -196,11 +191,6 @@ class ProcessorTextTransform:
 
     def __call__(self, sample: dict[str, Any], rng: np.random.Generator | None = None) -> dict[str, np.ndarray]:
         del rng
-        if self.field not in sample:
-            raise BadSampleError.of(
-                sample,
-                f"text_untokenized data: {_where(sample)} has no {self.field!r} member (fields: {sorted(sample)}).",
-            )
-        text = sample_text(sample[self.field], where=_where(sample), sample=sample)
+        text = untokenized_text(sample, self.field)
         ids = np.asarray(self.processor.token_ids(text), dtype=np.int64)
         return pad_or_truncate(ids, self.seq_len + 1, self.processor.pad_token_id)

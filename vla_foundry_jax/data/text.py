@@ -36,7 +36,8 @@ TEXT_PAD_ID = 0  # fills (masked) positions of pre-tokenized samples shorter tha
 _TOKENIZER_LOCK = threading.Lock()
 
 
-def _where(sample: dict[str, Any]) -> str:
+def sample_where(sample: dict[str, Any]) -> str:
+    """``sample <key> of shard <shard>`` for error messages."""
     return f"sample {sample.get('__key__')!r} of shard {sample.get('__shard__')!r}"
 
 
@@ -53,18 +54,19 @@ class TextTransform:
     def __call__(self, sample: dict[str, Any], rng: np.random.Generator) -> dict[str, np.ndarray]:
         if self.field not in sample:
             raise BadSampleError.of(
-                sample, f"text data: {_where(sample)} has no {self.field!r} member (fields: {sorted(sample)})."
+                sample, f"text data: {sample_where(sample)} has no {self.field!r} member (fields: {sorted(sample)})."
             )
         try:
             ids = np.asarray(json.loads(gzip.decompress(sample[self.field])), dtype=np.int64)
         except (OSError, EOFError, zlib.error, ValueError, TypeError, OverflowError) as e:
             raise BadSampleError.of(
                 sample,
-                f"text data: cannot decode {_where(sample)} as a gzip JSON list of ids ({type(e).__name__}: {e}).",
+                f"text data: cannot decode {sample_where(sample)} as a gzip JSON list of ids "
+                f"({type(e).__name__}: {e}).",
             ) from e
         if ids.ndim != 1:
             raise BadSampleError.of(
-                sample, f"text data: {_where(sample)} is not a flat list of token ids (shape {ids.shape})."
+                sample, f"text data: {sample_where(sample)} is not a flat list of token ids (shape {ids.shape})."
             )
         width = self.seq_len + 1
         if len(ids) > width:
@@ -84,17 +86,23 @@ class TextUntokenizedTransform:
 
     def __call__(self, sample: dict[str, Any], rng: np.random.Generator | None = None) -> dict[str, np.ndarray]:
         del rng
-        if self.field not in sample:
-            raise BadSampleError.of(
-                sample,
-                f"text_untokenized data: {_where(sample)} has no {self.field!r} member (fields: {sorted(sample)}).",
-            )
-        text = sample_text(sample[self.field], where=_where(sample), sample=sample)
+        text = untokenized_text(sample, self.field)
         tok = load_tokenizer(self.tokenizer_name)
         # No truncation/padding arguments: those mutate the shared Rust tokenizer, which is not safe from
         # several reader threads at once; we cut and pad in numpy instead.
         ids = np.asarray(tok(text)["input_ids"], dtype=np.int64)
         return pad_or_truncate(ids, self.seq_len + 1, tok.pad_token_id)
+
+
+def untokenized_text(sample: dict[str, Any], field: str) -> str:
+    """The text of a ``text_untokenized`` sample's ``field`` member (:func:`sample_text`); ``BadSampleError`` when
+    the sample has no such member."""
+    if field not in sample:
+        raise BadSampleError.of(
+            sample,
+            f"text_untokenized data: {sample_where(sample)} has no {field!r} member (fields: {sorted(sample)}).",
+        )
+    return sample_text(sample[field], where=sample_where(sample), sample=sample)
 
 
 def sample_text(raw: bytes, *, where: str = "sample", sample: dict[str, Any] | None = None) -> str:
