@@ -161,7 +161,32 @@ def _initializer_range(params: VLMBackboneParams) -> float:
     return float(0.02 if std is None else std)
 
 
-class _HFBackboneMixin:
+class _ActionTokenProbe:
+    """The conditioning call shared by the VLM backbones: append the action token, run the VLM (``super()``) with
+    hidden states, read the action token's features (module docstring). Subclasses set ``where``,
+    ``action_token_id`` and ``num_vlm_layers_to_use``."""
+
+    def prepare_images(self, pixel_values: jax.Array) -> jax.Array:
+        """``[B, N, img, img, 3]`` (or ``[B, img, img, 3]``) -> camera-major ``[B, N, img, img, 3]``."""
+        return as_cameras(pixel_values, self.where)
+
+    def __call__(
+        self,
+        input_ids: jax.Array,
+        pixel_values: jax.Array | None,
+        attention_mask: jax.Array | None = None,
+        attention_mask_images: jax.Array | None = None,
+    ) -> jax.Array:
+        """Conditioning ``[B, 1, conditioning_dim]``; ``pixel_values [B, N, h, w, 3]`` (module docstring)."""
+        del attention_mask_images
+        ids, mask = append_action_token(input_ids, attention_mask, self.action_token_id)
+        if pixel_values is not None:
+            pixel_values = self.prepare_images(pixel_values)
+        out = super().__call__(ids, pixel_values, attention_mask=mask, output_hidden_states=True)
+        return action_features(out.hidden_states, self.num_vlm_layers_to_use)
+
+
+class _HFBackboneMixin(_ActionTokenProbe):
     """The action-token probe on top of a ``vlm_hf`` module (PaliGemma / Idefics3); see the module docstring."""
 
     def __init__(
@@ -186,21 +211,6 @@ class _HFBackboneMixin:
     @property
     def conditioning_dim(self) -> int:
         return self.num_vlm_layers_to_use * self.config.text.hidden_size
-
-    def __call__(
-        self,
-        input_ids: jax.Array,
-        pixel_values: jax.Array | None,
-        attention_mask: jax.Array | None = None,
-        attention_mask_images: jax.Array | None = None,
-    ) -> jax.Array:
-        """Conditioning ``[B, 1, conditioning_dim]``; ``pixel_values [B, N, img, img, 3]`` (module docstring)."""
-        del attention_mask_images
-        ids, mask = append_action_token(input_ids, attention_mask, self.action_token_id)
-        if pixel_values is not None:
-            pixel_values = as_cameras(pixel_values, self.where)
-        out = super().__call__(ids, pixel_values, attention_mask=mask, output_hidden_states=True)
-        return action_features(out.hidden_states, self.num_vlm_layers_to_use)
 
 
 class PaliGemmaBackbone(_HFBackboneMixin, PaliGemma):
@@ -325,7 +335,7 @@ def _lm_width_and_layers(vlm_params: VLMParams) -> tuple[int, int, bool]:
     return t.hidden_dim, t.n_layers, False
 
 
-class VLMFoundryBackbone(VLM):
+class VLMFoundryBackbone(_ActionTokenProbe, VLM):
     """``vlm_foundry_backbone``: the source run's :class:`VLM` with the action-token probe (module docstring)."""
 
     def __init__(self, params: VLMFoundryBackboneParams, *, rngs: nnx.Rngs, **kwargs: Any):
@@ -358,20 +368,9 @@ class VLMFoundryBackbone(VLM):
         out = jax.image.resize(pixel_values.astype(jnp.float32), shape, method="bilinear", antialias=False)
         return out.astype(pixel_values.dtype)
 
-    def __call__(
-        self,
-        input_ids: jax.Array,
-        pixel_values: jax.Array | None,
-        attention_mask: jax.Array | None = None,
-        attention_mask_images: jax.Array | None = None,
-    ) -> jax.Array:
-        """Conditioning ``[B, 1, conditioning_dim]``; ``pixel_values [B, N, h, w, 3]`` (module docstring)."""
-        del attention_mask_images
-        ids, mask = append_action_token(input_ids, attention_mask, self.action_token_id)
-        if pixel_values is not None:
-            pixel_values = self.resize_images(as_cameras(pixel_values, self.where))
-        out = super().__call__(ids, pixel_values, attention_mask=mask, output_hidden_states=True)
-        return action_features(out.hidden_states, self.num_vlm_layers_to_use)
+    def prepare_images(self, pixel_values: jax.Array) -> jax.Array:
+        """Camera-major images resized to the ViT's side (:meth:`resize_images`)."""
+        return self.resize_images(as_cameras(pixel_values, self.where))
 
 
 def build_vlm_foundry_backbone(
