@@ -57,25 +57,27 @@ class OpenCLIPArchitecture:
     def to_clip_config(self) -> CLIPConfig:
         act = "quick_gelu" if self.quick_gelu else "gelu"
         v, t = self.vision, self.text
+
+        def tower(width: int, mlp_ratio: float, layers: int, heads: int) -> dict[str, Any]:
+            """The encoder sizes both towers' configs take."""
+            return {
+                "hidden_size": width,
+                "intermediate_size": int(width * mlp_ratio),
+                "num_layers": layers,
+                "num_heads": heads,
+                "layer_norm_eps": LAYER_NORM_EPS,
+                "activation": act,
+            }
+
         return CLIPConfig(
             text=CLIPTextConfig(
-                hidden_size=t.width,
-                intermediate_size=int(t.width * t.mlp_ratio),
-                num_layers=t.layers,
-                num_heads=t.heads,
-                layer_norm_eps=LAYER_NORM_EPS,
-                activation=act,
+                **tower(t.width, t.mlp_ratio, t.layers, t.heads),
                 vocab_size=t.vocab_size,
                 max_position_embeddings=t.context_length,
                 eos_token_id=LEGACY_EOS_ID,  # argmax-of-ids pooling, as OpenCLIP's pool_type "argmax"
             ),
             vision=HFVisionConfig(
-                hidden_size=v.width,
-                intermediate_size=int(v.width * v.mlp_ratio),
-                num_layers=v.layers,
-                num_heads=v.width // v.head_width,
-                layer_norm_eps=LAYER_NORM_EPS,
-                activation=act,
+                **tower(v.width, v.mlp_ratio, v.layers, v.width // v.head_width),
                 family="clip",
                 image_size=v.image_size,
                 patch_size=v.patch_size,
@@ -114,43 +116,37 @@ _IGNORED = {
     "text_cfg": {"hf_tokenizer_name", "tokenizer_mode", "tokenizer_kwargs", "pad_id", "eos_id", "output_tokens"},
     "top": set(),
 }
-# Keys that may appear with exactly these (OpenCLIP default) values.
+# Keys that may appear with exactly these (OpenCLIP default) values: the transformer-block options both towers
+# share, then each tower's own.
+_BLOCK_DEFAULTS = {
+    "ls_init_value": None,
+    "final_ln_after_pool": False,
+    "act_kwargs": None,
+    "norm_kwargs": None,
+    "block_type": None,
+    "qk_norm": False,
+    "scaled_cosine_attn": False,
+    "scale_heads": False,
+    "scale_attn_inner": False,
+    "scale_attn": False,
+    "scale_fc": False,
+}
 _DEFAULTS = {
     "vision_cfg": {
-        "ls_init_value": None,
+        **_BLOCK_DEFAULTS,
         "attentional_pool": False,
         "no_ln_pre": False,
         "pos_embed_type": "learnable",
-        "final_ln_after_pool": False,
         "pool_type": "tok",
-        "act_kwargs": None,
-        "norm_kwargs": None,
-        "block_type": None,
-        "qk_norm": False,
-        "scaled_cosine_attn": False,
-        "scale_heads": False,
-        "scale_attn_inner": False,
-        "scale_attn": False,
-        "scale_fc": False,
         "timm_model_name": None,
     },
     "text_cfg": {
-        "ls_init_value": None,
+        **_BLOCK_DEFAULTS,
         "embed_cls": False,
         "no_causal_mask": False,
-        "final_ln_after_pool": False,
         "pool_type": "argmax",
         "proj_bias": False,
         "proj_type": "linear",
-        "act_kwargs": None,
-        "norm_kwargs": None,
-        "block_type": None,
-        "qk_norm": False,
-        "scaled_cosine_attn": False,
-        "scale_heads": False,
-        "scale_attn_inner": False,
-        "scale_attn": False,
-        "scale_fc": False,
         "hf_model_name": None,
     },
     "top": {"nonscalar_logit_scale": False, "custom_text": False, "init_logit_bias": None},
