@@ -8,7 +8,7 @@ the stable-diffusion quickstart's text encoder and tokenizer.
 
 from __future__ import annotations
 
-from vla_foundry_jax.testbeds.tiny_datasets import VOCAB_WORDS
+from vla_foundry_jax.testbeds.tiny_datasets import word_level_core
 
 CLIP_SPECIALS = ("[PAD]", "[UNK]", "<|startoftext|>", "<|endoftext|>")
 
@@ -16,16 +16,11 @@ CLIP_SPECIALS = ("[PAD]", "[UNK]", "<|startoftext|>", "<|endoftext|>")
 def build_clip_tokenizer(out_dir: str | None = None):  # -> transformers.PreTrainedTokenizerFast
     """The tiny word-level vocabulary with CLIP's conventions: every text becomes ``<|startoftext|> ... <|endoftext|>``
     (``[PAD]`` = 0, ``[UNK]`` = 1, bos = 2, eos = 3; eos is not 2, which HF CLIP reads as a legacy config)."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+    from tokenizers import processors
     from transformers import PreTrainedTokenizerFast
 
     pad, unk, bos, eos = CLIP_SPECIALS
-    vocab = {tok: i for i, tok in enumerate([*CLIP_SPECIALS, *VOCAB_WORDS])}
-    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token=unk))
-    core.normalizer = normalizers.Lowercase()
-    core.pre_tokenizer = pre_tokenizers.Whitespace()
-    core.decoder = decoders.WordPiece(prefix="##", cleanup=True)
-    core.add_special_tokens(list(CLIP_SPECIALS))
+    core, vocab = word_level_core(CLIP_SPECIALS, unk)
     core.post_processor = processors.TemplateProcessing(
         single=f"{bos} $A {eos}", special_tokens=[(bos, vocab[bos]), (eos, vocab[eos])]
     )

@@ -100,17 +100,25 @@ def documents(num_docs: int, seed: int = 0) -> list[list[str]]:
     return [[sentence(rng) for _ in range(rng.randint(6, 18))] for _ in range(num_docs)]
 
 
-def build_tokenizer(out_dir: str | None = None):  # -> transformers.PreTrainedTokenizerFast
-    """The word-level tokenizer over ``VOCAB_WORDS``; saved with ``save_pretrained`` when ``out_dir`` is given."""
+def word_level_core(specials: tuple[str, ...], unk: str):  # -> (tokenizers.Tokenizer, vocab dict)
+    """A lower-casing, whitespace-split word-level ``tokenizers.Tokenizer`` over ``specials`` then
+    ``VOCAB_WORDS`` (ids in that order), and its vocabulary."""
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
 
-    vocab = {tok: i for i, tok in enumerate([*SPECIALS, *VOCAB_WORDS])}
-    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
+    vocab = {tok: i for i, tok in enumerate([*specials, *VOCAB_WORDS])}
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token=unk))
     core.normalizer = normalizers.Lowercase()
     core.pre_tokenizer = pre_tokenizers.Whitespace()
     core.decoder = decoders.WordPiece(prefix="##", cleanup=True)
-    core.add_special_tokens(list(SPECIALS))
+    core.add_special_tokens(list(specials))
+    return core, vocab
+
+
+def build_tokenizer(out_dir: str | None = None):  # -> transformers.PreTrainedTokenizerFast
+    """The word-level tokenizer over ``VOCAB_WORDS``; saved with ``save_pretrained`` when ``out_dir`` is given."""
+    from transformers import PreTrainedTokenizerFast
+
+    core, _ = word_level_core(SPECIALS, UNK)
     tok = PreTrainedTokenizerFast(tokenizer_object=core, pad_token=PAD, unk_token=UNK, eos_token=EOS)
     if out_dir is not None:
         tok.save_pretrained(out_dir)
