@@ -67,9 +67,9 @@ from vla_foundry_jax.layers.dense import Dense
 from vla_foundry_jax.layers.losses import masked_mse
 from vla_foundry_jax.layers.positional import sinusoidal_embedding
 from vla_foundry_jax.models.backbones import ViTBackbone
-from vla_foundry_jax.models.noise_scheduler import NoiseScheduler, make_scheduler
+from vla_foundry_jax.models.noise_scheduler import NoiseScheduler, scheduler_from_key, scheduler_key
 from vla_foundry_jax.params.base import ParamsError
-from vla_foundry_jax.params.model_params import DiffusionPolicyParams, NoiseSchedulerParams
+from vla_foundry_jax.params.model_params import DiffusionPolicyParams
 from vla_foundry_jax.registry import ModelRecord, build_module, register_model
 
 ACTION_KEYS = ("actions", "past_mask", "future_mask", "proprioception")  # repeated R times per sample
@@ -148,11 +148,11 @@ class DiffusionPolicy(nnx.Module):
         self.input_noise_std = float(params.input_noise_std)
         self.action_dim, self.proprioception_dim, self.num_timesteps = A, P, T
         self.conditioning_dim, self.hidden_dim = D_bb, H
-        _scheduler_cached(self.scheduler_key)  # configuration errors now
+        scheduler_from_key(self.scheduler_key)  # configuration errors now
 
     @property
     def scheduler(self) -> NoiseScheduler:
-        return _scheduler_cached(self.scheduler_key)
+        return scheduler_from_key(self.scheduler_key)
 
     # ------------------------------------------------------------------ pieces
     def condition(
@@ -245,27 +245,6 @@ class DiffusionPolicy(nnx.Module):
             cond = jnp.repeat(cond, R, axis=0)
         proprio = self.encode_proprioception(proprioception, proprio_noise)
         return self.denoise(cond, t, noisy_actions, proprio)
-
-
-@functools.lru_cache(maxsize=32)
-def _scheduler_cached(key: tuple[Any, ...]) -> NoiseScheduler:
-    T, b0, b1, clamp, use_diffusers, use_flow = key
-    ns = NoiseSchedulerParams(num_timesteps=T, beta_start=b0, beta_end=b1, clamp_range=clamp)
-    return make_scheduler(ns, use_diffusers_scheduler=use_diffusers, use_flow_matching_scheduler=use_flow)
-
-
-def scheduler_key(params: DiffusionPolicyParams) -> tuple[Any, ...]:
-    """A hashable key of the policy's scheduler settings (kept on the module instead of the params)."""
-    ns = params.noise_scheduler
-    clamp = None if ns.clamp_range is None else tuple(float(c) for c in ns.clamp_range)
-    return (
-        int(ns.num_timesteps),
-        float(ns.beta_start),
-        float(ns.beta_end),
-        clamp,
-        bool(params.use_diffusers_scheduler),
-        bool(params.use_flow_matching_scheduler),
-    )
 
 
 def build_diffusion_policy(params: DiffusionPolicyParams, *, rngs: nnx.Rngs, **kwargs: Any) -> DiffusionPolicy:

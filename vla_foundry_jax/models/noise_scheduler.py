@@ -64,9 +64,10 @@ can be closed over or passed through ``jit``):
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 from collections.abc import Callable
-from typing import Literal
+from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
@@ -299,6 +300,29 @@ def make_scheduler_from(model_params) -> NoiseScheduler:
         use_diffusers_scheduler=model_params.use_diffusers_scheduler,
         use_flow_matching_scheduler=model_params.use_flow_matching_scheduler,
     )
+
+
+def scheduler_key(model_params: Any) -> tuple[Any, ...]:
+    """A hashable key of a ``StableDiffusionParams`` / ``DiffusionPolicyParams``'s scheduler settings (kept on the
+    module instead of the params); :func:`scheduler_from_key` builds its scheduler."""
+    ns = model_params.noise_scheduler
+    clamp = None if ns.clamp_range is None else tuple(float(c) for c in ns.clamp_range)
+    return (
+        int(ns.num_timesteps),
+        float(ns.beta_start),
+        float(ns.beta_end),
+        clamp,
+        bool(model_params.use_diffusers_scheduler),
+        bool(model_params.use_flow_matching_scheduler),
+    )
+
+
+@functools.lru_cache(maxsize=32)
+def scheduler_from_key(key: tuple[Any, ...]) -> NoiseScheduler:
+    """:func:`make_scheduler` of a :func:`scheduler_key` (cached)."""
+    T, b0, b1, clamp, use_diffusers, use_flow = key
+    ns = NoiseSchedulerParams(num_timesteps=T, beta_start=b0, beta_end=b1, clamp_range=clamp)
+    return make_scheduler(ns, use_diffusers_scheduler=use_diffusers, use_flow_matching_scheduler=use_flow)
 
 
 # Tables, not weights: built inside its parent by make_scheduler, never by build_model.

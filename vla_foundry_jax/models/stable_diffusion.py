@@ -62,20 +62,13 @@ from flax import nnx
 from vla_foundry_jax.layers.losses import masked_mse
 from vla_foundry_jax.models.clip import CLIPModel, clip_config
 from vla_foundry_jax.models.diffusers_unet import build_diffusers_unet
-from vla_foundry_jax.models.noise_scheduler import NoiseScheduler, make_scheduler
+from vla_foundry_jax.models.noise_scheduler import NoiseScheduler, scheduler_from_key, scheduler_key
 from vla_foundry_jax.models.unet import UNet
 from vla_foundry_jax.params.base import ParamsError
-from vla_foundry_jax.params.model_params import NoiseSchedulerParams, StableDiffusionParams
+from vla_foundry_jax.params.model_params import StableDiffusionParams
 from vla_foundry_jax.registry import ModelRecord, register_model
 
 logger = logging.getLogger(__name__)
-
-
-@functools.lru_cache(maxsize=32)
-def _scheduler(key: tuple[Any, ...]) -> NoiseScheduler:
-    T, b0, b1, clamp, use_diffusers, use_flow = key
-    ns = NoiseSchedulerParams(num_timesteps=T, beta_start=b0, beta_end=b1, clamp_range=clamp)
-    return make_scheduler(ns, use_diffusers_scheduler=use_diffusers, use_flow_matching_scheduler=use_flow)
 
 
 def empty_prompt_tokens(hf_pretrained: str) -> tuple[tuple[int, ...], int]:
@@ -137,17 +130,8 @@ class StableDiffusion(nnx.Module):
             clip = CLIPModel(cfg, where="stable_diffusion.clip", **kw)
             self.empty_prompt = empty_prompt_tokens(params.clip.hf_pretrained)
         self.clip = clip
-        ns = params.noise_scheduler
-        clamp = None if ns.clamp_range is None else tuple(float(c) for c in ns.clamp_range)
-        self.scheduler_key = (
-            int(ns.num_timesteps),
-            float(ns.beta_start),
-            float(ns.beta_end),
-            clamp,
-            bool(params.use_diffusers_scheduler),
-            bool(params.use_flow_matching_scheduler),
-        )
-        _scheduler(self.scheduler_key)  # raise configuration errors now
+        self.scheduler_key = scheduler_key(params)
+        scheduler_from_key(self.scheduler_key)  # raise configuration errors now
         self.do_classifier_free_guidance = bool(params.do_classifier_free_guidance)
         self.guidance_scale = float(params.guidance_scale)
         self.dropout_percent = float(params.dropout_percent)
@@ -157,7 +141,7 @@ class StableDiffusion(nnx.Module):
 
     @property
     def scheduler(self) -> NoiseScheduler:
-        return _scheduler(self.scheduler_key)
+        return scheduler_from_key(self.scheduler_key)
 
     @property
     def has_text(self) -> bool:
