@@ -409,27 +409,25 @@ def test_bad_inputs_name_the_episode_field_and_fix(datasets, tmp_path):
 
 
 def test_cli_convert_stats_train(datasets, tmp_path):
-    """convert (CLI) -> compute_stats (CLI) -> train a diffusion_policy for 2 steps through launch.train; a bad
-    camera on the command line prints one ``error:`` line and exits 2."""
+    """convert (CLI) -> compute_stats (CLI) -> train a diffusion_policy for 2 steps through launch.train -> offline
+    action error on val/; a bad camera on the command line prints one ``error:`` line and exits 2. (The independent
+    commands run side by side to keep the module fast.)"""
     root, _ = datasets["v3.0"]
     env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu")
     out = str(tmp_path / "data")
     convert = [sys.executable, "-m", "launch.convert_lerobot", f"--source={root}", f"--output_dir={out}"]
     convert += [f"--past_lowdim_steps={PAST}", f"--future_lowdim_steps={FUTURE}", "--val_fraction=0.25"]
-    bad = subprocess.run([*convert, "--cameras=observation.images.side"], cwd=REPO, env=env, capture_output=True)
-    err = bad.stderr.decode().strip().splitlines()
-    assert bad.returncode == 2 and len(err) == 1 and err[0].startswith("error: camera 'observation.images.side'")
+
+    def start(cmd: list[str]) -> subprocess.Popen:
+        return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    bad = start([*convert[:-3], f"--output_dir={tmp_path / 'bad'}", "--cameras=observation.images.side"])
     done = subprocess.run([*convert, "--progress=false"], cwd=REPO, env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
     summary = json.loads(done.stdout.strip().splitlines()[-1])
     manifest = summary["splits"]["train"]["manifest"]
-    before = open(os.path.join(out, "train", "stats.json")).read()
-    os.remove(os.path.join(out, "train", "stats.json"))
-    stats = subprocess.run(
-        [sys.executable, "-m", "launch.compute_stats", f"--manifest={manifest}"], cwd=REPO, env=env, capture_output=True
-    )
-    assert stats.returncode == 0, stats.stderr[-2000:]
-    assert open(os.path.join(out, "train", "stats.json")).read() == before
+    stats_cli = str(tmp_path / "stats_cli" / "stats.json")
+    stats = start([sys.executable, "-m", "launch.compute_stats", f"--manifest={manifest}", f"--output={stats_cli}"])
     run = str(tmp_path / "run")
     gin = tmp_path / "lerobot.gin"
     gin.write_text(
@@ -442,10 +440,19 @@ def test_cli_convert_stats_train(datasets, tmp_path):
         f"experiment.output_dir = '{run}'\nexperiment.total_train_samples = 16\nexperiment.num_checkpoints = 1\n"
         "experiment.log_every_n_steps = 1\nhparams.global_batch_size = 8\nhparams.per_gpu_batch_size = 8\n"
     )
-    train = subprocess.run(
-        [sys.executable, "-m", "launch.train", f"--gin_file={gin}"], cwd=REPO, env=env, capture_output=True, text=True
-    )
-    assert train.returncode == 0, train.stderr[-3000:]
+    train = start([sys.executable, "-m", "launch.train", f"--gin_file={gin}"])
+    _, err = bad.communicate()
+    lines = err.strip().splitlines()
+    assert bad.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: camera 'observation.images.side'")
+    _, err = stats.communicate()
+    assert stats.returncode == 0, err[-2000:]
+    assert open(stats_cli).read() == open(os.path.join(out, "train", "stats.json")).read()
+    _, err = train.communicate()
+    assert train.returncode == 0, err[-3000:]
     metrics = [json.loads(line) for line in open(os.path.join(run, "metrics.jsonl"))]
     assert [m["step"] for m in metrics] == [1, 2] and all(np.isfinite(m["loss"]) for m in metrics)
-    assert os.path.isdir(os.path.join(run, "checkpoints"))
+    from vla_foundry_jax.apps.policy_offline_eval import offline_action_error
+
+    ev = offline_action_error(run, batch_size=8, num_inference_steps=2)  # the run's val/ split
+    assert ev["num_samples"] == summary["splits"]["val"]["num_samples"] and np.isfinite(ev["val_action_error"])
+    assert len(ev["val_action_mae"]) == 3 and ev["used_ema"]
