@@ -156,6 +156,20 @@ def test_conversion_round_trip(datasets, converted, version):
     assert (cfg["past_lowdim_steps"], cfg["future_lowdim_steps"]) == (PAST, FUTURE)
 
 
+def test_image_features_stored_in_parquet_round_trip_exactly(tmp_path):
+    root = str(tmp_path / "img")
+    truth = write_tiny_lerobot(root, version="v2.1", num_episodes=2, image_storage="image")
+    assert LeRobotDataset(root).cameras == list(CAMERAS) and not LeRobotDataset(root).video_cameras
+    out = str(tmp_path / "o")
+    convert_lerobot(_options(root, out, image_format="png", val_fraction=0.0))
+    from PIL import Image
+
+    for s in _samples(out):
+        meta = json.loads(s["metadata.json"])
+        frame = truth[meta["episode_index"]]["frames"][CAMERAS[1]][meta["anchor_timestep"]]
+        np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(s[f"{CAMERAS[1]}_t0.png"]))), frame)
+
+
 # ---------------------------------------------------------------- statistics
 
 

@@ -12,8 +12,9 @@ Layouts follow LeRobot's ``meta/info.json`` path templates: v2.1 writes one parq
 file and writes ``meta/episodes/chunk-000/file-000.parquet`` (with ``videos/<key>/from_timestamp``) and
 ``meta/tasks.parquet`` (task strings as the pandas index column, as LeRobot writes it).
 
-Faults for error tests: ``nan_action=(episode, row)`` puts a NaN in an action; ``short_video=(episode, camera,
-frames)`` writes only that many frames of one episode's video (v2.1).
+``image_storage="image"`` (v2.1) stores the cameras as PNG cells of the parquet (LeRobot's ``dtype: image``)
+instead of videos. Faults for error tests: ``nan_action=(episode, row)`` puts a NaN in an action;
+``short_video=(episode, camera, frames)`` writes only that many frames of one episode's video (v2.1).
 """
 
 from __future__ import annotations
@@ -59,11 +60,24 @@ def write_video(path: str, frames: np.ndarray, fps: float, *, crf: int = 12, cod
             container.mux(packet)
 
 
+def _png(img: np.ndarray) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, format="PNG")
+    return buf.getvalue()
+
+
 def _table(rows: dict[str, Any]) -> Any:
     import pyarrow as pa
 
     cols = {}
     for name, value in rows.items():
+        if isinstance(value, list):  # image cells {"bytes", "path"}
+            cols[name] = pa.array(value, type=pa.struct([("bytes", pa.binary()), ("path", pa.string())]))
+            continue
         arr = np.asarray(value)
         if arr.ndim == 2:
             cols[name] = pa.array(list(arr), type=pa.list_(pa.from_numpy_dtype(arr.dtype)))
@@ -72,11 +86,11 @@ def _table(rows: dict[str, Any]) -> Any:
     return pa.table(cols)
 
 
-def _features(cameras: Sequence[str], size: int, fps: float) -> dict[str, Any]:
+def _features(cameras: Sequence[str], size: int, fps: float, storage: str) -> dict[str, Any]:
     feats: dict[str, Any] = {}
     for cam in cameras:
         feats[cam] = {
-            "dtype": "video",
+            "dtype": storage,
             "shape": [size, size, 3],
             "names": ["height", "width", "channels"],
             "info": {"video.fps": fps, "video.codec": "h264", "video.pix_fmt": "yuv420p"},
@@ -108,12 +122,15 @@ def write_tiny_lerobot(
     episodes_per_file: int = 2,
     nan_action: tuple[int, int] | None = None,
     short_video: tuple[int, str, int] | None = None,
+    image_storage: str = "video",
 ) -> dict[int, dict[str, Any]]:
     """Write the dataset under ``root`` (see the module docstring); returns ``{episode: ground truth}``."""
     import pyarrow.parquet as pq
 
     if version not in ("v2.1", "v3.0"):
         raise ValueError(f"version must be 'v2.1' or 'v3.0', got {version!r}")
+    if image_storage not in ("video", "image") or (image_storage == "image" and version != "v2.1"):
+        raise ValueError(f"image_storage must be 'video', or 'image' with v2.1; got {image_storage!r} ({version})")
     rng = np.random.default_rng(seed)
     lengths = list(lengths) if lengths is not None else [int(rng.integers(9, 13)) for _ in range(num_episodes)]
     truth: dict[int, dict[str, Any]] = {}
@@ -140,7 +157,11 @@ def write_tiny_lerobot(
     def rows(e: int) -> dict[str, Any]:
         t = truth[e]
         n = len(t["action"])
+        images = {}
+        if image_storage == "image":
+            images = {cam: [{"bytes": _png(img), "path": None} for img in t["frames"][cam]] for cam in cameras}
         return {
+            **images,
             "observation.state": t["state"],
             "action": t["action"],
             "timestamp": t["timestamp"],
@@ -161,7 +182,7 @@ def write_tiny_lerobot(
         "chunks_size": 1000,
         "fps": fps,
         "splits": {"train": f"0:{len(lengths)}"},
-        "features": _features(cameras, size, fps),
+        "features": _features(cameras, size, fps, image_storage),
     }
     if version == "v2.1":
         info["data_path"] = "data/chunk-{episode_chunk:03d}/episode_{episode_index:06d}.parquet"
@@ -171,7 +192,7 @@ def write_tiny_lerobot(
             path = os.path.join(root, info["data_path"].format(episode_chunk=0, episode_index=e))
             os.makedirs(os.path.dirname(path), exist_ok=True)
             pq.write_table(_table(rows(e)), path)
-            for cam in cameras:
+            for cam in cameras if image_storage == "video" else ():
                 frames = truth[e]["frames"][cam]
                 if short_video is not None and short_video[:2] == (e, cam):
                     frames = frames[: short_video[2]]
