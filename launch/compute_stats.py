@@ -9,10 +9,10 @@ statistics of several datasets instead. Bad input prints one line ``error: ...``
 from __future__ import annotations
 
 import os
-import sys
 
 from absl import app, flags
 
+from vla_foundry_jax import cli
 from vla_foundry_jax.data.shards import DataError
 from vla_foundry_jax.data.stats import compute_stats, merge_dataset_stats
 
@@ -45,11 +45,10 @@ def main(argv: list[str]) -> None:
             out = f.output or os.path.join(os.path.dirname(os.path.abspath(f.manifest)), "stats.json")
         else:
             raise DataError("give --manifest=DIR/manifest.jsonl (or --merge=... --output=...).")
-    except (DataError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    except DataError as e:  # the data layer's errors (project errors pass through cli.run alike)
+        cli.fail(str(e))
     print(f"wrote {out}: fields {sorted(stats)}")
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

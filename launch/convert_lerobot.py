@@ -10,10 +10,10 @@ The last line printed is a JSON summary (manifests, counts, frames per second).
 from __future__ import annotations
 
 import json
-import sys
 
 from absl import app, flags
 
+from vla_foundry_jax import cli
 from vla_foundry_jax.apps.lerobot_convert import ConvertOptions, convert_lerobot
 from vla_foundry_jax.data.shards import DataError
 
@@ -93,11 +93,10 @@ def main(argv: list[str]) -> None:
             progress=f.progress,
         )
         result = convert_lerobot(options)
-    except (DataError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    except DataError as e:  # the data layer's errors (project errors pass through cli.run alike)
+        cli.fail(str(e))
     print(json.dumps(result))
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -10,10 +10,10 @@ validation samples (or ``--manifests``) and compares them with the recorded acti
 from __future__ import annotations
 
 import json
-import sys
 
 from absl import app, flags
 
+from vla_foundry_jax import cli
 from vla_foundry_jax.apps.policy_offline_eval import offline_action_error
 from vla_foundry_jax.data.shards import DataError
 
@@ -36,11 +36,10 @@ def main(argv: list[str]) -> None:
             f.run_dir, manifests=f.manifests, batch_size=f.batch_size, max_batches=f.max_batches,
             num_inference_steps=f.num_inference_steps, use_ema=f.use_ema, seed=f.seed,
         )  # fmt: skip
-    except (DataError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    except DataError as e:  # the data layer's errors (project errors pass through cli.run alike)
+        cli.fail(str(e))
     print(json.dumps(result))
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)
