@@ -12,9 +12,9 @@ Output (``output_dir``)::
 
 **Episodes and splits.** Episodes (all, minus ``skip_episodes``, at most ``max_episodes``) are split into train /
 val by a seeded permutation (``val_fraction`` of them, at least one when the fraction is positive and there are
-two or more episodes) and grouped, in order, into shards of about ``samples_per_shard`` samples (whole episodes).
-Shards are converted in parallel (``num_workers`` processes, each decoding its episodes' videos) with a tqdm bar
-over source frames.
+two or more episodes, never all) and grouped, in order, into shards of about ``samples_per_shard`` samples
+(whole episodes). Shards are converted in parallel (``num_workers`` processes, each decoding its episodes'
+videos) with a tqdm bar over source frames.
 
 **Resuming.** Each shard is written to ``<name>.tar.tmp-<pid>``, renamed to ``<name>.tar``, then its record
 ``<name>.json`` is written the same way; a rerun with the same options converts only the shards without a record
@@ -197,6 +197,7 @@ def _split_episodes(episodes: list[int], frac: float, seed: int) -> dict[str, li
     n_val = round(frac * n)
     if frac > 0 and n_val == 0 and n >= 2:
         n_val = 1
+    n_val = min(n_val, max(n - 1, 0))  # keep at least one training episode
     perm = np.random.default_rng(seed).permutation(n)
     val = {episodes[i] for i in perm[:n_val]}
     return {"train": [e for e in episodes if e not in val], "val": sorted(val)}
@@ -462,20 +463,21 @@ def _write_tar(path: str, samples: list[dict[str, Any]]) -> int:
     return os.path.getsize(path)
 
 
-_DATASETS: dict[str, LeRobotDataset] = {}
+_WORKER_DATASET: dict[tuple[str, str], LeRobotDataset] = {}  # one per worker process and conversion
 
 
-def _dataset(root: str) -> LeRobotDataset:
-    if root not in _DATASETS:
-        _DATASETS[root] = LeRobotDataset(root)
-    return _DATASETS[root]
+def _worker_dataset(root: str, fingerprint: str) -> LeRobotDataset:
+    if (root, fingerprint) not in _WORKER_DATASET:
+        _WORKER_DATASET.clear()
+        _WORKER_DATASET[(root, fingerprint)] = LeRobotDataset(root)
+    return _WORKER_DATASET[(root, fingerprint)]
 
 
-def convert_shard(job: dict[str, Any]) -> dict[str, Any]:
+def convert_shard(job: dict[str, Any], ds: LeRobotDataset | None = None) -> dict[str, Any]:
     """Convert one planned shard (its episodes) and write ``<split>/<name>.tar`` then ``<name>.json``."""
     start = time.perf_counter()
     opts = ConvertOptions(**job["options"])
-    ds = _dataset(job["root"])
+    ds = ds if ds is not None else _worker_dataset(job["root"], job["fingerprint"])
     fields = job["fields"]
     samples, totals = [], {"samples": 0, "frames": 0, "filtered_padding": 0, "filtered_still": 0, "potential": 0}
     for e in job["episodes"]:
@@ -653,7 +655,7 @@ def convert_lerobot(opts: ConvertOptions) -> dict[str, Any]:
     opts.validate()
     start = time.perf_counter()
     root = resolve_lerobot_source(opts.source, revision=opts.revision, cache_dir=opts.cache_dir)
-    ds = _dataset(root)
+    ds = LeRobotDataset(root)
     fields = _resolved_fields(ds, opts)
     fingerprint = _fingerprint(opts, ds)
     done = _prepare_output(opts, fingerprint)
@@ -702,7 +704,7 @@ def convert_lerobot(opts: ConvertOptions) -> dict[str, Any]:
 
     if workers == 1 or len(jobs) <= 1:
         for job in jobs:
-            add(convert_shard(job))
+            add(convert_shard(job, ds))
     else:
         import multiprocessing
 

@@ -182,6 +182,7 @@ class LeRobotDataset:
 
     def __init__(self, root: str) -> None:
         self.root = root
+        self._table_cache: tuple[tuple, Any] | None = None
         info_path = os.path.join(root, "meta", "info.json")
         if not os.path.isfile(info_path):
             raise LeRobotError(
@@ -356,7 +357,12 @@ class LeRobotDataset:
                     "field / camera flags or drop the episode with --skip_episodes."
                 )
         columns = [c for c in dict.fromkeys([*columns, *fields, *image_cameras]) if c in present]
-        table = _read_parquet(path, columns=columns)
+        key = (path, tuple(columns))
+        if self._table_cache is not None and self._table_cache[0] == key:
+            table = self._table_cache[1]  # v3.0: consecutive episodes share a file; read it once
+        else:
+            table = _read_parquet(path, columns=columns)
+            self._table_cache = (key, table) if self.version == "v3.0" else None
         if "episode_index" in present and self.version == "v3.0":
             table = table.filter(pc.equal(table.column("episode_index"), episode))
         if "frame_index" in table.column_names:
