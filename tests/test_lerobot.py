@@ -267,6 +267,7 @@ def test_merge_dataset_stats_with_weights(converted, tmp_path):
         for key in ("mean", "std", "count", "std_per_timestep", f"percentile_{PERCENTILES[0]}", "percentile_99"):
             np.testing.assert_allclose(weighted[field][key], dup[key], rtol=1e-10, atol=1e-12)
     assert os.path.isfile(tmp_path / "m" / "stats_sketch.npz")
+    assert os.path.isfile(tmp_path / "m" / "preprocessing_config.yaml")  # same windows: usable as robotics stats
 
 
 # ---------------------------------------------------------------- options

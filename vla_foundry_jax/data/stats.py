@@ -463,7 +463,8 @@ def merge_dataset_stats(
     A dataset's counts are scaled by its weight. Fields missing from any dataset are dropped (as the original).
     Percentiles merge through the saved sketches when every dataset has one (else the weighted mean of the
     percentiles, marked ``"percentile_error": {"method": "weighted mean of percentiles (approximate)"}``).
-    Writes ``output`` (and its sketch) when given.
+    Writes ``output`` (and its sketch) when given, with the inputs' ``preprocessing_config.yaml`` beside it when
+    they agree on the window (so the merged file can be the one ``robotics.dataset_statistics`` entry).
     """
     from vla_foundry_jax.data.normalization import load_stats
 
@@ -514,4 +515,26 @@ def merge_dataset_stats(
     if output is not None and approximate:
         with open(output, "w", encoding="utf-8") as f:
             json.dump(stats, f, separators=(",", ":"))
+    if output is not None:
+        _copy_preprocessing_config(stats_paths, output)
     return stats
+
+
+def _copy_preprocessing_config(stats_paths: Sequence[str], output: str) -> None:
+    """Put the inputs' preprocessing_config.yaml beside a merged stats.json when they agree on the window (the
+    robotics data reads the stats' window from it); otherwise leave it to normalization.lowdim_*_timesteps."""
+    import shutil
+
+    import yaml
+
+    configs = []
+    for path in stats_paths:
+        cfg_path = os.path.join(os.path.dirname(os.path.abspath(path)), "preprocessing_config.yaml")
+        if not os.path.isfile(cfg_path):
+            return
+        with open(cfg_path, encoding="utf-8") as f:
+            cfg = yaml.safe_load(f) or {}
+        configs.append((cfg_path, {k: cfg.get(k) for k in ("past_lowdim_steps", "future_lowdim_steps")}))
+    target = os.path.join(os.path.dirname(os.path.abspath(output)), "preprocessing_config.yaml")
+    if all(c == configs[0][1] for _, c in configs) and not os.path.exists(target):
+        shutil.copyfile(configs[0][0], target)
