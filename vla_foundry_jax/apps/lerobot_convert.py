@@ -538,24 +538,21 @@ def _prepare_output(opts: ConvertOptions, fingerprint: str) -> dict[str, Any] | 
         )
     with open(plan_path, encoding="utf-8") as f:
         old = json.load(f)
-    if old.get("fingerprint") != fingerprint:
-        if not opts.overwrite:
-            diff = {
-                k: (old.get("options", {}).get(k), v)
-                for k, v in json.loads(json.dumps(opts.fingerprint_fields(), default=list)).items()
-                if old.get("options", {}).get(k) != v
-            }
-            raise LeRobotError(
-                f"--output_dir={out!r} holds a conversion with other options or source data "
-                f"(changed: {diff or 'the source meta/info.json'}); use a new --output_dir, or --overwrite to start "
-                "again."
-            )
+    if opts.overwrite:
         _remove_output(out, old)
         return None
+    if old.get("fingerprint") != fingerprint:
+        diff = {
+            k: (old.get("options", {}).get(k), v)
+            for k, v in json.loads(json.dumps(opts.fingerprint_fields(), default=list)).items()
+            if old.get("options", {}).get(k) != v
+        }
+        raise LeRobotError(
+            f"--output_dir={out!r} holds a conversion with other options or source data "
+            f"(changed: {diff or 'the source meta/info.json'}); use a new --output_dir, or --overwrite to start "
+            "again."
+        )
     if os.path.isfile(done_path):
-        if opts.overwrite:
-            _remove_output(out, old)
-            return None
         with open(done_path, encoding="utf-8") as f:
             return json.load(f)
     return None
