@@ -88,9 +88,13 @@ def _jpeg(raw: bytes) -> np.ndarray:
 # ---------------------------------------------------------------- reading
 
 
-@pytest.mark.parametrize("version", ["v2.1", "v3.0"])
-def test_reader_reads_both_layouts(datasets, version):
-    root, truth = datasets[version]
+@pytest.mark.parametrize("version", ["v2.0", "v2.1", "v3.0"])
+def test_reader_reads_both_layouts(datasets, version, tmp_path):
+    if version == "v2.0":  # v2.1's layout (v2.1 only changed the stats files)
+        root = str(tmp_path / "v20")
+        truth = write_tiny_lerobot(root, version=version, num_episodes=2)
+    else:
+        root, truth = datasets[version]
     ds = LeRobotDataset(root)
     assert ds.version == version and ds.fps == 10.0 and ds.cameras == list(CAMERAS)
     assert ds.lowdim_fields == ["observation.state", "action"]

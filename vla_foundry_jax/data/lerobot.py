@@ -417,10 +417,11 @@ class LeRobotDataset:
 def _column_array(col: Any, rows: int, where: str) -> np.ndarray:
     """A parquet column of scalars or fixed-length lists -> ``[rows, d]``."""
     import pyarrow as pa
+    import pyarrow.compute as pc
 
     col = col.combine_chunks()
     if pa.types.is_list(col.type) or pa.types.is_large_list(col.type) or pa.types.is_fixed_size_list(col.type):
-        lengths = np.asarray(pa.compute.list_value_length(col).to_numpy(zero_copy_only=False))
+        lengths = np.asarray(pc.list_value_length(col).to_numpy(zero_copy_only=False))
         if rows and (lengths != lengths[0]).any():
             raise LeRobotError(f"{where}: rows hold lists of different lengths ({sorted(set(lengths.tolist()))}).")
         flat = col.flatten()

@@ -1,4 +1,4 @@
-"""A tiny LeRobot dataset written from scratch (pyarrow parquet + PyAV mp4), in the v2.1 or v3.0 layout.
+"""A tiny LeRobot dataset written from scratch (pyarrow parquet + PyAV mp4), in the v2.x or v3.0 layout.
 
 For tests and the conversion benchmark: ``write_tiny_lerobot(root, version="v3.0")`` writes ``num_episodes``
 episodes of ``lengths`` frames at ``fps`` with ``cameras`` (``size x size`` RGB, H.264 yuv420p, ``crf``) and the
@@ -7,7 +7,7 @@ gripper feature that closes half way), one task per episode. Images are smooth (
 moving blob, varied per camera), so codec error stays small. It returns the ground truth: per episode the frames
 per camera (uint8 ``[L, size, size, 3]``), ``state``, ``action`` (float32), ``timestamp`` and the task.
 
-Layouts follow LeRobot's ``meta/info.json`` path templates: v2.1 writes one parquet / mp4 per episode and
+Layouts follow LeRobot's ``meta/info.json`` path templates: v2.0 / v2.1 write one parquet / mp4 per episode and
 ``meta/episodes.jsonl`` + ``meta/tasks.jsonl``; v3.0 concatenates ``episodes_per_file`` episodes per parquet / mp4
 file and writes ``meta/episodes/chunk-000/file-000.parquet`` (with ``videos/<key>/from_timestamp``) and
 ``meta/tasks.parquet`` (task strings as the pandas index column, as LeRobot writes it).
@@ -127,10 +127,10 @@ def write_tiny_lerobot(
     """Write the dataset under ``root`` (see the module docstring); returns ``{episode: ground truth}``."""
     import pyarrow.parquet as pq
 
-    if version not in ("v2.1", "v3.0"):
-        raise ValueError(f"version must be 'v2.1' or 'v3.0', got {version!r}")
-    if image_storage not in ("video", "image") or (image_storage == "image" and version != "v2.1"):
-        raise ValueError(f"image_storage must be 'video', or 'image' with v2.1; got {image_storage!r} ({version})")
+    if version not in ("v2.0", "v2.1", "v3.0"):
+        raise ValueError(f"version must be 'v2.0', 'v2.1' or 'v3.0', got {version!r}")
+    if image_storage not in ("video", "image") or (image_storage == "image" and version == "v3.0"):
+        raise ValueError(f"image_storage must be 'video', or 'image' with v2.x; got {image_storage!r} ({version})")
     rng = np.random.default_rng(seed)
     lengths = list(lengths) if lengths is not None else [int(rng.integers(9, 13)) for _ in range(num_episodes)]
     truth: dict[int, dict[str, Any]] = {}
@@ -184,7 +184,7 @@ def write_tiny_lerobot(
         "splits": {"train": f"0:{len(lengths)}"},
         "features": _features(cameras, size, fps, image_storage),
     }
-    if version == "v2.1":
+    if version in ("v2.0", "v2.1"):
         info["data_path"] = "data/chunk-{episode_chunk:03d}/episode_{episode_index:06d}.parquet"
         info["video_path"] = "videos/chunk-{episode_chunk:03d}/{video_key}/episode_{episode_index:06d}.mp4"
         info["total_chunks"], info["total_videos"] = 1, len(lengths) * len(cameras)
