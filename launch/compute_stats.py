@@ -13,7 +13,6 @@ import os
 from absl import app, flags
 
 from vla_foundry_jax import cli
-from vla_foundry_jax.data.shards import DataError
 from vla_foundry_jax.data.stats import compute_stats, merge_dataset_stats
 
 flags.DEFINE_string("manifest", None, "manifest.jsonl of the dataset.")
@@ -30,23 +29,20 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     f = FLAGS
-    try:
-        if f.merge:
-            if not f.output:
-                raise DataError("--merge needs --output (the merged stats.json to write).")
-            weights = [float(w) for w in f.weights] if f.weights else None
-            stats = merge_dataset_stats(f.merge, weights, output=f.output)
-            out = f.output
-        elif f.manifest:
-            stats = compute_stats(
-                f.manifest, output=f.output, fields=f.fields, num_workers=f.num_workers,
-                relative_error=f.relative_error, progress=True,
-            )  # fmt: skip
-            out = f.output or os.path.join(os.path.dirname(os.path.abspath(f.manifest)), "stats.json")
-        else:
-            raise DataError("give --manifest=DIR/manifest.jsonl (or --merge=... --output=...).")
-    except DataError as e:  # the data layer's errors (project errors pass through cli.run alike)
-        cli.fail(str(e))
+    if f.merge:
+        if not f.output:
+            cli.fail("--merge needs --output (the merged stats.json to write).")
+        weights = [float(w) for w in f.weights] if f.weights else None
+        stats = merge_dataset_stats(f.merge, weights, output=f.output)
+        out = f.output
+    elif f.manifest:
+        stats = compute_stats(
+            f.manifest, output=f.output, fields=f.fields, num_workers=f.num_workers,
+            relative_error=f.relative_error, progress=True,
+        )  # fmt: skip
+        out = f.output or os.path.join(os.path.dirname(os.path.abspath(f.manifest)), "stats.json")
+    else:
+        cli.fail("give --manifest=DIR/manifest.jsonl (or --merge=... --output=...).")
     print(f"wrote {out}: fields {sorted(stats)}")
 
 

@@ -15,7 +15,6 @@ from absl import app, flags
 
 from vla_foundry_jax import cli
 from vla_foundry_jax.apps.lerobot_convert import ConvertOptions, convert_lerobot
-from vla_foundry_jax.data.shards import DataError
 
 flags.DEFINE_string("source", None, "LeRobot dataset: local directory, fsspec URL (s3://...) or hub id org/name.")
 flags.DEFINE_string("output_dir", None, "Output directory (train/ and val/ are written in it).")
@@ -57,44 +56,41 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     f = FLAGS
-    try:
-        options = ConvertOptions(
-            source=f.source,
-            output_dir=f.output_dir,
-            cameras=tuple(f.cameras) if f.cameras is not None else None,
-            action_fields=tuple(f.action_fields) if f.action_fields is not None else None,
-            proprioception_fields=tuple(f.proprioception_fields) if f.proprioception_fields is not None else None,
-            extra_fields=tuple(f.extra_fields),
-            fps=f.fps,
-            past_lowdim_steps=f.past_lowdim_steps,
-            future_lowdim_steps=f.future_lowdim_steps,
-            image_indices=tuple(int(i) for i in f.image_indices),
-            stride=f.stride,
-            max_padding_left=f.max_padding_left,
-            max_padding_right=f.max_padding_right,
-            padding_strategy=f.padding_strategy,
-            filter_still_samples=f.filter_still_samples,
-            still_threshold=f.still_threshold,
-            relative_actions=tuple(f.relative_actions),
-            val_fraction=f.val_fraction,
-            split_seed=f.split_seed,
-            samples_per_shard=f.samples_per_shard,
-            resize_images_size=tuple(int(x) for x in f.resize_images_size) if f.resize_images_size else None,
-            image_resizing_method=f.image_resizing_method,
-            image_format=f.image_format,
-            jpeg_quality=f.jpeg_quality,
-            max_episodes=f.max_episodes,
-            skip_episodes=tuple(int(e) for e in f.skip_episodes),
-            compute_statistics=f.compute_statistics,
-            revision=f.revision,
-            cache_dir=f.cache_dir,
-            num_workers=f.num_workers,
-            overwrite=f.overwrite,
-            progress=f.progress,
-        )
-        result = convert_lerobot(options)
-    except DataError as e:  # the data layer's errors (project errors pass through cli.run alike)
-        cli.fail(str(e))
+    options = ConvertOptions(
+        source=f.source,
+        output_dir=f.output_dir,
+        cameras=tuple(f.cameras) if f.cameras is not None else None,
+        action_fields=tuple(f.action_fields) if f.action_fields is not None else None,
+        proprioception_fields=tuple(f.proprioception_fields) if f.proprioception_fields is not None else None,
+        extra_fields=tuple(f.extra_fields),
+        fps=f.fps,
+        past_lowdim_steps=f.past_lowdim_steps,
+        future_lowdim_steps=f.future_lowdim_steps,
+        image_indices=tuple(int(i) for i in f.image_indices),
+        stride=f.stride,
+        max_padding_left=f.max_padding_left,
+        max_padding_right=f.max_padding_right,
+        padding_strategy=f.padding_strategy,
+        filter_still_samples=f.filter_still_samples,
+        still_threshold=f.still_threshold,
+        relative_actions=tuple(f.relative_actions),
+        val_fraction=f.val_fraction,
+        split_seed=f.split_seed,
+        samples_per_shard=f.samples_per_shard,
+        resize_images_size=tuple(int(x) for x in f.resize_images_size) if f.resize_images_size else None,
+        image_resizing_method=f.image_resizing_method,
+        image_format=f.image_format,
+        jpeg_quality=f.jpeg_quality,
+        max_episodes=f.max_episodes,
+        skip_episodes=tuple(int(e) for e in f.skip_episodes),
+        compute_statistics=f.compute_statistics,
+        revision=f.revision,
+        cache_dir=f.cache_dir,
+        num_workers=f.num_workers,
+        overwrite=f.overwrite,
+        progress=f.progress,
+    )
+    result = convert_lerobot(options)
     print(json.dumps(result))
 
 

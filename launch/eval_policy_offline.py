@@ -15,7 +15,6 @@ from absl import app, flags
 
 from vla_foundry_jax import cli
 from vla_foundry_jax.apps.policy_offline_eval import offline_action_error
-from vla_foundry_jax.data.shards import DataError
 
 flags.DEFINE_string("run_dir", None, "Run directory (or checkpoints/<step>) of a diffusion_policy.", required=True)
 flags.DEFINE_list("manifests", None, "Held-out manifests (default: the run's robotics.val_dataset_manifest).")
@@ -31,13 +30,10 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     f = FLAGS
-    try:
-        result = offline_action_error(
-            f.run_dir, manifests=f.manifests, batch_size=f.batch_size, max_batches=f.max_batches,
-            num_inference_steps=f.num_inference_steps, use_ema=f.use_ema, seed=f.seed,
-        )  # fmt: skip
-    except DataError as e:  # the data layer's errors (project errors pass through cli.run alike)
-        cli.fail(str(e))
+    result = offline_action_error(
+        f.run_dir, manifests=f.manifests, batch_size=f.batch_size, max_batches=f.max_batches,
+        num_inference_steps=f.num_inference_steps, use_ema=f.use_ema, seed=f.seed,
+    )  # fmt: skip
     print(json.dumps(result))
 
 

@@ -24,7 +24,7 @@ Sources (:func:`resolve_lerobot_source`): a local directory; an fsspec URL (``s3
 ``huggingface_hub.snapshot_download(repo_type="dataset")`` (cache first; offline, the error says how to download it
 and point ``--source`` at the copy).
 
-Errors are :class:`LeRobotError` (a ``DataError``, so a ``ValueError``, and a ``VLAFoundryError``) naming the
+Errors are :class:`LeRobotError` (a ``DataError``: a ``VLAFoundryError`` and a ``ValueError``) naming the
 episode / field / file and the fix.
 """
 
@@ -42,7 +42,6 @@ from typing import Any
 import numpy as np
 
 from vla_foundry_jax.data.shards import DataError
-from vla_foundry_jax.errors import VLAFoundryError
 
 SUPPORTED_VERSIONS = ("v2.0", "v2.1", "v3.0")
 INDEX_COLUMNS = ("timestamp", "frame_index", "episode_index", "index", "task_index")
@@ -53,7 +52,7 @@ V3_DATA_PATH = "data/chunk-{chunk_index:03d}/file-{file_index:03d}.parquet"
 V3_VIDEO_PATH = "videos/{video_key}/chunk-{chunk_index:03d}/file-{file_index:03d}.mp4"
 
 
-class LeRobotError(DataError, VLAFoundryError):
+class LeRobotError(DataError):
     """A LeRobot dataset that cannot be read as asked; the message names the episode / field / file and the fix."""
 
 

@@ -45,7 +45,6 @@ import numpy as np
 
 from vla_foundry_jax.data.normalization import PERCENTILES
 from vla_foundry_jax.data.shards import DataError, read_manifest, split_member_name
-from vla_foundry_jax.errors import VLAFoundryError
 
 RELATIVE_ERROR = 1e-3
 ZERO_THRESHOLD = 1e-9
@@ -55,7 +54,7 @@ _KEY_BITS = 22  # code = slot << 22 | (key + 2^21); |key| < 2^21
 _K0 = 1 << 20  # bucket index offset: |i| < 2^20
 
 
-class StatsError(DataError, VLAFoundryError):
+class StatsError(DataError):
     """Statistics that cannot be computed or merged; the message names the file / field and the fix."""
 
 
