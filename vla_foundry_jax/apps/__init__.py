@@ -10,7 +10,11 @@
   (``launch.eval_policy``);
 * :mod:`~vla_foundry_jax.apps.hf_conversion`: Hugging Face checkpoint -> run and ``transformer_hf`` run -> Hugging
   Face checkpoint (``launch.convert_hf``, ``launch.export_hf``);
-* :mod:`~vla_foundry_jax.apps.gin_train`: a training run from gin files (``launch.train``).
+* :mod:`~vla_foundry_jax.apps.gin_train`: a training run from gin files (``launch.train``);
+* :mod:`~vla_foundry_jax.apps.lerobot_convert`: LeRobot datasets -> the original's robotics shards + stats.json
+  (``launch.convert_lerobot``);
+* :mod:`~vla_foundry_jax.apps.policy_offline_eval`: action error of a policy on held-out robotics data
+  (``launch.eval_policy_offline``).
 
 Apps import the library (models, training, sampling, data, testbeds); nothing in the library imports apps.
 """
