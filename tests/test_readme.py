@@ -43,6 +43,9 @@ TINY_FLAGS = {
     "launch.generate": {"max_new_tokens": "4"},
 }
 SKIPPED_PROGRAMS = ("pip", "python -m pytest")
+WRITE = "write-file"  # a heredoc of README (``cat > FILE <<'TAG'``), written by the test
+# README placeholders for what a reader brings, replaced by something the test makes: a LeRobot dataset.
+PLACEHOLDERS = {"ORG/DATASET": "lerobot_src"}
 
 
 def readme_commands() -> list[tuple[str, str | None]]:
@@ -52,7 +55,17 @@ def readme_commands() -> list[tuple[str, str | None]]:
     text = open(README).read()
     out = []
     for block in re.findall(r"```(?:bash|sh)\n(.*?)```", text, re.S):
-        for line in block.replace("\\\n", " ").splitlines():
+        lines = iter(block.replace("\\\n", " ").splitlines())
+        for line in lines:
+            heredoc = re.match(r"cat > (\S+) <<'(\w+)'$", line.strip())
+            if heredoc:  # a file the commands below read: its lines up to the closing tag
+                body = []
+                for inner in lines:
+                    if inner.strip() == heredoc.group(2):
+                        break
+                    body.append(inner)
+                out.append((f"{WRITE} {heredoc.group(1)}\n" + "\n".join(body) + "\n", None))
+                continue
             code, _, comment = line.partition("  #") if "  #" in line else (line, "", "")
             code = code.strip()
             if not code or code.startswith(("#", "--")):
@@ -89,7 +102,7 @@ COMMANDS = readme_commands()
 def test_readme_has_commands_and_every_one_is_classified():
     assert len(COMMANDS) >= 15
     for cmd, _ in COMMANDS:
-        assert cmd.startswith(("python", "pip", "XLA_FLAGS=")), f"README command of an unknown kind: {cmd}"
+        assert cmd.startswith(("python", "pip", "XLA_FLAGS=", WRITE)), f"README command of an unknown kind: {cmd}"
         if "/models/" in cmd or "hf://" in cmd:
             assert dict(COMMANDS)[cmd], f"{cmd!r} reads a downloaded checkpoint: mark it '# needs: ...'"
 
@@ -100,6 +113,9 @@ def scratch(tmp_path_factory):
     for name in LINKED:
         os.symlink(os.path.join(ROOT, name), work / name)
     Image.fromarray(np.full((48, 48, 3), (200, 30, 30), np.uint8)).save(work / "some_image.png")
+    from vla_foundry_jax.testbeds.tiny_lerobot import write_tiny_lerobot
+
+    write_tiny_lerobot(str(work / PLACEHOLDERS["ORG/DATASET"]), num_episodes=10)
     return str(work)
 
 
@@ -109,6 +125,13 @@ def test_every_readme_command_runs(scratch):
     for cmd, needs in COMMANDS:
         if cmd.startswith(SKIPPED_PROGRAMS):
             continue
+        if cmd.startswith(WRITE):
+            head, _, body = cmd.partition("\n")
+            with open(os.path.join(scratch, head.split()[1]), "w") as f:
+                f.write(body)
+            continue
+        for placeholder, path in PLACEHOLDERS.items():
+            cmd = cmd.replace(placeholder, path)
         env = subprocess_env()
         words = shlex.split(cmd)
         while words and re.match(r"^\w+=", words[0]):  # VAR=value prefixes
