@@ -55,18 +55,17 @@ import json
 import os
 import tarfile
 import time
-import zipfile
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
 from vla_foundry_jax.data.lerobot import LeRobotDataset, LeRobotError, decode_image_bytes, resolve_lerobot_source
+from vla_foundry_jax.data.shards import npz_bytes
 from vla_foundry_jax.data.stats import accumulate_shards, save_stats
 
 PLAN_FILE = "conversion_plan.json"
 COMPLETE_FILE = "conversion_complete.json"
-_ZIP_DATE = (1980, 1, 1, 0, 0, 0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -237,19 +236,6 @@ def make_plan(ds: LeRobotDataset, opts: ConvertOptions) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------- one shard
-
-
-def _npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
-    """``np.savez_compressed`` with fixed zip timestamps (reruns give the same bytes)."""
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_DEFLATED) as zf:
-        for name, arr in arrays.items():
-            member = io.BytesIO()
-            np.lib.format.write_array(member, np.asanyarray(arr), allow_pickle=False)
-            info = zipfile.ZipInfo(f"{name}.npy", date_time=_ZIP_DATE)
-            info.compress_type = zipfile.ZIP_DEFLATED
-            zf.writestr(info, member.getvalue())
-    return buf.getvalue()
 
 
 def _json_bytes(obj: Any) -> bytes:
@@ -427,7 +413,7 @@ def convert_episode(
         for c in ("frame_index", "task_index"):
             if c in raw:
                 meta[c] = int(raw[c][row])
-        sample["lowdim.npz"] = _npz_bytes(arrays)
+        sample["lowdim.npz"] = npz_bytes(arrays)
         sample["metadata.json"] = _json_bytes(meta)
         sample["language_instructions.json"] = _json_bytes({"original": [task] if task else []})
         samples.append(sample)

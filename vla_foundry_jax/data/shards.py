@@ -21,10 +21,12 @@ from __future__ import annotations
 import bisect
 import concurrent.futures
 import dataclasses
+import io
 import json
 import logging
 import os
 import tarfile
+import zipfile
 from collections.abc import Sequence
 
 import numpy as np
@@ -301,3 +303,19 @@ def write_shards(
     with open(manifest, "w", encoding="utf-8") as f:
         f.write("\n".join(lines) + "\n")
     return manifest
+
+
+_ZIP_DATE = (1980, 1, 1, 0, 0, 0)
+
+
+def npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
+    """``np.savez_compressed`` bytes with fixed zip timestamps (a shard member; rewriting gives the same bytes)."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        for name, arr in arrays.items():
+            member = io.BytesIO()
+            np.lib.format.write_array(member, np.asanyarray(arr), allow_pickle=False)
+            info = zipfile.ZipInfo(f"{name}.npy", date_time=_ZIP_DATE)
+            info.compress_type = zipfile.ZIP_DEFLATED
+            zf.writestr(info, member.getvalue())
+    return buf.getvalue()

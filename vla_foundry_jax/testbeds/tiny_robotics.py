@@ -37,12 +37,11 @@ import io
 import json
 import math
 import os
-import zipfile
 from typing import Any
 
 import numpy as np
 
-from vla_foundry_jax.data.shards import write_shards
+from vla_foundry_jax.data.shards import npz_bytes, write_shards
 
 CAMERA = "scene"
 IMAGE_SIZE = 32
@@ -56,7 +55,6 @@ SUCCESS_RADIUS = 0.1
 PAST, FUTURE = 1, 7
 ACTION_FIELD, PROPRIO_FIELD = "action_xy", "agent_xy"
 EPISODE_LENGTHS = (12, 16)
-_ZIP_DATE = (1980, 1, 1, 0, 0, 0)
 
 
 def instruction(colour: str) -> str:
@@ -181,19 +179,6 @@ def window_masks(anchor: int, length: int, past: int = PAST, future: int = FUTUR
     inside = (steps >= 0) & (steps < length)
     rows = np.arange(past + 1 + future)
     return inside & (rows < past), inside & (rows >= past)
-
-
-def npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
-    """``np.savez_compressed`` with fixed zip timestamps, so regenerated shards are byte-identical."""
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_DEFLATED) as zf:
-        for name, arr in arrays.items():
-            member = io.BytesIO()
-            np.lib.format.write_array(member, np.asanyarray(arr), allow_pickle=False)
-            info = zipfile.ZipInfo(f"{name}.npy", date_time=_ZIP_DATE)
-            info.compress_type = zipfile.ZIP_DEFLATED
-            zf.writestr(info, member.getvalue())
-    return buf.getvalue()
 
 
 def png_bytes(image: np.ndarray) -> bytes:
