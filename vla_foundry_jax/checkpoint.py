@@ -127,6 +127,16 @@ def flat_params(state: Any) -> dict[str, Any]:
     return {".".join(str(p) for p in path): var.get_value() for path, var in nnx.to_flat_state(state)}
 
 
+def flatten_dict(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested dicts (stored metadata, params JSON) -> ``{"a.b.c": leaf}`` in walk order."""
+    if isinstance(tree, dict):
+        out: dict[str, Any] = {}
+        for k, v in tree.items():
+            out.update(flatten_dict(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: tree}
+
+
 def set_flat_params(state: Any, values: dict[str, Any]) -> Any:
     """A copy of ``state`` whose variables take ``values["dotted.path"]`` (absent names unchanged)."""
     flat = nnx.to_flat_state(state)

@@ -41,21 +41,6 @@ def load_model(path: str) -> tuple[nnx.Module, TrainExperimentParams]:
     return model, exp
 
 
-def _flatten_dict(tree: dict[str, Any]) -> dict[str, Any]:
-    """Nested dicts -> ``{"a.b.c": leaf}`` in walk order."""
-    flat: dict[str, Any] = {}
-
-    def walk(prefix: str, node: Any) -> None:
-        if isinstance(node, dict):
-            for k, v in node.items():
-                walk(f"{prefix}{k}.", v)
-        else:
-            flat[prefix[:-1]] = node
-
-    walk("", tree)
-    return flat
-
-
 def restore_ema_params(step_dir: str, params: Any) -> Any | None:
     """The EMA stored in ``<step_dir>/train`` as a tree like ``params`` (trainable parameters; float32, as kept in
     training: :func:`~vla_foundry_jax.training.ema.select_ema` casts it), or None when the run kept no EMA."""
@@ -65,7 +50,7 @@ def restore_ema_params(step_dir: str, params: Any) -> Any | None:
     ema = dict(tree).get("ema")
     if not ema:
         return None
-    flat = _flatten_dict(dict(ema))
+    flat = ckpt_lib.flatten_dict(dict(ema))
     wanted = ckpt_lib.flat_params(params)
     flat = {k: v for k, v in flat.items() if k.endswith(".value") or k in wanted}
     names = {(k[: -len(".value")] if k.endswith(".value") else k): k for k in flat}
@@ -88,5 +73,5 @@ def restore_ema_params(step_dir: str, params: Any) -> Any | None:
         ),
     )
 
-    values = _flatten_dict(restored["ema"])
+    values = ckpt_lib.flatten_dict(restored["ema"])
     return ckpt_lib.set_flat_params(params, {n: values[k] for n, k in names.items()})

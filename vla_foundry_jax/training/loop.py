@@ -138,18 +138,9 @@ OPERATIONAL_FIELDS = (
 )
 
 
-def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(tree, dict):
-        out: dict[str, Any] = {}
-        for k, v in tree.items():
-            out.update(_flatten(v, f"{prefix}{k}."))
-        return out
-    return {prefix[:-1]: tree}
-
-
 def config_changes(stored: dict[str, Any], current: dict[str, Any]) -> list[str]:
     """``field: stored -> current`` for every experiment field (operational ones aside) that differs."""
-    a, b = _flatten(stored), _flatten(current)
+    a, b = ckpt_lib.flatten_dict(stored), ckpt_lib.flatten_dict(current)
     out = []
     for name in sorted(set(a) | set(b)):
         if any(name == f or name.startswith(f + ".") for f in OPERATIONAL_FIELDS):

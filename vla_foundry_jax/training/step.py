@@ -114,13 +114,3 @@ def make_train_step(
         out_shardings=(state_shardings, parallel.replicated(mesh)),
         donate_argnums=(0,),
     )
-
-
-def make_eval_loss(spec: ModelSpec, loss_fn: Callable[..., Any], hparams: HyperParams) -> Callable[..., Any]:
-    """``eval_loss(state, batch) -> loss`` without gradients (validation and tests)."""
-
-    def eval_loss(state: dict[str, Any], batch: dict[str, jax.Array]) -> jax.Array:
-        model = spec.merge(state["params"], state["frozen"], state["rest"])
-        return loss_fn(model, batch, hparams=hparams, rng=state["rng"])[0]
-
-    return jax.jit(eval_loss)
