@@ -54,6 +54,7 @@ TRAIN_CASES = {
     "negative lr": (["hparams.lr = -1.0"], "hparams.lr"),
     "nan lr": (["hparams.lr = float('nan')"], "hparams.lr"),
     "negative weight decay": (["hparams.wd = -0.1"], "hparams.wd"),
+    "unknown log level": (["experiment.log_level = 'LOUD'"], "experiment.log_level"),
     "bad nonfinite policy": (["hparams.nonfinite_policy = 'ignore'"], "nonfinite_policy"),
     "batch not a multiple": (["hparams.per_gpu_batch_size = 5"], "per_gpu_batch_size"),
     "budget under one batch": (["experiment.total_train_samples = 1"], "total_train_samples"),
@@ -167,3 +168,18 @@ def test_traceback_on_request(tmp_path):
 
 def test_tiny_data_is_where_the_cases_expect_it():
     assert os.path.isfile(os.path.join(TINY, "text_untokenized", "manifest.jsonl"))
+
+
+def test_ctrl_c_before_the_loop_is_one_line_and_status_130(tmp_path):
+    """SIGINT while the run is still being built (before the loop's own handler) exits 130 with one line."""
+    import signal
+    import time
+
+    proc = subprocess.Popen(
+        [sys.executable, *_train(tmp_path)], cwd=ROOT, env=subprocess_env(), stderr=subprocess.PIPE, text=True
+    )
+    time.sleep(1.5)  # past interpreter start-up, inside absl's main (imports, gin, model build)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130, (proc.returncode, err[-3000:])
+    assert "Traceback" not in err, err[-3000:]

@@ -6,6 +6,8 @@ import dataclasses
 import os
 from collections.abc import Sequence
 
+from absl import logging
+
 from vla_foundry_jax import gin_utils
 from vla_foundry_jax.apps.text_generation import sample_text
 from vla_foundry_jax.training.loop import TrainResult, train
@@ -48,6 +50,7 @@ def train_from_gin(
             bindings.append(f"distributed.{name} = {value!r}")
     gin_utils.parse_gin(gin_files, bindings, gin_search_paths)
     experiment = gin_utils.build_experiment()
+    logging.set_verbosity(experiment.log_level.lower())
     result = train(experiment, gin_config=gin_utils.operative_config_str(), allow_config_change=allow_config_change)
     exp = result.experiment
     text = None

@@ -160,6 +160,9 @@ class DistributedParams(BaseParams):
             raise ParamsError(f"distributed.initialize = {self.initialize!r}; choose 'auto', 'always' or 'never'.")
 
 
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "FATAL")
+
+
 @register_params("experiment", family="config")
 class TrainExperimentParams(BaseParams):
     """One training run. ``output_dir`` is the run directory: running again with the same one resumes."""
@@ -196,6 +199,8 @@ class TrainExperimentParams(BaseParams):
             raise ParamsError(
                 f"experiment.val_every_n_checkpoints must be positive, got {self.val_every_n_checkpoints}."
             )
+        if str(self.log_level).upper() not in LOG_LEVELS:
+            raise ParamsError(f"experiment.log_level = {self.log_level!r}; choose one of {', '.join(LOG_LEVELS)}.")
         if self.log_every_n_steps <= 0:
             raise ParamsError(f"experiment.log_every_n_steps must be positive, got {self.log_every_n_steps}.")
         if self.num_epochs is not None:
