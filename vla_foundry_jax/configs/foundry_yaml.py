@@ -42,7 +42,7 @@ from vla_foundry_jax.params import (
     TrainExperimentParams,
     UNetParams,
 )
-from vla_foundry_jax.params.base import POLYMORPHIC_FAMILIES, BaseParams, ParamsError, closest_name
+from vla_foundry_jax.params.base import POLYMORPHIC_FAMILIES, BaseParams, ParamsError, closest_name, params_from_dict
 
 log = logging.getLogger(__name__)
 
@@ -424,10 +424,14 @@ def _convert(raw: Any, hint: Any, where: str, ctx: _Context) -> BaseParams:
                 f"unknown field {here!r} for {cls.type_key or cls.__name__}.{closest_name(name, known)} "
                 f"Remove it or fix its name; fields: {', '.join(known)}."
             )
+    for f in dataclasses.fields(cls):
+        if f.name not in kwargs:
+            kwargs[f.name] = _field_default(f)
     try:
         return cls(**kwargs)
     except ParamsError as e:
-        raise ctx.error(f"{where}: {e}") from None
+        # gin appends "In call to configurable ..." lines; the params message names the field and the fix.
+        raise ctx.error(str(e).split("\n  In call to configurable")[0]) from None
 
 
 def _convert_experiment(raw: dict, ctx: _Context) -> TrainExperimentParams:
@@ -538,10 +542,14 @@ def _gin_literal(value: Any) -> str:
 
 
 def _field_default(f: dataclasses.Field) -> Any:
+    """The class default of ``f``, never a live gin binding (params classes are gin configurables)."""
     if f.default is not dataclasses.MISSING:
         return f.default
-    if f.default_factory is not dataclasses.MISSING:
-        return f.default_factory()
+    factory = f.default_factory
+    if isinstance(factory, type) and issubclass(factory, BaseParams):
+        return params_from_dict({}, factory, family=factory.family)
+    if factory is not dataclasses.MISSING:
+        return factory()
     return dataclasses.MISSING
 
 
@@ -553,7 +561,9 @@ def _frozen(value: Any) -> Any:
     return value
 
 
-def _gin_lines(obj: BaseParams, lines: list[str], seen: dict[str, BaseParams]) -> None:
+def _gin_blocks(obj: BaseParams, blocks: list[list[str]], seen: dict[str, BaseParams]) -> None:
+    """One block of ``name.field = value`` lines per params object (non-default fields; a nested params object at
+    its field's default is left to the default), depth first."""
     name = obj.gin_name
     if name in seen:
         if seen[name] != obj:
@@ -562,19 +572,23 @@ def _gin_lines(obj: BaseParams, lines: list[str], seen: dict[str, BaseParams]) -
             )
         return
     seen[name] = obj
+    lines: list[str] = []
     nested = []
     for f in dataclasses.fields(obj):
         value = getattr(obj, f.name)
         if f.name == "type" and obj.family in POLYMORPHIC_FAMILIES:
             continue
+        if _frozen(value) == _frozen(_field_default(f)):
+            continue
         if isinstance(value, BaseParams):
             lines.append(f"{name}.{f.name} = @{value.gin_name}()")
             nested.append(value)
-        elif _frozen(value) != _frozen(_field_default(f)):
+        else:
             lines.append(f"{name}.{f.name} = {_gin_literal(value)}")
+    if lines:
+        blocks.append(lines)
     for value in nested:
-        lines.append("")
-        _gin_lines(value, lines, seen)
+        _gin_blocks(value, blocks, seen)
 
 
 def foundry_config_to_gin(cfg: FoundryConfig) -> str:
@@ -584,9 +598,9 @@ def foundry_config_to_gin(cfg: FoundryConfig) -> str:
     if cfg.ignored:
         lines.append("# Ignored (no meaning in vla_foundry_jax):")
         lines += [f"#   {k}" for k in cfg.ignored]
-    lines.append("")
-    _gin_lines(cfg.params if cfg.section == "image_augmentation" else cfg.experiment, lines, {})
-    return "\n".join(lines).rstrip() + "\n"
+    blocks: list[list[str]] = []
+    _gin_blocks(cfg.params if cfg.section == "image_augmentation" else cfg.experiment, blocks, {})
+    return "\n\n".join("\n".join(block) for block in [lines, *blocks]) + "\n"
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -626,3 +640,8 @@ def params_to_foundry_yaml(experiment: TrainExperimentParams) -> dict:
         out["name"] = tail  # the original's run directory is <save_path>/<name>
         out["save_path"] = None if head in ("", DEFAULT_SAVE_PATH) else head
     return out
+
+
+def foundry_yaml_to_gin(path: str, overrides: Sequence[str] = ()) -> str:
+    """``launch.foundry_config``: the gin text of the VLA Foundry YAML at ``path`` with ``overrides`` applied."""
+    return foundry_config_to_gin(load_foundry_config(path, overrides))
