@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import posixpath
 import types
 import typing
 from collections.abc import Sequence
@@ -29,7 +30,7 @@ from typing import Any
 
 import yaml
 
-from vla_foundry_jax import registry
+from vla_foundry_jax import paths, registry
 from vla_foundry_jax.errors import VLAFoundryError
 from vla_foundry_jax.params import (
     DataParams,
@@ -190,20 +191,35 @@ def _family_fields(family: str) -> set[str]:
 
 
 def _read_text(path: str) -> str:
-    try:
-        with open(path) as f:
-            return f.read()
-    except FileNotFoundError:
-        raise FoundryConfigError(f"config {path!r} does not exist; give the path of a VLA Foundry YAML.") from None
-    except IsADirectoryError:
+    if not paths.exists(path):
+        raise FoundryConfigError(f"config {path!r} does not exist; give the path of a VLA Foundry YAML.")
+    if paths.isdir(path):
         raise FoundryConfigError(
             f"config {path!r} is a directory; give its config.yaml (an experiment's) or a preset .yaml file."
-        ) from None
+        )
+    try:
+        return paths.read_text(path)
+    except UnicodeDecodeError:
+        raise FoundryConfigError(f"config {path!r} is not a text file; give a VLA Foundry YAML.") from None
+
+
+def _normpath(path: str) -> str:
+    if paths.is_remote(path):
+        kind, rest = path.split("://", 1)
+        return f"{kind}://{posixpath.normpath(rest)}"
+    return os.path.normpath(path)
+
+
+def _include_target(including: str, name: str) -> str:
+    """``name`` relative to the directory of the file that includes it (an absolute path or URL as given)."""
+    if "://" in name or os.path.isabs(name):
+        return _normpath(name)
+    return _normpath(paths.join(paths.dirname(including), name))
 
 
 def _compose(path: str, stack: tuple[str, ...] = ()) -> yaml.Node | None:
     """The YAML node tree of ``path`` with every ``!include`` replaced by the included file's tree."""
-    path = os.path.normpath(path)
+    path = _normpath(path)
     if path in stack:
         chain = " -> ".join([*stack, path])
         raise FoundryConfigError(f"{stack[-1]}: !include cycle {chain}; remove one of these includes.")
@@ -222,8 +238,8 @@ def _resolve_includes(node: yaml.Node | None, path: str, stack: tuple[str, ...])
     if node is None:
         return None
     if isinstance(node, yaml.ScalarNode) and node.tag == INCLUDE_TAG:
-        target = os.path.join(os.path.dirname(path), node.value.strip())
-        if not os.path.isfile(target):
+        target = _include_target(path, node.value.strip())
+        if not paths.exists(target):
             raise FoundryConfigError(
                 f"{path} line {node.start_mark.line + 1}: !include {node.value!r} names no file ({target}); "
                 "includes are relative to the including file."
