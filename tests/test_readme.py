@@ -146,7 +146,14 @@ def test_every_readme_command_runs(scratch):
             missing = flags - known_flags(module)
             assert not missing, f"{cmd!r}: {module} has no flag(s) {sorted(missing)}"
             continue
+        stdout_file = None
+        if ">" in words:  # `command > FILE`: the command's stdout goes to FILE in the scratch directory
+            stdout_file = os.path.join(scratch, words[words.index(">") + 1])
+            words = words[: words.index(">")]
         proc = subprocess.run(shrink(words), cwd=scratch, env=env, capture_output=True, text=True, timeout=900)
+        if stdout_file:
+            with open(stdout_file, "w") as f:
+                f.write(proc.stdout)
         assert proc.returncode == 0, f"{cmd}\n{proc.stderr[-3000:]}"
         assert "Traceback" not in proc.stderr, f"{cmd}\n{proc.stderr[-3000:]}"
         ran += 1
