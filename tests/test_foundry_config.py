@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -679,3 +680,47 @@ def test_cli_prints_gin_and_reports_bad_input_in_one_line(presets, tmp_path):
         lines = proc.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], proc.stderr
         assert proc.stdout == ""
+
+
+@pytest.fixture(scope="module")
+def s3_bucket():
+    """A real S3 API (moto's server on 127.0.0.1) with an empty bucket; yields its s3:// root."""
+    import socket
+
+    from moto.server import ThreadedMotoServer
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    server.start()
+    env = {
+        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_REGION": "us-east-1",
+    }
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in env.items():
+            mp.setenv(k, v)
+        import fsspec
+
+        fsspec.filesystem("s3", skip_instance_cache=True).mkdir("presets")
+        yield "s3://presets"
+        server.stop()
+
+
+def test_configs_and_their_includes_read_from_s3(s3_bucket, presets):
+    from vla_foundry_jax import paths
+
+    for rel in ("training_jobs/lbm_hparams_4cams.yaml", "models/diffusion_policy.yaml", "models/transformer_410m.yaml"):
+        paths.write_text(f"{s3_bucket}/{rel}", PRESETS[rel])
+    for rel in ("models/transformer_100m.yaml", "data/lbm/lbm_data_params.yaml", "data/diffusion_policy.yaml"):
+        paths.write_text(f"{s3_bucket}/{rel}", PRESETS[rel])
+    paths.write_text(f"{s3_bucket}/hparams/diffusion_policy.yaml", PRESETS["hparams/diffusion_policy.yaml"])
+    remote = fy.load_foundry_config(f"{s3_bucket}/training_jobs/lbm_hparams_4cams.yaml")
+    local = fy.load_foundry_config(os.path.join(presets, "training_jobs/lbm_hparams_4cams.yaml"))
+    assert remote.experiment == local.experiment and remote.ignored == local.ignored
+    paths.write_text(f"{s3_bucket}/broken.yaml", "model: !include models/missing.yaml\n")
+    with pytest.raises(fy.FoundryConfigError, match=re.escape("s3://presets/models/missing.yaml")):
+        fy.load_foundry_config(f"{s3_bucket}/broken.yaml")
