@@ -640,25 +640,35 @@ def test_include_cycle_and_bad_overrides(tmp_path):
             fy.load_foundry_config(str(tmp_path / "ok.yaml"), [override])
 
 
-def _cli(*args: str, cwd: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
+def _cli(*args: str, cwd: str) -> subprocess.Popen:
+    return subprocess.Popen(
         [sys.executable, "-m", "launch.foundry_config", *args],
         cwd=cwd,
         env=subprocess_env(),
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
-        timeout=120,
     )
 
 
 def test_cli_prints_gin_and_reports_bad_input_in_one_line(presets, tmp_path):
     job = os.path.join(presets, "training_jobs/diffusion_policy_bellpepper.yaml")
-    proc = _cli(f"--config_path={job}", "--override", "hparams.lr=1e-3", cwd=ROOT)
-    assert proc.returncode == 0, proc.stderr
-    assert "hparams.lr = 0.001" in proc.stdout and "experiment.model = @diffusion_policy()" in proc.stdout
-    assert "distributed.fsdp" in proc.stderr  # the ignored fields, listed once
+    (tmp_path / "bad.yaml").write_text("model: {type: transformer\n")
+    (tmp_path / "mamba.yaml").write_text("model: {type: mamba}\n")
+    bad = [
+        ([f"--config_path={tmp_path / 'missing.yaml'}"], "does not exist"),
+        ([f"--config_path={tmp_path / 'bad.yaml'}"], "not valid YAML"),
+        ([f"--config_path={tmp_path / 'mamba.yaml'}"], "'mamba' is not a model type"),
+        ([f"--config_path={job}", "--override", "hparams.lr"], "must read key.path=value"),
+    ]
+    good = _cli(f"--config_path={job}", "--override", "hparams.lr=1e-3", cwd=ROOT)
+    procs = [(_cli(*args, cwd=str(tmp_path)), args, message) for args, message in bad]  # all at once
+    stdout, stderr = good.communicate(timeout=120)
+    assert good.returncode == 0, stderr
+    assert "hparams.lr = 0.001" in stdout and "experiment.model = @diffusion_policy()" in stdout
+    assert "distributed.fsdp" in stderr  # the ignored fields, listed once
     gin_file = tmp_path / "job.gin"
-    gin_file.write_text(proc.stdout)
+    gin_file.write_text(stdout)
     try:
         gin_utils.parse_gin([str(gin_file)], [])
         built = gin_utils.build_experiment()
@@ -666,20 +676,12 @@ def test_cli_prints_gin_and_reports_bad_input_in_one_line(presets, tmp_path):
         gin.clear_config()
     expected = fy.load_foundry_config(job, ["hparams.lr=1e-3"]).experiment
     assert built == expected and isinstance(built, TrainExperimentParams)
-
-    (tmp_path / "bad.yaml").write_text("model: {type: transformer\n")
-    (tmp_path / "mamba.yaml").write_text("model: {type: mamba}\n")
-    for args, message in [
-        ([f"--config_path={tmp_path / 'missing.yaml'}"], "does not exist"),
-        ([f"--config_path={tmp_path / 'bad.yaml'}"], "not valid YAML"),
-        ([f"--config_path={tmp_path / 'mamba.yaml'}"], "'mamba' is not a model type"),
-        ([f"--config_path={job}", "--override", "hparams.lr"], "must read key.path=value"),
-    ]:
-        proc = _cli(*args, cwd=str(tmp_path))
-        assert proc.returncode == 2, (args, proc.stderr)
-        lines = proc.stderr.strip().splitlines()
-        assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], proc.stderr
-        assert proc.stdout == ""
+    for proc, args, message in procs:
+        stdout, stderr = proc.communicate(timeout=120)
+        assert proc.returncode == 2, (args, stderr)
+        lines = stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], stderr
+        assert stdout == ""
 
 
 @pytest.fixture(scope="module")
@@ -700,13 +702,15 @@ def s3_bucket():
         "AWS_SECRET_ACCESS_KEY": "testing",
         "AWS_REGION": "us-east-1",
     }
+    import s3fs
+
     with pytest.MonkeyPatch.context() as mp:
         for k, v in env.items():
             mp.setenv(k, v)
-        import fsspec
-
-        fsspec.filesystem("s3", skip_instance_cache=True).mkdir("presets")
+        s3fs.S3FileSystem.clear_instance_cache()  # an instance cached by another test talks to another endpoint
+        s3fs.S3FileSystem(skip_instance_cache=True).mkdir("presets")
         yield "s3://presets"
+        s3fs.S3FileSystem.clear_instance_cache()
         server.stop()
 
 
