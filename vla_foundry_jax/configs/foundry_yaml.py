@@ -377,6 +377,8 @@ def _pick_class(raw: dict, hint: Any, where: str, ctx: _Context) -> type:
     members = _params_members(hint)
     family = members[0].family
     type_key = raw.get("type") if family in POLYMORPHIC_FAMILIES else None
+    if type_key is not None and not isinstance(type_key, str):
+        raise ctx.error(f"{_join(where, 'type')} must be a type name, got {type_key!r}.")
     if type_key is not None:
         cls = registry.PARAMS.get(type_key)
         known = sorted(k for k, c in registry.PARAMS.items() if c.family == family)
@@ -463,6 +465,14 @@ def _convert_experiment(raw: dict, ctx: _Context) -> TrainExperimentParams:
     return _convert(raw, TrainExperimentParams, "", ctx)
 
 
+def _unshared(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _unshared(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_unshared(v) for v in value]
+    return value
+
+
 def _section_of(data: Any, ctx: _Context) -> str:
     """Which part of a training config ``data`` describes."""
     if not isinstance(data, dict):
@@ -474,11 +484,11 @@ def _section_of(data: Any, ctx: _Context) -> str:
     if set(data) & {"model", "data", "hparams", "ema", "distributed"} or (data and set(data) <= experiment_keys):
         return "experiment"
     for section, cls in SECTIONS.items():
-        typed = getattr(registry.PARAMS.get(data.get("type")), "family", None) in POLYMORPHIC_FAMILIES
+        typed = getattr(registry.PARAMS.get(str(data.get("type"))), "family", None) in POLYMORPHIC_FAMILIES
         if data and not typed and set(data) <= _original_fields(cls) | set(_fields(cls)):
             return section
     if "type" in data:
-        cls = registry.PARAMS.get(data["type"])
+        cls = registry.PARAMS.get(str(data["type"]))
         if cls is not None and cls.family in POLYMORPHIC_FAMILIES:
             return cls.family
         known = sorted(k for k, c in registry.PARAMS.items() if c.family in POLYMORPHIC_FAMILIES)
@@ -502,10 +512,11 @@ def load_foundry_config(path: str, overrides: Sequence[str] = ()) -> FoundryConf
     if data is None:
         raise ctx.error("is empty; give a VLA Foundry training config or preset.")
     section = _section_of(data, ctx)
+    data = _unshared(data)  # YAML anchors share objects; an override must change one place only
     if section == "experiment":
-        raw = dict(data)
+        raw = data
     else:
-        raw: dict = {}
+        raw = {}
         node = raw
         for part in SECTION_PATH[section][:-1]:
             node = node.setdefault(part, {})
