@@ -52,6 +52,7 @@ import numpy as np
 from vla_foundry_jax.data.bad_samples import BadSampleBudget, BadSampleLog, SkipBadSamples
 from vla_foundry_jax.data.image_caption import ImageCaptionTransform, ProcessorTextTransform
 from vla_foundry_jax.data.shards import DataError, ShardDataSource
+from vla_foundry_jax.data.streaming import StreamingTrainIterator, build_streaming_iterator
 from vla_foundry_jax.data.text import TextTransform, TextUntokenizedTransform, load_tokenizer, tokenizer_name
 
 STATE_VERSION = 1
@@ -74,14 +75,14 @@ def _processor(data: Any, modality: str, manifest: str) -> Any:
     return processor_for_data(data)  # load (and fail) here, in the main thread, not in a reader thread
 
 
-def _source_and_transform(data: Any, modality: str, manifest: str, *, train: bool = True) -> tuple[Any, Any]:
-    """The random-access source and the per-sample transform of one manifest."""
+def _transform(data: Any, modality: str, manifest: str, *, train: bool = True) -> Any:
+    """The per-sample transform ``(raw sample, rng) -> arrays`` of one manifest (loaded, and failing, here)."""
     if modality not in _SUPPORTED:
         raise NotImplementedError(
             f"Modality {modality!r} (manifest {manifest!r}) has no grain pipeline yet; supported: {list(_SUPPORTED)}."
         )
     if modality == "text":
-        return ShardDataSource(manifest), TextTransform(data.seq_len)
+        return TextTransform(data.seq_len)
     if modality == "robotics":
         if getattr(data, "type", None) != "robotics":
             raise DataError(
@@ -90,11 +91,10 @@ def _source_and_transform(data: Any, modality: str, manifest: str, *, train: boo
             )
         from vla_foundry_jax.data.robotics import robotics_transform
 
-        return ShardDataSource(manifest), robotics_transform(data, train=train)
+        return robotics_transform(data, train=train)
     if modality == "text_untokenized":
         if getattr(data, "type", None) == "image_caption":
-            transform = ProcessorTextTransform(_processor(data, modality, manifest), data.seq_len)
-            return ShardDataSource(manifest), transform
+            return ProcessorTextTransform(_processor(data, modality, manifest), data.seq_len)
         name = tokenizer_name(data)
         if name is None:
             raise DataError(
@@ -102,10 +102,15 @@ def _source_and_transform(data: Any, modality: str, manifest: str, *, train: boo
                 "use the text_untokenized data type and set its `tokenizer`."
             )
         load_tokenizer(name)  # load (and fail) here, in the main thread, not in a reader thread
-        return ShardDataSource(manifest), TextUntokenizedTransform(data.seq_len, name)
+        return TextUntokenizedTransform(data.seq_len, name)
     processor = _processor(data, modality, manifest)
-    transform = ImageCaptionTransform(processor, data.seq_len, data.augmentation, train=train)
-    return ShardDataSource(manifest), transform  # the transform decodes (a corrupt image is a bad sample)
+    return ImageCaptionTransform(processor, data.seq_len, data.augmentation, train=train)  # decodes: bad -> skipped
+
+
+def _source_and_transform(data: Any, modality: str, manifest: str, *, train: bool = True) -> tuple[Any, Any]:
+    """The random-access source and the per-sample transform of one manifest."""
+    transform = _transform(data, modality, manifest, train=train)
+    return ShardDataSource(manifest), transform
 
 
 class _BatchSelect(grain.MapDataset):
@@ -319,7 +324,7 @@ def build_train_iterator(
     num_batches: int,
     process_index: int = 0,
     process_count: int = 1,
-) -> TrainIterator:
+) -> TrainIterator | StreamingTrainIterator:
     """Build this host's iterator over ``num_batches`` global batches of ``global_batch_size`` samples.
 
     ``data`` is a ``DataParams`` (text, text_untokenized, image_caption or robotics). Raises ``DataError`` when the
@@ -333,6 +338,8 @@ def build_train_iterator(
     manifests = list(data.dataset_manifest)
     weights = [float(w) for w in data.weights]
     modalities = list(data.modalities)
+    if getattr(data, "streaming", False):
+        return _streaming_iterator(data, global_batch_size, num_batches, process_index, process_count)
 
     sizes: list[int] = []
     sources: list[Any] = []
@@ -407,6 +414,33 @@ def build_train_iterator(
         sources=sources,
         batch_datasets=choices,
         budget=_budget(data, log, num_batches * b),
+    )
+
+
+def _streaming_iterator(
+    data: Any, global_batch_size: int, num_batches: int, process_index: int, process_count: int
+) -> StreamingTrainIterator:
+    """The ``data.streaming`` reader (``data.streaming``): the same mixing rules, start-up reads the manifests only."""
+    manifests, weights, modalities = list(data.dataset_manifest), list(data.weights), list(data.modalities)
+    used = [i for i, w in enumerate(weights) if w > 0]
+    for i in set(range(len(manifests))) - set(used):
+        logging.info("Dataset %s has weight %s: not used.", manifests[i], weights[i])
+    transforms = [_transform(data, modalities[i], manifests[i]) for i in used]
+    choices = None
+    if len({modalities[i] for i in used}) > 1:  # modalities differ: one dataset per global batch
+        choices = batch_choices([weights[i] for i in used], num_batches, data.seed)
+    log = BadSampleLog()
+    return build_streaming_iterator(
+        data,
+        transforms,
+        used=used,
+        batch_datasets=choices,
+        global_batch_size=global_batch_size,
+        num_batches=num_batches,
+        process_index=process_index,
+        process_count=process_count,
+        budget=_budget(data, log, num_batches * (global_batch_size // process_count)),
+        log=log,
     )
 
 

@@ -31,6 +31,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from vla_foundry_jax import paths
 from vla_foundry_jax.errors import VLAFoundryError
 
 logger = logging.getLogger(__name__)
@@ -70,34 +71,33 @@ class ManifestEntry:
 
 
 def read_manifest(manifest_path: str) -> list[ManifestEntry]:
-    """Parse ``manifest.jsonl``; shard paths are resolved next to the manifest."""
-    if "://" in manifest_path:
-        raise DataError(
-            f"Manifest {manifest_path!r} is a remote URL; only local paths are supported by the grain reader "
-            "(copy or mount the dataset locally and point data.dataset_manifest at it)."
-        )
-    if not os.path.isfile(manifest_path):
-        raise DataError(
-            f"Dataset manifest not found: {manifest_path!r} (cwd {os.getcwd()!r}). "
-            "Check data.dataset_manifest: each entry must be the path of a manifest.jsonl file."
-        )
-    root = os.path.dirname(os.path.abspath(manifest_path))
+    """Parse ``manifest.jsonl`` (a local path, ``s3://``, ``gs://`` or ``hf://``); shards resolve next to it."""
+    try:
+        paths.scheme(manifest_path)
+        text = paths.read_text(manifest_path)
+    except paths.PathError as e:
+        if "no such file" in str(e):
+            raise DataError(
+                f"Dataset manifest not found: {manifest_path!r} (cwd {os.getcwd()!r}). "
+                "Check data.dataset_manifest: each entry must be the path of a manifest.jsonl file."
+            ) from None
+        raise DataError(f"Dataset manifest {manifest_path!r}: {e}") from None
+    root = paths.dirname(manifest_path)
     entries: list[ManifestEntry] = []
-    with open(manifest_path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                obj = json.loads(line)
-                shard = str(obj["shard"])
-                num = None if obj.get("num_sequences") is None else int(obj["num_sequences"])
-            except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-                raise DataError(
-                    f"{manifest_path}:{lineno}: expected a JSON object with a 'shard' name and 'num_sequences', "
-                    f"got {line[:200]!r} ({e})."
-                ) from e
-            entries.append(ManifestEntry(shard, num, os.path.join(root, shard + ".tar")))
+    for lineno, line in enumerate(text.splitlines(), 1):
+        line = line.strip()
+        if not line:
+            continue
+        try:
+            obj = json.loads(line)
+            shard = str(obj["shard"])
+            num = None if obj.get("num_sequences") is None else int(obj["num_sequences"])
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+            raise DataError(
+                f"{manifest_path}:{lineno}: expected a JSON object with a 'shard' name and 'num_sequences', "
+                f"got {line[:200]!r} ({e})."
+            ) from e
+        entries.append(ManifestEntry(shard, num, paths.join(root, shard + ".tar")))
     if not entries:
         raise DataError(f"Dataset manifest {manifest_path!r} lists no shards (empty file?).")
     return entries
@@ -164,6 +164,43 @@ def index_shard(path: str) -> _ShardIndex:
     )
 
 
+def parse_shard(data: bytes, path: str) -> tuple[list[dict[str, bytes | str]], str | None]:
+    """The samples of one whole uncompressed tar held in memory (the streaming reader's unit of I/O), in tar order.
+
+    Returns ``(samples, truncated)``: each sample is ``{"__key__", "__shard__" (the shard file's name without .tar),
+    field: bytes}``; ``truncated`` says why parsing stopped early (a tar cut short), else None. A sample whose member
+    runs past the end of the bytes carries ``"__error__"`` (read as a bad sample); an empty object has no samples.
+    """
+    shard = paths.basename(path).removesuffix(".tar")
+    samples: list[dict[str, bytes | str]] = []
+    truncated = None
+    if not data:
+        return samples, None
+    try:
+        with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
+            for info in tar:
+                if not info.isfile():
+                    continue
+                split = split_member_name(info.name)
+                if split is None:
+                    continue
+                key, field = split
+                if not samples or samples[-1]["__key__"] != key:
+                    samples.append({"__key__": key, "__shard__": shard})
+                member = data[info.offset_data : info.offset_data + info.size]
+                if len(member) != info.size:
+                    samples[-1]["__error__"] = (
+                        f"sample {key!r} of shard {path!r}: member {field!r} is cut short ({len(member)} of "
+                        f"{info.size} bytes; the tar file is truncated)."
+                    )
+                samples[-1][field] = member
+    except tarfile.ReadError as e:
+        if not samples:
+            raise DataError(f"Cannot read shard {path!r} as an uncompressed tar file: {e}") from e
+        truncated = str(e)
+    return samples, truncated
+
+
 class ShardDataSource:
     """grain random-access source over one VLA Foundry manifest.
 
@@ -175,20 +212,31 @@ class ShardDataSource:
     def __init__(self, manifest_path: str, *, index_threads: int = 8) -> None:
         self.manifest_path = manifest_path
         self.entries = read_manifest(manifest_path)
-        for e in self.entries:
-            if not os.path.isfile(e.path):
-                raise DataError(
-                    f"Shard {e.shard!r} listed in manifest {manifest_path!r} not found: expected file {e.path!r}."
-                )
         workers = max(1, min(index_threads, len(self.entries)))
         with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-            self._shards = list(pool.map(index_shard, [e.path for e in self.entries]))
+            self._local = list(pool.map(self._local_copy, self.entries))
+            self._shards = list(pool.map(index_shard, self._local))
         counts = [len(s.keys) for s in self._shards]
         self._cum = np.cumsum([0, *counts]).tolist()
         self._paths = {e.shard: e.path for e in self.entries}
         self._check_counts(counts)
         if self._cum[-1] == 0:
             raise DataError(f"Dataset {manifest_path!r}: its {len(self.entries)} shard(s) contain no samples.")
+
+    def _local_copy(self, entry: ManifestEntry) -> str:
+        """The shard as a local file: itself, or a copy in the path cache (downloaded once) for a remote one."""
+        try:
+            local = paths.local_file(entry.path)
+        except paths.PathError as e:
+            local, why = None, str(e)
+        else:
+            why = ""
+        if local is None or not os.path.isfile(local):
+            raise DataError(
+                f"Shard {entry.shard!r} listed in manifest {self.manifest_path!r} not found: expected file "
+                f"{entry.path!r}{f' ({why})' if why else ''}."
+            )
+        return local
 
     def _check_counts(self, counts: list[int]) -> None:
         """Empty shards the manifest says hold samples raise; other count mismatches and cut tars warn (once)."""
@@ -251,7 +299,7 @@ class ShardDataSource:
         idx = self._shards[shard]
         lo, hi = int(idx.starts[local]), int(idx.starts[local + 1])
         sample: dict[str, bytes | str] = {"__key__": idx.keys[local], "__shard__": self.entries[shard].shard}
-        with open(self.entries[shard].path, "rb") as f:
+        with open(self._local[shard], "rb") as f:
             for m in range(lo, hi):
                 f.seek(int(idx.offsets[m]))
                 size = int(idx.sizes[m])

@@ -1,7 +1,7 @@
 """Data params: one frozen dataclass per data ``type`` (text, text_untokenized, image_caption, robotics), the
 image augmentation params and the robotics normalisation params. Field names follow the original where they
-mean the same in a grain pipeline; the webdataset-specific knobs (shuffle buffers, torch workers) have no
-equivalent.
+mean the same here (``shuffle_buffer_size`` / ``shuffle_initial`` are its sample shuffle buffer, used by the
+streaming reader).
 """
 
 from __future__ import annotations
@@ -41,6 +41,14 @@ class DataParams(BaseParams):
     seq_len: int = 2048
     # Sample-level shuffle with grain's index shuffle (the original shuffles shard order only).
     shuffle: bool = True
+    # (JAX) Training data read by streaming (data.streaming): whole shards in a per-epoch shuffled order, split
+    # between hosts, through a sample shuffle buffer; start-up reads only the manifests. False: random access
+    # (every shard's tar headers indexed at start-up; batches independent of the host count). See README.
+    streaming: bool = False
+    # Streaming: the sample shuffle buffer holds up to shuffle_buffer_size samples and starts yielding once it holds
+    # shuffle_initial (the original's webdataset fields).
+    shuffle_buffer_size: int = 2000
+    shuffle_initial: int = 500
     # Overwritten from hparams.seed when the experiment is resolved.
     seed: int = 42
     # (JAX) Bad samples (corrupt / undecodable / incomplete; see data.bad_samples) are skipped, warned and counted;
@@ -77,6 +85,12 @@ class DataParams(BaseParams):
             raise ParamsError(
                 f"{where}.val_dataset_weighting = {list(self.val_dataset_weighting)} would be ignored: validation "
                 f"reads every manifest of {where}.val_dataset_manifest in order, unweighted. Leave it empty."
+            )
+        if self.shuffle_buffer_size < 1 or not 1 <= self.shuffle_initial <= self.shuffle_buffer_size:
+            raise ParamsError(
+                f"{where}.shuffle_buffer_size = {self.shuffle_buffer_size} and {where}.shuffle_initial = "
+                f"{self.shuffle_initial}: need 1 <= shuffle_initial <= shuffle_buffer_size (samples held by the "
+                "streaming shuffle buffer; 1 and 1 read shards in order)."
             )
         if not 0.0 <= self.max_bad_sample_fraction <= 1.0:
             raise ParamsError(
