@@ -78,6 +78,13 @@ class BadSampleLog:
                 reason,
             )
 
+    def record_shard(self, shard_path: str, samples: int, reason: str) -> None:
+        """A whole shard skipped (unreadable), counted as its ``samples``; the caller warns."""
+        with self._lock:
+            self.per_shard[shard_path] += samples
+            if self.first_reason is None:
+                self.first_reason = reason
+
     def shards_summary(self, limit: int = 5) -> str:
         with self._lock:
             items = self.per_shard.most_common()

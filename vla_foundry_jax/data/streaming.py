@@ -213,7 +213,7 @@ class ShardStream:
                 if isinstance(got, _Unreadable):
                     entry = self.entries[self.host_shards(self.epoch)[self.shard]]
                     self.skipped += got.samples
-                    self._log.record(entry.path, entry.shard, None, f"shard unreadable: {got.reason}")
+                    self._log.record_shard(entry.path, got.samples, f"shard {entry.path} unreadable: {got.reason}")
                     logger.warning(
                         "Skipping shard %s after %d attempts (counted as %d bad samples): %s",
                         entry.path,
@@ -437,7 +437,9 @@ class StreamingTrainIterator(Iterator[dict[str, np.ndarray]]):
         consecutive = 0
         while True:
             got = self._streams[d].next()
-            if got is None:
+            if got is None:  # the end: count the shards skipped on the way there
+                counts[0] += self._streams[d].stream.skipped - self._skipped[d]
+                self._skipped[d] = self._streams[d].stream.skipped
                 return None
             element, snap = got
             self._snaps[d] = snap
@@ -459,12 +461,15 @@ class StreamingTrainIterator(Iterator[dict[str, np.ndarray]]):
                     f"(data.dataset_modality); first: {notes[-consecutive]}"
                 )
 
-    def _ran_out(self, d: int | None) -> DataError:
+    def _ran_out(self, d: int | None, counts: list[int]) -> DataError:
         which = f"dataset {self._manifests[d]!r}" if d is not None else "every dataset"
+        bad = self._budget.count + counts[0]
         return DataError(
             f"Streaming data ran out at batch {self._next} of {self.num_batches}: {which} has no more samples on host "
-            f"{self.process_index} (its shards hold fewer samples than their manifest num_sequences say, or shards "
-            "were skipped). Set data.allow_multiple_epochs = True, or lower experiment.total_train_samples."
+            f"{self.process_index} ({bad} bad sample(s) skipped so far, unreadable shards included: "
+            f"{self._log.shards_summary() or 'none'}; or shards hold fewer samples than their num_sequences say). "
+            "Fix or remove those shards, set data.allow_multiple_epochs = True, or lower "
+            "experiment.total_train_samples."
         )
 
     def _row(self, counts: list[int], notes: list[str]) -> dict:
@@ -472,12 +477,12 @@ class StreamingTrainIterator(Iterator[dict[str, np.ndarray]]):
             d = int(self._choices[self._next])
             element = self._take(d, counts, notes)
             if element is None:
-                raise self._ran_out(d)
+                raise self._ran_out(d, counts)
             return element
         while True:
             live = np.where(self._out, 0.0, self._weights)
             if live.sum() <= 0:
-                raise self._ran_out(None)
+                raise self._ran_out(None, counts)
             d = int(np.searchsorted(np.cumsum(live / live.sum()), self._mix.random(), side="right"))
             d = min(d, len(live) - 1)
             element = self._take(d, counts, notes)
@@ -495,8 +500,10 @@ class StreamingTrainIterator(Iterator[dict[str, np.ndarray]]):
         batch[BAD_SAMPLE_NOTE_KEY] = np.str_(notes[0] if notes else "")
         batch = self._budget.take(batch)
         self._next += 1
-        if self._next == self.num_batches and (summary := self._budget.summary()):
-            logging.warning("Data iterator finished: %s", summary)
+        if self._next == self.num_batches:
+            self.close()
+            if summary := self._budget.summary():
+                logging.warning("Data iterator finished: %s", summary)
         return batch
 
     # ------------------------------------------------------------ state
@@ -558,9 +565,10 @@ class StreamingTrainIterator(Iterator[dict[str, np.ndarray]]):
             if snap is not None:
                 self._streams[d].restore(snap)
 
-    def close(self) -> None:
+    def close(self, wait: bool = False) -> None:
+        """Stop the reader threads (pending reads are cancelled; ``wait``: until the running ones end)."""
         for pool in self._pools:
-            pool.shutdown(wait=False, cancel_futures=True)
+            pool.shutdown(wait=wait, cancel_futures=True)
 
     def __del__(self) -> None:
         try:
