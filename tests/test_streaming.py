@@ -324,3 +324,30 @@ def test_s3_with_failing_requests_gives_the_same_batches(tmp_path, s3_server, s3
         equal_batches(expected[8:], list(resumed))
         for done in (it, resumed):
             done.close(wait=True)
+
+
+# ---------------------------------------------------------------- training: the checkpointed state resumes exactly
+
+
+def test_training_resumed_from_a_checkpoint_matches_the_uninterrupted_losses(tmp_path):
+    from tests.fixtures.runs import logged_losses, tiny_experiment
+    from vla_foundry_jax.training.loop import train
+
+    def experiment(out: str):
+        exp = tiny_experiment(out, steps=6)
+        data = exp.data.replace(streaming=True, shuffle_buffer_size=16, shuffle_initial=4, num_workers=2)
+        return exp.replace(data=data)
+
+    straight, cut = str(tmp_path / "straight"), str(tmp_path / "cut")
+    train(experiment(straight))
+    shutil.copytree(straight, cut)  # then cut back to how it was right after the step-3 save
+    shutil.rmtree(os.path.join(cut, "checkpoints", "6"))
+    metrics = os.path.join(cut, "metrics.jsonl")
+    lines = [x for x in open(metrics).read().splitlines() if json.loads(x)["step"] <= 3]
+    with open(metrics, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    train(experiment(cut))
+    a, b = logged_losses(straight), logged_losses(cut)
+    assert sorted(b) == list(range(1, 7)) and sum(1 for _ in open(metrics)) >= 6
+    for step in range(1, 7):
+        assert abs(a[step] - b[step]) <= 1e-6, (step, a[step], b[step])
