@@ -351,3 +351,25 @@ def test_training_resumed_from_a_checkpoint_matches_the_uninterrupted_losses(tmp
     assert sorted(b) == list(range(1, 7)) and sum(1 for _ in open(metrics)) >= 6
     for step in range(1, 7):
         assert abs(a[step] - b[step]) <= 1e-6, (step, a[step], b[step])
+
+
+def test_two_processes_gather_each_others_iterator_state():
+    from tests.fixtures.multidevice import finish, start
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()
+    code = (
+        "import json, sys, jax\n"
+        "i = int(sys.argv[1])\n"
+        f"jax.distributed.initialize('127.0.0.1:{port}', num_processes=2, process_id=i)\n"
+        "from vla_foundry_jax.data.streaming import gather_host_states\n"
+        "print(json.dumps(gather_host_states(i, {'host': i, 'buffer': list(range(5 * i))})))\n"
+    )
+    import sys
+
+    procs = [start([sys.executable, "-c", code, str(i)]) for i in range(2)]
+    outs = [json.loads(finish(p, timeout=120).stdout.strip().splitlines()[-1]) for p in procs]
+    expected = {"0": {"host": 0, "buffer": []}, "1": {"host": 1, "buffer": [0, 1, 2, 3, 4]}}
+    assert outs == [expected, expected]

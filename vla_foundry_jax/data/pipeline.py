@@ -37,6 +37,14 @@ are seen at most once per epoch in both.
 
 Evaluation: ``build_eval_iterator`` reads held-out manifests once, in order, unshuffled, without random
 augmentation; the last batch is padded to full size (see there).
+
+Two readers, one choice (``data.streaming``): the random-access reader above (default; every shard's tar headers
+indexed at start-up, remote shards copied locally first; global batches independent of the host count) suits
+local datasets of up to a few thousand shards and is the one evaluation always uses (held-out sets are small and
+read in order); the streaming reader (``data.streaming = True``, ``data.streaming``: start-up reads the manifests
+only, hosts stream whole disjoint shards through a shuffle buffer, the original's behaviour) is for pod-scale
+training data, on object storage or many shards. Both yield the same batch layout, count bad samples under the
+same policy and save their state in every checkpoint.
 """
 
 from __future__ import annotations
@@ -420,7 +428,7 @@ def build_train_iterator(
 def _streaming_iterator(
     data: Any, global_batch_size: int, num_batches: int, process_index: int, process_count: int
 ) -> StreamingTrainIterator:
-    """The ``data.streaming`` reader (``data.streaming``): the same mixing rules, start-up reads the manifests only."""
+    """The streaming reader (``data.streaming``): the same mixing rules; start-up reads the manifests only."""
     manifests, weights, modalities = list(data.dataset_manifest), list(data.weights), list(data.modalities)
     used = [i for i, w in enumerate(weights) if w > 0]
     for i in set(range(len(manifests))) - set(used):

@@ -6,7 +6,10 @@ Tar members are grouped webdataset-style: the sample key is the member path up t
 basename and the rest is the field (``000123.json.gz`` -> key ``000123``, field ``json.gz``); consecutive
 members with the same key form one sample.
 
-The original streams shards; grain wants random access. ``ShardDataSource`` therefore indexes every shard
+Manifests and shards may be local paths, ``s3://``, ``gs://`` or ``hf://`` (``paths``). Two readers use this
+module: ``data.streaming`` reads each shard whole (``parse_shard``) and trusts the manifest's counts until a
+shard is read; the random-access ``ShardDataSource`` (evaluation, and training without ``data.streaming``) works
+on local files (remote shards are copied into the path cache first) and indexes every shard
 once (member headers only, via ``tarfile``: no member data is read) and serves sample ``i`` by reading just
 that sample's members at their recorded offsets. ``len()`` is the number of samples actually found in the
 tars; ``num_sequences`` is checked against it (the original never checks it, and its tiny text shards claim 512
