@@ -14,6 +14,8 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # `tests.fixtures` importable
 
+from tests.fixtures.object_store import gcs, gcs_server, s3, s3_server  # noqa: F401  (fixtures)
+
 
 def _cleared_gin_config():
     gin.clear_config()
