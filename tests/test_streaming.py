@@ -14,7 +14,6 @@ import socket
 import numpy as np
 import pytest
 
-from tests.fixtures.fault_proxy import fault_proxy
 from tests.fixtures.paths import PROCESSOR, TINY
 from tests.fixtures.robotics import REACH_TRAIN, reach_data
 from vla_foundry_jax import paths
@@ -267,63 +266,30 @@ def test_shard_deleted_mid_run_is_retried_then_skipped_and_counted(tmp_path, cap
 # ---------------------------------------------------------------- S3 (moto server) with injected faults
 
 
-@pytest.fixture(scope="module")
-def s3_server():
-    from moto.server import ThreadedMotoServer
-
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    sock.close()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    yield port
-    server.stop()
-
-
-@pytest.fixture
-def s3_env(s3_server, monkeypatch):
-    """AWS_* variables for the moto server; ``use(url)`` points them (and a fresh s3fs client) at ``url``."""
-    import s3fs
-
-    for k, v in dict(AWS_ACCESS_KEY_ID="test", AWS_SECRET_ACCESS_KEY="test", AWS_REGION="us-east-1").items():
-        monkeypatch.setenv(k, v)
-
-    def use(url: str) -> None:
-        monkeypatch.setenv("AWS_ENDPOINT_URL", url)
-        s3fs.S3FileSystem.clear_instance_cache()
-
-    use(f"http://127.0.0.1:{s3_server}")
-    yield use
-    s3fs.S3FileSystem.clear_instance_cache()
-
-
-def test_s3_with_failing_requests_gives_the_same_batches(tmp_path, s3_server, s3_env):
-    import boto3
-
+@pytest.mark.parametrize("mode", ["500", "drop"])
+def test_s3_with_failing_requests_gives_the_same_batches(tmp_path, s3, mode):
     manifest = make_text(tmp_path, "t", 8)
-    boto3.client("s3").create_bucket(Bucket="streaming-data")
+    bucket = s3.bucket()
     for name in sorted(os.listdir(tmp_path / "t")):
         with open(tmp_path / "t" / name, "rb") as f:
-            paths.write_bytes(f"s3://streaming-data/t/{name}", f.read())
+            paths.write_bytes(f"{bucket}/t/{name}", f.read())
     local = text([manifest], allow_multiple_epochs=True)
-    remote = local.replace(dataset_manifest=["s3://streaming-data/t/manifest.jsonl"])
+    remote = local.replace(dataset_manifest=[f"{bucket}/t/manifest.jsonl"])
     expected = list(build_train_iterator(local, global_batch_size=4, num_batches=20))
 
-    with fault_proxy(s3_server, fail_every=3) as proxy:
-        s3_env(proxy.url)
-        it = build_train_iterator(remote, global_batch_size=4, num_batches=20)
-        assert proxy.gets(".tar") == 0  # start-up read the manifest only
-        head = [next(it) for _ in range(8)]
-        state = json.loads(json.dumps(it.get_state()))
-        rest = list(it)
-        equal_batches(expected, head + rest)
-        assert proxy.faults >= 2 and it.bad_samples == 0
-        resumed = build_train_iterator(remote, global_batch_size=4, num_batches=20)
-        resumed.set_state(state)
-        equal_batches(expected[8:], list(resumed))
-        for done in (it, resumed):
-            done.close(wait=True)
+    proxy = s3.faults(0.25, mode)  # every 4th request fails
+    it = build_train_iterator(remote, global_batch_size=4, num_batches=20)
+    assert proxy.count <= 4  # start-up: the manifest (its size and its bytes, a failed request retried), no shard
+    head = [next(it) for _ in range(8)]
+    state = json.loads(json.dumps(it.get_state()))
+    rest = list(it)
+    equal_batches(expected, head + rest)
+    assert proxy.failed >= 4 and it.bad_samples == 0
+    resumed = build_train_iterator(remote, global_batch_size=4, num_batches=20)
+    resumed.set_state(state)
+    equal_batches(expected[8:], list(resumed))
+    for done in (it, resumed):
+        done.close(wait=True)
 
 
 # ---------------------------------------------------------------- training: the checkpointed state resumes exactly
