@@ -253,7 +253,8 @@ def train_step_s(kind: str) -> float:
     else:
         from policy import make_batch, policy_params
 
-        params, batch = policy_params(), 8
+        params, batch = policy_params(), 8  # 8 images x 256 tokens: a longer denoiser sequence
+        params = params.replace(transformer=params.transformer.replace(max_seq_len=4096))
         b = {k: jnp.asarray(v) for k, v in make_batch(batch, len(CAMS) * 2, 0).items()}
     state, step = build_step(params, batch=batch)
     return time_step(state, step, [b], 3)["step_s_median"] * BATCH / batch
