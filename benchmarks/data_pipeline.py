@@ -14,9 +14,9 @@ Prints JSON lines.
 * ``throughput``: streaming samples/s of the ``text`` (pre-tokenized, seq 256), ``image_caption`` (224 x 224 jpg
   + caption) and ``robotics`` (4 cameras x 2 frames of 224 x 224 jpg, lowdim npz, instructions; the original's
   LBM layout) pipelines with ``data.num_workers`` threads decoding, from local disk and from S3, batch 8, after a
-  warm-up batch. ``train_step_s`` is the matching model's train step on this machine (transformer_11m 8 x 256,
-  vlm_11m 4 x 512 -> per 8 samples, the tiny vit-backbone diffusion_policy with 4 cameras, batch 8) and
-  ``data_keeps_up`` says whether the pipeline delivers a batch faster than the step consumes it.
+  warm-up batch (the robotics stats.json is read locally: only the shards come from S3). ``train_step_s`` is the
+  matching model's train step on this machine, per 8 samples (transformer_11m 8 x 256, vlm_11m 4 x 512, the tiny
+  vit-backbone diffusion_policy over 8 images, batch 8); ``data_keeps_up``: a batch arrives faster than a step.
 """
 
 from __future__ import annotations
@@ -114,7 +114,8 @@ def robotics_dataset(root: str, num_shards: int, per_shard: int) -> str:
     return manifest
 
 
-def data_params(kind: str, manifest: str, workers: int, *, streaming: bool = True):
+def data_params(kind: str, manifest: str, workers: int, *, streaming: bool = True, local_dir: str | None = None):
+    """``local_dir``: where the robotics stats.json is read from (the shards may be on S3)."""
     from vla_foundry_jax.params import ImageCaptionDataParams, RoboticsDataParams, TextDataParams
 
     common = dict(
@@ -129,8 +130,10 @@ def data_params(kind: str, manifest: str, workers: int, *, streaming: bool = Tru
         return TextDataParams(seq_len=256, **common)
     if kind == "image_caption":
         return ImageCaptionDataParams(processor=PROCESSOR, image_size=224, img_num_tokens=16, seq_len=64, **common)
-    stats = [paths_join(manifest, "stats.json")]
+    stats = [os.path.join(local_dir, "stats.json") if local_dir else paths_join(manifest, "stats.json")]
     return RoboticsDataParams(
+        camera_names=list(CAMS),
+        image_indices=[-1, 0],
         processor=PROCESSOR,
         image_size=224,
         img_num_tokens=1,
@@ -222,7 +225,10 @@ def samples_per_s(data, batches: int) -> float:
     t0 = time.perf_counter()
     for _ in range(batches):
         next(it)
-    return BATCH * batches / (time.perf_counter() - t0)
+    elapsed = time.perf_counter() - t0
+    if hasattr(it, "close"):
+        it.close()
+    return BATCH * batches / elapsed
 
 
 def train_step_s(kind: str) -> float:
@@ -319,7 +325,8 @@ def main() -> None:
                 step = None if args.no_train_step else train_step_s(kind)
                 for where, m in sources:
                     for w in args.workers:
-                        rate = samples_per_s(data_params(kind, m, w), batches)
+                        data = data_params(kind, m, w, local_dir=os.path.dirname(manifest))
+                        rate = samples_per_s(data, batches)
                         row = dict(bench="throughput", pipeline=kind, source=where, num_workers=w)
                         row["samples_per_s"] = round(rate, 1)
                         row["batch_s"] = round(BATCH / rate, 4)
