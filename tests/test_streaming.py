@@ -339,3 +339,17 @@ def test_two_processes_gather_each_others_iterator_state():
     outs = [json.loads(finish(p, timeout=120).stdout.strip().splitlines()[-1]) for p in procs]
     expected = {"0": {"host": 0, "buffer": []}, "1": {"host": 1, "buffer": [0, 1, 2, 3, 4]}}
     assert outs == [expected, expected]
+
+
+def test_gcs_emulator_gives_the_local_batches(tmp_path, gcs):
+    manifest = make_text(tmp_path, "t", 4)
+    bucket = gcs.bucket()
+    for name in sorted(os.listdir(tmp_path / "t")):
+        with open(tmp_path / "t" / name, "rb") as f:
+            paths.write_bytes(f"{bucket}/t/{name}", f.read())
+    local = text([manifest], allow_multiple_epochs=True)
+    remote = local.replace(dataset_manifest=[f"{bucket}/t/manifest.jsonl"])
+    expected = list(build_train_iterator(local, global_batch_size=4, num_batches=10))
+    it = build_train_iterator(remote, global_batch_size=4, num_batches=10)
+    equal_batches(expected, list(it))
+    it.close(wait=True)
