@@ -305,12 +305,11 @@ class _DecodedStream:
         self._queue: collections.deque = collections.deque()
         self.exhausted = False
 
-    def _apply(self, sample: dict, position: tuple[int, int, int]) -> dict | BadSampleError:
+    def _apply(self, sample: dict, key: tuple[int, int, int]) -> dict | BadSampleError:
+        """The transformed sample; ``key`` = (epoch, manifest shard index, offset) seeds its random stream."""
         if "__error__" in sample:
             return BadSampleError.of(sample, str(sample["__error__"]))
-        epoch, _, offset = position
-        shard = self.stream.shard_id(position)
-        rng = np.random.default_rng(_seed(self.stream.seed, self.stream.index, epoch, shard, offset))
+        rng = np.random.default_rng(_seed(self.stream.seed, self.stream.index, *key))
         try:
             return self.transform(sample, rng)
         except BadSampleError as e:
@@ -322,12 +321,13 @@ class _DecodedStream:
             if got is None:
                 self.exhausted = True
                 break
-            position, sample = got
+            (epoch, shard, offset), sample = got
+            key = (epoch, self.stream.shard_id((epoch, shard, offset)), offset)
             snap = self.stream.snapshot()
             if self._pool is None:
-                self._queue.append((None, (sample, position), snap))
+                self._queue.append((None, (sample, key), snap))
             else:
-                self._queue.append((self._pool.submit(self._apply, sample, position), None, snap))
+                self._queue.append((self._pool.submit(self._apply, sample, key), None, snap))
 
     def next(self) -> tuple[dict | BadSampleError, dict] | None:
         """The next decoded element (or the BadSampleError of a bad one) and the stream snapshot after it."""
