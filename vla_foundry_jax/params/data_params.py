@@ -90,7 +90,7 @@ class DataParams(BaseParams):
             raise ParamsError(
                 f"{where}.shuffle_buffer_size = {self.shuffle_buffer_size} and {where}.shuffle_initial = "
                 f"{self.shuffle_initial}: need 1 <= shuffle_initial <= shuffle_buffer_size (samples held by the "
-                "streaming shuffle buffer; 1 and 1 read shards in order)."
+                "streaming shuffle buffer; a buffer of 1 keeps each shard's tar order)."
             )
         if not 0.0 <= self.max_bad_sample_fraction <= 1.0:
             raise ParamsError(
