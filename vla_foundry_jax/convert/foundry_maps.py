@@ -1,0 +1,335 @@
+"""The original's (PyTorch VLA Foundry) state-dict names <-> our parameters, one declarative table per model type.
+
+The original saves ``model.state_dict()`` of its torch modules; our modules keep its attribute names, so a table
+maps each of its tensors to one parameter through a :class:`~vla_foundry_jax.convert.engine.Transform`:
+``X.weight`` of a ``Linear`` -> ``X.kernel`` transposed, ``nn.Embedding`` / ``nn.Parameter`` tensors as they are,
+``layers.{i}.`` / ``blocks.{i}.`` tensors stacked on our leading layer axis. Per type:
+
+* ``transformer``: :data:`TRANSFORMER` (norm parts per ``norm_type``, the SwiGLU ``w12`` / ``w3`` or GELU
+  ``feed_forward.0`` / ``.2`` linears, optional ``q_norm`` / ``k_norm`` / ``post_embed_norm``; ``output.weight``
+  stored beside a tied ``embeddings.weight`` is the same tensor and is ignored). The rotary ``inv_freq`` buffers
+  are constants here: ignored on import, recomputed on export;
+* ``vit`` / ``vit_backbone``: the ViT table of :mod:`~vla_foundry_jax.convert.vit_weights`;
+* ``vlm``: its ``vit.`` and ``transformer.`` sub-tables plus ``projection.proj.weight``;
+* ``diffusion_policy``: the backbone under ``vision_language_backbone._model.`` (a ``vit_backbone``'s ViT, a
+  ``vlm_foundry_backbone``'s VLM), its ``transformer.``, ``time_encoding.weight`` and the four encoders; the DDPM
+  scheduler's buffers (``scheduler.betas`` ...) and ``sinusoidal_position_embeddings.emb`` are constants.
+
+:func:`foundry_rules` resolves the tables of a params tree into concrete rules + an ``ignore`` predicate +
+:func:`export_buffers` (the constants the original's strict ``load_state_dict`` expects back). Types whose
+weights live in Hugging Face modules (``transformer_hf``, ``vit_hf``, ``vlm_hf``, ``clip_backbone``,
+``vlm_backbone``, ``stable_diffusion``) raise :class:`FoundryMapError` naming the type.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import numpy as np
+
+from vla_foundry_jax.convert.engine import TRANSPOSE, Rule, resolve
+from vla_foundry_jax.convert.vit_weights import vit_rules
+from vla_foundry_jax.errors import VLAFoundryError
+from vla_foundry_jax.params.model_params import ModelParams, TransformerParams
+
+
+class FoundryMapError(VLAFoundryError, ValueError):
+    """A model the original saves that this project cannot map (type or configuration named)."""
+
+
+_L = "layers.{i}."
+# the parameters each of the original's norm types holds (``norm_type`` of the transformer)
+NORM_PARTS = {
+    "default_layer_norm": ("weight", "bias"),
+    "lp_layer_norm": ("weight", "bias"),
+    "gain_only_lp_layer_norm": ("weight",),
+    "gain_only_layer_norm": ("weight",),
+    "no_wb_layer_norm": (),
+    "rms_norm": ("weight",),
+}
+
+
+def _norm(target: str, source: str, when: Callable[[Any], bool] | None = None) -> tuple[Rule, ...]:
+    """One rule per parameter of a norm (which ones depends on ``norm_type``)."""
+    return tuple(
+        Rule(
+            f"{target}.{part}",
+            f"{source}.{part}",
+            when=lambda p, part=part, when=when: part in NORM_PARTS[p.norm_type] and (when is None or when(p)),
+        )
+        for part in ("weight", "bias")
+    )
+
+
+def _swiglu(p: TransformerParams) -> bool:
+    return p.ffn_type == "swiglu"
+
+
+TRANSFORMER: tuple[Rule, ...] = (
+    Rule("embeddings", "embeddings.weight"),
+    Rule("output", "output.weight", TRANSPOSE, when=lambda p: not p.weight_tying),
+    *_norm("post_embed_norm", "post_embed_norm", when=lambda p: p.post_embed_norm),
+    *_norm("norm", "norm"),
+    *_norm("layers.attention_norm", _L + "attention_norm"),
+    *_norm("layers.ffn_norm", _L + "ffn_norm"),
+    *_norm("layers.attention.q_norm", _L + "attention.q_norm", when=lambda p: p.qk_norm),
+    *_norm("layers.attention.k_norm", _L + "attention.k_norm", when=lambda p: p.qk_norm),
+    Rule("layers.attention.in_proj.kernel", _L + "attention.in_proj.weight", TRANSPOSE),
+    Rule("layers.attention.out_proj.kernel", _L + "attention.out_proj.weight", TRANSPOSE),
+    Rule("layers.feed_forward.w12.kernel", _L + "feed_forward.w12.weight", TRANSPOSE, when=_swiglu),
+    Rule("layers.feed_forward.w3.kernel", _L + "feed_forward.w3.weight", TRANSPOSE, when=_swiglu),
+    Rule("layers.feed_forward.w1.kernel", _L + "feed_forward.0.weight", TRANSPOSE, when=lambda p: not _swiglu(p)),
+    Rule("layers.feed_forward.w2.kernel", _L + "feed_forward.2.weight", TRANSPOSE, when=lambda p: not _swiglu(p)),
+)
+VLM_PROJECTION = (Rule("projection", "projection.proj.weight", TRANSPOSE),)
+
+
+def _linear(name: str, when: Callable[[Any], bool] | None = None) -> tuple[Rule, ...]:
+    return (
+        Rule(f"{name}.kernel", f"{name}.weight", TRANSPOSE, when=when),
+        Rule(f"{name}.bias", f"{name}.bias", when=when),
+    )
+
+
+DIFFUSION_POLICY: tuple[Rule, ...] = (
+    Rule("time_encoding", "time_encoding.weight"),
+    *_linear("output_layer"),
+    *_linear("action_encode"),
+    *_linear("condition_encode"),
+    *_linear("proprioception_encode", when=lambda p: p.proprioception_dim > 0),
+)
+BACKBONE = "vision_language_backbone."
+BACKBONE_SOURCE = "vision_language_backbone._model."
+UNSUPPORTED = {
+    "transformer_hf": "a Hugging Face decoder",
+    "vit_hf": "a Hugging Face vision tower",
+    "vlm_hf": "a Hugging Face VLM",
+    "clip_backbone": "a Hugging Face CLIP",
+    "vlm_backbone": "a Hugging Face VLM",
+    "stable_diffusion": "a UNet + Hugging Face CLIP",
+    "unet": "the stable-diffusion UNet",
+}
+
+
+class Plan:
+    """The concrete rules of one model plus what its state dict also holds (constants) and how to recreate them."""
+
+    def __init__(self) -> None:
+        self.rules: list[Rule] = []
+        self.ignored: list[Callable[[str], bool]] = []
+        self.buffers: dict[str, np.ndarray] = {}
+        self.aliases: dict[str, str] = {}  # tied copies written on export: name -> name of the tensor it repeats
+        self.constants: dict[str, np.ndarray] = {}  # source names of our own: values of never-read parameters
+        self.dead: set[str] = set()  # the original's never-read tensors (zeros on export)
+
+    def kept_buffers(self) -> list[str]:
+        """The original's constant buffers worth keeping from an import (exact values for the export)."""
+        return sorted(set(self.buffers) - self.dead)
+
+    def ignore(self, name: str) -> bool:
+        return any(f(name) for f in self.ignored)
+
+
+def rotary_inv_freq(head_dim: int) -> np.ndarray:
+    """The original's ``RotaryEmbedding.inv_freq``: ``1 / 10000 ** (arange(0, d, 2) / d)`` in float32."""
+    exponent = np.arange(0, head_dim, 2, dtype=np.float32) / np.float32(head_dim)
+    return (np.float32(1.0) / (np.float32(10000.0) ** exponent)).astype(np.float32)
+
+
+def ddpm_buffers(num_timesteps: int, beta_start: float, beta_end: float) -> dict[str, np.ndarray]:
+    """The original's ``NoiseSchedulerDDPM`` buffers (float32 linspace betas, cumulative products)."""
+    betas = np.linspace(beta_start, beta_end, num_timesteps, dtype=np.float64).astype(np.float32)
+    alphas = np.float32(1) - betas
+    cum = np.cumprod(alphas, dtype=np.float32)
+    prev = np.concatenate([np.ones(1, np.float32), cum[:-1]])
+    return {
+        "betas": betas,
+        "alphas": alphas,
+        "alphas_cumprod": cum,
+        "alphas_cumprod_prev": prev,
+        "sqrt_alphas_cumprod": np.sqrt(cum),
+        "sqrt_one_minus_alphas_cumprod": np.sqrt(np.float32(1) - cum),
+        "posterior_variance": betas * (np.float32(1) - prev) / (np.float32(1) - cum),
+    }
+
+
+def sinusoid_frequencies(dim: int) -> np.ndarray:
+    """The original's ``SinusoidalPositionEmbeddings.emb``: ``exp(-arange(d/2) * ln(10000) / (d/2 - 1))``."""
+    half = dim // 2
+    return np.exp(np.arange(half, dtype=np.float32) * np.float32(-math.log(10000) / (half - 1))).astype(np.float32)
+
+
+def _add_transformer(plan: Plan, p: TransformerParams, sp: str, tp: str) -> None:
+    plan.rules += resolve(TRANSFORMER, p, layers=p.n_layers, source_prefix=sp, target_prefix=tp)
+    if p.weight_tying:
+        plan.ignored.append(lambda n, name=sp + "output.weight": n == name)
+        plan.aliases[sp + "output.weight"] = sp + "embeddings.weight"
+    if p.positional_embedding_type in ("rotary", "rotary_float32"):
+        names = {f"{sp}layers.{i}.attention.pos_embed.inv_freq" for i in range(p.n_layers)}
+        plan.ignored.append(lambda n, names=names: n in names)
+        inv = rotary_inv_freq(p.hidden_dim // p.n_heads)
+        plan.buffers.update(dict.fromkeys(names, inv))
+    elif p.positional_embedding_type != "none":
+        raise FoundryMapError(
+            f"transformer.positional_embedding_type = {p.positional_embedding_type!r} exists only in this project; "
+            f"the original has no such tensors."
+        )
+
+
+def _add_vit(plan: Plan, p: ModelParams, targets: Iterable[str], sp: str, tp: str) -> None:
+    names = [t[len(tp) :] for t in targets if t.startswith(tp)]
+    plan.rules += resolve(vit_rules(names, p.n_layers), source_prefix=sp, target_prefix=tp)
+
+
+def _add_vlm(plan: Plan, p: ModelParams, targets: Iterable[str], sp: str, tp: str) -> None:
+    targets = list(targets)
+    for child in (p.vit, p.transformer):
+        if child.type in UNSUPPORTED:
+            _unsupported(child.type, f"{p.type}.{'vit' if child is p.vit else 'transformer'}")
+    _add_vit(plan, p.vit, targets, sp + "vit.", tp + "vit.")
+    _add_transformer(plan, p.transformer, sp + "transformer.", tp + "transformer.")
+    plan.rules += resolve(VLM_PROJECTION, source_prefix=sp, target_prefix=tp)
+
+
+def _unsupported(kind: str, where: str) -> None:
+    raise FoundryMapError(
+        f"{where} is a {kind!r} ({UNSUPPORTED[kind]}): importing the original's {kind} weights is not supported "
+        f"yet; supported: transformer, vit, vlm (custom ViT + transformer), diffusion_policy with a vit_backbone or "
+        f"vlm_foundry_backbone."
+    )
+
+
+def check_supported(params: ModelParams) -> None:
+    """Raise :class:`FoundryMapError` when ``params`` (or a sub-model) has no table here."""
+    if params.type in UNSUPPORTED:
+        _unsupported(params.type, "the model")
+    for field in ("vit", "transformer", "vision_language_backbone"):
+        child = getattr(params, field, None)
+        if isinstance(child, ModelParams) and child.type in UNSUPPORTED:
+            _unsupported(child.type, f"{params.type}.{field}")
+
+
+def foundry_rules(params: ModelParams, targets: Iterable[str], *, source_vlm: ModelParams | None = None) -> Plan:
+    """The :class:`Plan` of a model ``params`` whose parameter names (ours) are ``targets``; ``source_vlm``: the
+    ``vlm`` params of a ``vlm_foundry_backbone`` (its architecture lives in the source VLM's config)."""
+    targets = list(targets)
+    plan = Plan()
+    kind = params.type
+    if kind in UNSUPPORTED:
+        _unsupported(kind, "the model")
+    if kind == "transformer":
+        _add_transformer(plan, params, "", "")
+    elif kind in ("vit", "vit_backbone"):
+        _add_vit(plan, params, targets, "", "")
+    elif kind == "vlm":
+        _add_vlm(plan, params, targets, "", "")
+    elif kind == "diffusion_policy":
+        bb = params.vision_language_backbone
+        if bb.type == "vit_backbone":
+            _add_vit(plan, bb, targets, BACKBONE_SOURCE, BACKBONE)
+        elif bb.type == "vlm_foundry_backbone":
+            if source_vlm is None:
+                raise FoundryMapError("a vlm_foundry_backbone needs its source VLM's params (vlm_config_model.yaml).")
+            _add_vlm(plan, source_vlm, targets, BACKBONE_SOURCE, BACKBONE)
+        else:
+            _unsupported(bb.type, "diffusion_policy.vision_language_backbone")
+        if params.transformer is None or params.transformer.type != "transformer":
+            _unsupported(getattr(params.transformer, "type", "transformer_hf"), "diffusion_policy.transformer")
+        _add_transformer(plan, params.transformer, "transformer.", "transformer.")
+        _dead_token_tables(plan, params.transformer, targets)
+        plan.rules += resolve(DIFFUSION_POLICY, params)
+        emb = "sinusoidal_position_embeddings.emb"
+        plan.ignored.append(lambda n: n == emb or n.startswith("scheduler."))
+        plan.buffers[emb] = None  # filled by export_buffers (needs the table's width)
+        if not (params.use_flow_matching_scheduler or params.use_diffusers_scheduler):
+            s = params.noise_scheduler
+            for k, v in ddpm_buffers(s.num_timesteps, s.beta_start, s.beta_end).items():
+                plan.buffers[f"scheduler.{k}"] = v
+    else:
+        raise FoundryMapError(f"model type {kind!r}: no table of the original's state-dict names.")
+    return plan
+
+
+DEAD = "(never read) "
+
+
+def _dead_token_tables(plan: Plan, p: TransformerParams, targets: list[str]) -> None:
+    """The denoiser's token table and head are never read: ours are one zero row (see ``models.diffusion_policy``),
+    the original's ``[V, H]`` tensors are dropped on import and written as zeros on export."""
+    if "transformer.embeddings" in targets and p.vocab_size != 1:
+        H, V = p.hidden_dim, p.vocab_size
+        dead = {"transformer.embeddings": ((1, H), (V, H)), "transformer.output": ((H, 1), (V, H))}
+        kept = []
+        for rule in plan.rules:
+            if rule.target in dead:
+                if rule.target in targets:
+                    ours, theirs = dead[rule.target]
+                    plan.constants[DEAD + rule.target] = np.zeros(ours, np.float32)
+                    kept.append(Rule(rule.target, DEAD + rule.target))
+                    plan.buffers[rule.source] = np.zeros(theirs, np.float32)
+                    plan.dead.add(rule.source)
+                names = {rule.source}
+                plan.ignored.append(lambda n, names=names: n in names)
+            else:
+                kept.append(rule)
+        plan.rules = kept
+
+
+class PlanSource:
+    """A source plus the plan's constants (names no file holds)."""
+
+    def __init__(self, source: Any, plan: Plan):
+        self.source, self.constants = source, plan.constants
+
+    def __enter__(self) -> PlanSource:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        pass
+
+    def keys(self) -> list[str]:
+        return sorted([*self.source.keys(), *self.constants])
+
+    def full_name(self, name: str) -> str:
+        return name
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.constants[name].shape if name in self.constants else self.source.shape(name)
+
+    def get(self, name: str) -> np.ndarray:
+        return self.constants[name].copy() if name in self.constants else self.source.get(name)
+
+
+def export_state_dict(
+    params: ModelParams, flat: dict[str, Any], plan: Plan, kept: dict[str, np.ndarray] | None = None
+) -> dict[str, np.ndarray]:
+    """``{original name: array}`` of our flat parameters (``{"dotted.path": array}``): every rule inverted
+    (layers split), the tied copies and the original's constant buffers added (``kept``: their values stored by
+    the import, used where the shapes agree; recomputed otherwise, which may differ from torch's in the last bit)."""
+    missing = sorted(r.target for r in plan.rules if r.target not in flat)
+    unused = sorted(set(flat) - {r.target for r in plan.rules})
+    if missing or unused:
+        raise FoundryMapError(
+            f"the {params.type} parameters do not match the original's table: missing {missing[:20]}, "
+            f"not in the table {unused[:20]}."
+        )
+    out: dict[str, np.ndarray] = {}
+    for rule in plan.rules:
+        if rule.source.startswith(DEAD):
+            continue
+        if rule.transform.invert is None:
+            raise FoundryMapError(f"{rule.target}: the {rule.transform.name} transform cannot be inverted.")
+        value = np.asarray(flat[rule.target])
+        items = list(zip(rule.source_names(), value, strict=True)) if rule.stacked else [(rule.source, value)]
+        for name, v in items:
+            out[name] = np.ascontiguousarray(rule.transform.invert(v))
+    for name, value in plan.buffers.items():
+        if value is None:  # the sinusoid frequencies of the diffusion time table
+            value = sinusoid_frequencies(out["time_encoding.weight"].shape[1])
+        stored = (kept or {}).get(name)
+        out[name] = stored if stored is not None and stored.shape == value.shape else value
+    for name, repeated in plan.aliases.items():
+        out[name] = out[repeated]
+    return out
