@@ -18,11 +18,14 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from flax import nnx
 
 from tests.fixtures import foundry_torch as ft
 from vla_foundry_jax.apps.foundry_import import FoundryImportError, export_foundry, import_foundry, resolve_source
 from vla_foundry_jax.convert.foundry_maps import FoundryMapError
 from vla_foundry_jax.convert.torch_pickle import TorchPickleError
+from vla_foundry_jax.models import build_model
+from vla_foundry_jax.params import params_from_dict
 from vla_foundry_jax.sampling import load_run_model
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -74,6 +77,10 @@ def test_transformer_logits_and_roundtrip(tmp_path, tied):
     ids = np.random.default_rng(0).integers(0, 40, (2, 7))
     want = ref(torch.tensor(ids)).detach().numpy()
     got = np.asarray(model(jnp.asarray(ids, jnp.int32)).logits)
+    np.testing.assert_allclose(got, want, atol=TOL, rtol=TOL)
+    # continuing from the imported run: a weights-only resume_from_checkpoint builds the same model
+    resumed = params_from_dict(dict(cfg, resume_from_checkpoint=str(tmp_path / "run"), resume_weights_only=True))
+    got = np.asarray(build_model(resumed, rngs=nnx.Rngs(1))(jnp.asarray(ids, jnp.int32)).logits)
     np.testing.assert_allclose(got, want, atol=TOL, rtol=TOL)
     out = _roundtrip(str(tmp_path / "run"), str(tmp_path / "back"), _sd(ref))
     assert out["name"] == "checkpoint_10.pt"
@@ -164,6 +171,40 @@ def test_diffusion_policy_vit_backbone_prediction_and_roundtrip(tmp_path, flow):
     for name in ("transformer.embeddings.weight", "transformer.output.weight"):
         original[name] = torch.zeros_like(original[name])
     _roundtrip(str(tmp_path / "run"), str(tmp_path / "back"), original)
+
+
+@pytest.mark.filterwarnings("ignore:Initializing zero-element tensors")  # torch, on the vocab_size = 0 head
+def test_diffusion_policy_vlm_foundry_backbone(tmp_path):
+    vlm = _vlm_cfg()
+    tcfg = dict(TRANSFORMER, vocab_size=0, is_causal=False, qk_norm=False, post_embed_norm=False)
+    cfg = {
+        "type": "diffusion_policy",
+        "vision_language_backbone": {"type": "vlm_foundry_backbone", "num_vlm_layers_to_use": 2},
+        "transformer": tcfg,
+        "noise_scheduler": {"num_timesteps": 20, "beta_start": 0.0001, "beta_end": 0.02, "clamp_range": [-3, 3]},
+        "use_flow_matching_scheduler": True,
+        "action_dim": 3,
+    }
+    ref = ft.randomize(ft.DiffusionPolicy(cfg, ddpm=False, vlm=vlm), 5)
+    src = ft.write_experiment(str(tmp_path / "exp"), cfg, {4: _sd(ref)})
+    with open(os.path.join(src, "vlm_config_model.yaml"), "w") as f:
+        yaml.safe_dump(vlm, f)  # as the original bundles a published VLA's backbone VLM
+    import_foundry(src, str(tmp_path / "run"))
+    model, exp, _ = load_run_model(str(tmp_path / "run"))
+    assert exp.model.vision_language_backbone.vlm_experiment_dir == str(tmp_path / "run" / "backbone_vlm")
+    rng = np.random.default_rng(4)
+    ids = np.array([[49] * 4 + [5, 6], [49] * 4 + [7, 8]])
+    px = rng.normal(size=(2, 1, 16, 16, 3)).astype(np.float32)
+    noisy = rng.normal(size=(2, 4, 3)).astype(np.float32)
+    t = np.array([0, 19])
+    want = ref(
+        torch.tensor(px[:, 0]).permute(0, 3, 1, 2), torch.tensor(noisy), torch.tensor(t), input_ids=torch.tensor(ids)
+    ).detach()
+    got = model(jnp.asarray(ids, jnp.int32), jnp.asarray(px), jnp.asarray(noisy), jnp.asarray(t))
+    np.testing.assert_allclose(np.asarray(got), want.numpy(), atol=TOL, rtol=TOL)
+    out = _roundtrip(str(tmp_path / "run"), str(tmp_path / "back"), _sd(ref))
+    assert out["config"]["model"]["vision_language_backbone"]["vlm_experiment_dir"] is None
+    assert yaml.safe_load(open(tmp_path / "back" / "vlm_config_model.yaml"))["transformer"]["vocab_size"] == 50
 
 
 # ------------------------------------------------------------------------------------------- bad input
