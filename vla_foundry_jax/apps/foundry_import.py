@@ -63,7 +63,7 @@ CONFIG_FILES = (
 FOUNDRY_DIR = "foundry_config"
 METADATA = "foundry_import.json"
 BACKBONE_VLM = "backbone_vlm"
-BUFFERS = "buffers.npz"  # under FOUNDRY_DIR: the original's constant buffers, for an exact export
+BUFFERS = "buffers.npz"  # under FOUNDRY_DIR: the checkpoint's tensors the model does not use, for an exact export
 _CKPT = re.compile(r"checkpoint_(\d+)\.pt")
 
 
@@ -263,7 +263,7 @@ def import_foundry(source: str, output_dir: str, *, checkpoint: str | None = Non
         stored = _cleared(model, None if vlm_dir is None else os.path.join(output_dir, BACKBONE_VLM))
         abstract = _abstract_params(staged)
         flat = ckpt_lib.flat_params(abstract)
-        plan = foundry_rules(staged, flat, source_vlm=source_vlm)
+        plan = foundry_rules(staged, flat, source_vlm=source_vlm, keys=state_dict)
         with PlanSource(StateDictSource(state_dict), plan) as tensors:
             (params,) = load_rules(
                 tensors,
@@ -303,7 +303,7 @@ def import_foundry(source: str, output_dir: str, *, checkpoint: str | None = Non
                 paths.write_bytes(os.path.join(staging, fname), paths.read_bytes(paths.join(src, fname)))
                 copied.append(fname)
         os.makedirs(os.path.join(staging, FOUNDRY_DIR))
-        kept = {n: state_dict[n].numpy() for n in plan.kept_buffers() if isinstance(state_dict.get(n), TensorRef)}
+        kept = {n: state_dict[n].numpy() for n in plan.kept(state_dict) if isinstance(state_dict[n], TensorRef)}
         if kept:
             np.savez(os.path.join(staging, FOUNDRY_DIR, BUFFERS), **kept)
         for fname in CONFIG_FILES:

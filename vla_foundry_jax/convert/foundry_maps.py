@@ -9,15 +9,20 @@ maps each of its tensors to one parameter through a :class:`~vla_foundry_jax.con
   ``feed_forward.0`` / ``.2`` linears, optional ``q_norm`` / ``k_norm`` / ``post_embed_norm``; ``output.weight``
   stored beside a tied ``embeddings.weight`` is the same tensor and is ignored). The rotary ``inv_freq`` buffers
   are constants here: ignored on import, recomputed on export;
+* ``transformer_hf``: the HF ``*ForCausalLM`` under ``model.`` through the HF decoder tables of
+  :mod:`~vla_foundry_jax.convert.hf_decoder_maps` (its config read from ``hf_pretrained``; a tied
+  ``model.lm_head.weight`` is the embedding);
+* ``vlm_hf``: the HF PaliGemma / Idefics3 under ``model.`` through :mod:`~vla_foundry_jax.convert.vlm_hf_maps`;
 * ``vit`` / ``vit_backbone``: the ViT table of :mod:`~vla_foundry_jax.convert.vit_weights`;
 * ``vlm``: its ``vit.`` and ``transformer.`` sub-tables plus ``projection.proj.weight``;
 * ``diffusion_policy``: the backbone under ``vision_language_backbone._model.`` (a ``vit_backbone``'s ViT, a
   ``vlm_foundry_backbone``'s VLM), its ``transformer.``, ``time_encoding.weight`` and the four encoders; the DDPM
   scheduler's buffers (``scheduler.betas`` ...) and ``sinusoidal_position_embeddings.emb`` are constants.
 
-:func:`foundry_rules` resolves the tables of a params tree into concrete rules + an ``ignore`` predicate +
-:func:`export_buffers` (the constants the original's strict ``load_state_dict`` expects back). Types whose
-weights live in Hugging Face modules (``transformer_hf``, ``vit_hf``, ``vlm_hf``, ``clip_backbone``,
+:func:`foundry_rules` resolves the tables of a params tree into a :class:`Plan`: concrete rules, the names to
+ignore on import, and the constants and tied copies :func:`export_state_dict` writes back (the original's strict
+``load_state_dict`` expects them). Types whose
+weights live in other Hugging Face / timm modules (``vit_hf``, ``clip_backbone``,
 ``vlm_backbone``, ``stable_diffusion``) raise :class:`FoundryMapError` naming the type.
 """
 
@@ -29,8 +34,12 @@ from typing import Any
 
 import numpy as np
 
+from vla_foundry_jax.configs.hf_decoder import hf_decoder_config
+from vla_foundry_jax.configs.vlm_hf import Idefics3Config, vlm_hf_config
 from vla_foundry_jax.convert.engine import TRANSPOSE, Rule, resolve
+from vla_foundry_jax.convert.hf_decoder_maps import decoder_rules
 from vla_foundry_jax.convert.vit_weights import vit_rules
+from vla_foundry_jax.convert.vlm_hf_maps import IDEFICS3, PALIGEMMA, PATCH, vlm_rules
 from vla_foundry_jax.errors import VLAFoundryError
 from vla_foundry_jax.params.model_params import ModelParams, TransformerParams
 
@@ -103,9 +112,7 @@ DIFFUSION_POLICY: tuple[Rule, ...] = (
 BACKBONE = "vision_language_backbone."
 BACKBONE_SOURCE = "vision_language_backbone._model."
 UNSUPPORTED = {
-    "transformer_hf": "a Hugging Face decoder",
     "vit_hf": "a Hugging Face vision tower",
-    "vlm_hf": "a Hugging Face VLM",
     "clip_backbone": "a Hugging Face CLIP",
     "vlm_backbone": "a Hugging Face VLM",
     "stable_diffusion": "a UNet + Hugging Face CLIP",
@@ -124,9 +131,10 @@ class Plan:
         self.constants: dict[str, np.ndarray] = {}  # source names of our own: values of never-read parameters
         self.dead: set[str] = set()  # the original's never-read tensors (zeros on export)
 
-    def kept_buffers(self) -> list[str]:
-        """The original's constant buffers worth keeping from an import (exact values for the export)."""
-        return sorted(set(self.buffers) - self.dead)
+    def kept(self, names: Iterable[str]) -> list[str]:
+        """The ignored tensors among ``names`` (a checkpoint's) that an import keeps for an exact export: constant
+        buffers, unused heads (e.g. SigLIP's pooling head); not the dead token tables nor tied copies."""
+        return sorted(n for n in names if self.ignore(n) and n not in self.dead and n not in self.aliases)
 
     def ignore(self, name: str) -> bool:
         return any(f(name) for f in self.ignored)
@@ -178,6 +186,61 @@ def _add_transformer(plan: Plan, p: TransformerParams, sp: str, tp: str) -> None
         )
 
 
+def _add_transformer_hf(plan: Plan, p: ModelParams, sp: str, tp: str) -> None:
+    """The original's ``TransformerHF`` holds the HF ``*ForCausalLM`` as ``model``: the HF decoder table under
+    ``model.model.``, the head ``model.lm_head.weight`` (a tied one is the embedding: ignored, written back)."""
+    c = hf_decoder_config(p)
+    plan.rules += decoder_rules(c, sp + "model.model.", tp, lm_head=sp + "model.lm_head.weight")
+    rotary = sp + "model.model.rotary_emb.inv_freq"  # persistent in older transformers versions
+    plan.ignored.append(lambda n, rotary=rotary: n == rotary)
+    if c.tie_word_embeddings:
+        head = sp + "model.lm_head.weight"
+        plan.ignored.append(lambda n, head=head: n == head)
+        plan.aliases[head] = sp + "model.model.embed_tokens.weight"
+
+
+# the in-memory names of transformers 5 (what the original's ``VLMHF.model.state_dict()`` holds), for exports
+MEMORY_ANCHORS = {
+    "paligemma": (
+        "model.vision_tower." + PATCH,
+        "model.multi_modal_projector.linear.weight",
+        "model.language_model.embed_tokens.weight",
+        "lm_head.weight",
+    ),
+    "idefics3": (
+        "model.vision_model." + PATCH,
+        "model.connector.modality_projection.proj.weight",
+        "model.text_model.embed_tokens.weight",
+        "lm_head.weight",
+    ),
+}
+
+
+def _add_vlm_hf(plan: Plan, p: ModelParams, sp: str, tp: str, keys: Iterable[str] | None) -> None:
+    """The original's ``VLMHF`` holds the HF ``AutoModelForImageTextToText`` as ``model``: the PaliGemma /
+    Idefics3 tables of :mod:`~vla_foundry_jax.convert.vlm_hf_maps` under ``model.`` (prefixes as found in the
+    checkpoint; transformers 5 names on export)."""
+    c = vlm_hf_config(p)
+    kind = "idefics3" if isinstance(c, Idefics3Config) else "paligemma"
+    inner = sp + "model."
+    names = MEMORY_ANCHORS[kind] if keys is None else [k[len(inner) :] for k in keys if k.startswith(inner)]
+    rules, skip = vlm_rules(IDEFICS3 if kind == "idefics3" else PALIGEMMA, c, names)
+    rules = resolve(rules, source_prefix=inner, target_prefix=tp)
+    plan.rules += rules
+    skipped = {inner + n for n in skip}
+    plan.ignored.append(lambda n, skipped=skipped: n in skipped)
+    if c.text.tie_word_embeddings:
+        embed = next(r.source for r in rules if r.target == tp + "language_model.embed_tokens")
+        plan.aliases[inner + "lm_head.weight"] = embed
+
+
+def _add_lm(plan: Plan, p: ModelParams, sp: str, tp: str) -> None:
+    if p.type == "transformer_hf":
+        _add_transformer_hf(plan, p, sp, tp)
+    else:
+        _add_transformer(plan, p, sp, tp)
+
+
 def _add_vit(plan: Plan, p: ModelParams, targets: Iterable[str], sp: str, tp: str) -> None:
     names = [t[len(tp) :] for t in targets if t.startswith(tp)]
     plan.rules += resolve(vit_rules(names, p.n_layers), source_prefix=sp, target_prefix=tp)
@@ -189,15 +252,15 @@ def _add_vlm(plan: Plan, p: ModelParams, targets: Iterable[str], sp: str, tp: st
         if child.type in UNSUPPORTED:
             _unsupported(child.type, f"{p.type}.{'vit' if child is p.vit else 'transformer'}")
     _add_vit(plan, p.vit, targets, sp + "vit.", tp + "vit.")
-    _add_transformer(plan, p.transformer, sp + "transformer.", tp + "transformer.")
+    _add_lm(plan, p.transformer, sp + "transformer.", tp + "transformer.")
     plan.rules += resolve(VLM_PROJECTION, source_prefix=sp, target_prefix=tp)
 
 
 def _unsupported(kind: str, where: str) -> None:
     raise FoundryMapError(
         f"{where} is a {kind!r} ({UNSUPPORTED[kind]}): importing the original's {kind} weights is not supported "
-        f"yet; supported: transformer, vit, vlm (custom ViT + transformer), diffusion_policy with a vit_backbone or "
-        f"vlm_foundry_backbone."
+        f"yet; supported: transformer, transformer_hf, vit, vlm (custom ViT, transformer or transformer_hf), vlm_hf, "
+        f"diffusion_policy with a vit_backbone or vlm_foundry_backbone."
     )
 
 
@@ -211,16 +274,25 @@ def check_supported(params: ModelParams) -> None:
             _unsupported(child.type, f"{params.type}.{field}")
 
 
-def foundry_rules(params: ModelParams, targets: Iterable[str], *, source_vlm: ModelParams | None = None) -> Plan:
+def foundry_rules(
+    params: ModelParams,
+    targets: Iterable[str],
+    *,
+    source_vlm: ModelParams | None = None,
+    keys: Iterable[str] | None = None,
+) -> Plan:
     """The :class:`Plan` of a model ``params`` whose parameter names (ours) are ``targets``; ``source_vlm``: the
-    ``vlm`` params of a ``vlm_foundry_backbone`` (its architecture lives in the source VLM's config)."""
+    ``vlm`` params of a ``vlm_foundry_backbone`` (its architecture lives in the source VLM's config); ``keys``: the
+    checkpoint's tensor names when importing (a ``vlm_hf``'s prefixes are found in them)."""
     targets = list(targets)
     plan = Plan()
     kind = params.type
     if kind in UNSUPPORTED:
         _unsupported(kind, "the model")
-    if kind == "transformer":
-        _add_transformer(plan, params, "", "")
+    if kind in ("transformer", "transformer_hf"):
+        _add_lm(plan, params, "", "")
+    elif kind == "vlm_hf":
+        _add_vlm_hf(plan, params, "", "", keys)
     elif kind in ("vit", "vit_backbone"):
         _add_vit(plan, params, targets, "", "")
     elif kind == "vlm":
@@ -235,10 +307,11 @@ def foundry_rules(params: ModelParams, targets: Iterable[str], *, source_vlm: Mo
             _add_vlm(plan, source_vlm, targets, BACKBONE_SOURCE, BACKBONE)
         else:
             _unsupported(bb.type, "diffusion_policy.vision_language_backbone")
-        if params.transformer is None or params.transformer.type != "transformer":
-            _unsupported(getattr(params.transformer, "type", "transformer_hf"), "diffusion_policy.transformer")
-        _add_transformer(plan, params.transformer, "transformer.", "transformer.")
-        _dead_token_tables(plan, params.transformer, targets)
+        if params.transformer is None:
+            raise FoundryMapError("diffusion_policy.transformer is not set in the original's config.")
+        _add_lm(plan, params.transformer, "transformer.", "transformer.")
+        if params.transformer.type == "transformer":
+            _dead_token_tables(plan, params.transformer, targets)
         plan.rules += resolve(DIFFUSION_POLICY, params)
         emb = "sinusoidal_position_embeddings.emb"
         plan.ignored.append(lambda n: n == emb or n.startswith("scheduler."))
@@ -306,8 +379,9 @@ def export_state_dict(
     params: ModelParams, flat: dict[str, Any], plan: Plan, kept: dict[str, np.ndarray] | None = None
 ) -> dict[str, np.ndarray]:
     """``{original name: array}`` of our flat parameters (``{"dotted.path": array}``): every rule inverted
-    (layers split), the tied copies and the original's constant buffers added (``kept``: their values stored by
-    the import, used where the shapes agree; recomputed otherwise, which may differ from torch's in the last bit)."""
+    (layers split), the tied copies and the original's constant buffers added. ``kept``: the ignored tensors an
+    import stored; they give the buffers' exact values (recomputed otherwise, possibly one bit off torch's) and the
+    unused tensors (written as found)."""
     missing = sorted(r.target for r in plan.rules if r.target not in flat)
     unused = sorted(set(flat) - {r.target for r in plan.rules})
     if missing or unused:
@@ -332,4 +406,6 @@ def export_state_dict(
         out[name] = stored if stored is not None and stored.shape == value.shape else value
     for name, repeated in plan.aliases.items():
         out[name] = out[repeated]
+    for name, value in (kept or {}).items():  # tensors the model does not use, as the import found them
+        out.setdefault(name, value)
     return out
