@@ -22,9 +22,11 @@ from flax import nnx
 
 from tests.fixtures import foundry_torch as ft
 from tests.fixtures.hf_checkpoints import IMAGE_TOKEN, paligemma_config, save_causal_lm, save_perturbed, torch_images
+from vla_foundry_jax import gin_utils
 from vla_foundry_jax.apps.foundry_import import FoundryImportError, export_foundry, import_foundry, resolve_source
 from vla_foundry_jax.convert.foundry_maps import FoundryMapError
 from vla_foundry_jax.convert.torch_pickle import TorchPickleError
+from vla_foundry_jax.errors import VLAFoundryError
 from vla_foundry_jax.models import build_model
 from vla_foundry_jax.params import params_from_dict
 from vla_foundry_jax.sampling import load_run_model
@@ -80,7 +82,9 @@ def test_transformer_logits_and_roundtrip(tmp_path, tied):
     for f in ("stats.json", "preprocessing_config.yaml", "foundry_config/config.yaml", "params.json"):
         assert os.path.isfile(tmp_path / "run" / f), f
     model, exp, _ = load_run_model(str(tmp_path / "run"))
-    assert exp.model.weight_tying == tied
+    assert exp.model.weight_tying == tied and exp.hparams.lr == 1e-4
+    gin_utils.parse_gin([str(tmp_path / "run" / "config.gin")], [])  # the run's config.gin gives its params
+    assert gin_utils.build_experiment() == exp
     ids = np.random.default_rng(0).integers(0, 40, (2, 7))
     want = ref(torch.tensor(ids)).detach().numpy()
     got = np.asarray(model(jnp.asarray(ids, jnp.int32)).logits)
@@ -93,7 +97,7 @@ def test_transformer_logits_and_roundtrip(tmp_path, tied):
     assert out["name"] == "checkpoint_10.pt"
     assert (out["ckpt"]["global_step"], out["ckpt"]["samples_seen"], out["ckpt"]["checkpoint_num"]) == (100, 640, 10)
     assert out["config"]["model"]["weight_tying"] == tied
-    assert out["config"]["hparams"] == {"lr": 1e-4, "torchcompile": False}  # the original's other sections kept
+    assert out["config"]["hparams"]["lr"] == 1e-4 and out["config"]["hparams"]["torchcompile"] is False
 
 
 def test_gelu_transformer_ema(tmp_path):
@@ -293,8 +297,8 @@ def test_state_dict_mismatch_lists_names(tmp_path):
 def test_unknown_and_unsupported_types(tmp_path, good_exp):
     src = ft.write_experiment(str(tmp_path / "a"), {"type": "mamba", "hidden_dim": 4}, {})
     os.link(f"{good_exp}/checkpoints/checkpoint_1.pt", f"{src}/checkpoints/checkpoint_1.pt")
-    _expect(tmp_path, src, "model type 'mamba' has no counterpart")
-    src = ft.write_experiment(str(tmp_path / "b"), {"type": "vlm_hf", "hf_pretrained": "org/x"}, {})
+    _expect(tmp_path, src, "mamba", error=VLAFoundryError)
+    src = ft.write_experiment(str(tmp_path / "b"), {"type": "stable_diffusion"}, {})
     os.link(f"{good_exp}/checkpoints/checkpoint_1.pt", f"{src}/checkpoints/checkpoint_1.pt")
     _expect(tmp_path, src, "not supported yet", error=FoundryMapError)
 

@@ -29,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import posixpath
 import re
 import shutil
 import time
@@ -42,14 +43,19 @@ from flax import nnx
 
 from vla_foundry_jax import checkpoint as ckpt_lib
 from vla_foundry_jax import paths
+from vla_foundry_jax.configs.foundry_yaml import (
+    FoundryConfig,
+    foundry_config_to_gin,
+    load_foundry_config,
+    params_to_foundry_yaml,
+)
 from vla_foundry_jax.convert.engine import load_rules
 from vla_foundry_jax.convert.foundry_maps import PlanSource, check_supported, export_state_dict, foundry_rules
 from vla_foundry_jax.convert.torch_pickle import StateDictSource, TensorRef, load_pt, save_pt
 from vla_foundry_jax.errors import VLAFoundryError
 from vla_foundry_jax.models import build_model
-from vla_foundry_jax.params import HyperParams, ModelParams, TrainExperimentParams, params_from_dict
-from vla_foundry_jax.params.base import ParamsError
-from vla_foundry_jax.registry import UnknownTypeError
+from vla_foundry_jax.params import HyperParams, ModelParams, TrainExperimentParams
+from vla_foundry_jax.params.base import BaseParams
 from vla_foundry_jax.sampling import load_model
 
 DATA_FILES = ("stats.json", "preprocessing_config.yaml", "processing_metadata.json")
@@ -133,16 +139,37 @@ def _read_yaml(path: str, what: str) -> Any:
         raise FoundryImportError(f"{path}: not valid YAML ({first}); is it the original's {what}?") from e
 
 
-def model_params_from_yaml(section: Any, where: str) -> ModelParams:
-    """Our model params of the original's ``model`` section (the field names are the original's)."""
-    if not isinstance(section, dict) or not section.get("type"):
-        raise FoundryImportError(f"{where} has no model section with a type; is it the original's config.yaml?")
-    try:
-        return params_from_dict(section, family="model")
-    except UnknownTypeError as e:
-        raise FoundryImportError(f"{where}: model type {section['type']!r} has no counterpart here ({e})") from e
-    except (ParamsError, TypeError, ValueError) as e:
-        raise FoundryImportError(f"{where}: the model section does not convert: {e}") from e
+def load_config(path: str, section: str, what: str) -> FoundryConfig:
+    """The original's YAML at ``path`` mapped onto our params (:mod:`~vla_foundry_jax.configs.foundry_yaml`:
+    every field by name, meaningless ones listed in the log, unknown ones an error); it must describe ``section``."""
+    cfg = load_foundry_config(path)
+    if cfg.section != section:
+        raise FoundryImportError(f"{path} describes a {cfg.section} preset, not the original's {what}.")
+    if section == "experiment" and cfg.experiment.model is None:
+        raise FoundryImportError(f"{path} has no model section; is it the config.yaml of a training run?")
+    return cfg
+
+
+def _localized(data: Any, run_dir: str, copied: set[str]) -> Any:
+    """``data`` params with every path whose file name is a data-side file copied into the run pointing at the
+    copy (as the original's ``localize_params`` prefers the files next to ``config.yaml``)."""
+    if data is None:
+        return None
+
+    def fix(value: Any) -> Any:
+        if isinstance(value, str) and posixpath.basename(value.rstrip("/")) in copied:
+            return os.path.join(run_dir, posixpath.basename(value.rstrip("/")))
+        if isinstance(value, (list, tuple)) and any(isinstance(v, str) for v in value):
+            return type(value)(fix(v) for v in value)
+        return value
+
+    changes = {}
+    for f in dataclasses.fields(data):
+        value = getattr(data, f.name)
+        new = _localized(value, run_dir, copied) if isinstance(value, BaseParams) else fix(value)
+        if new is not value:
+            changes[f.name] = new
+    return data.replace(**changes) if changes else data
 
 
 def _cleared(params: ModelParams, vlm_dir: str | None) -> ModelParams:
@@ -226,8 +253,8 @@ def import_foundry(source: str, output_dir: str, *, checkpoint: str | None = Non
             f"give the experiment directory itself, not its checkpoints/."
         )
     config_path = paths.join(src, "config.yaml")
-    raw = _read_yaml(config_path, "config.yaml")
-    model = model_params_from_yaml((raw or {}).get("model") if isinstance(raw, dict) else None, config_path)
+    cfg = load_config(config_path, "experiment", "config.yaml of a training run")
+    model = cfg.experiment.model
     check_supported(model)
     source_vlm = None
     if _backbone(model) is not None:
@@ -238,7 +265,7 @@ def import_foundry(source: str, output_dir: str, *, checkpoint: str | None = Non
                 f"config_model.yaml there under that name."
             )
         vlm_yaml = paths.join(src, "vlm_config_model.yaml")
-        source_vlm = _cleared(model_params_from_yaml(_read_yaml(vlm_yaml, "config_model.yaml"), vlm_yaml), None)
+        source_vlm = _cleared(load_config(vlm_yaml, "model", "VLM config_model.yaml").params, None)
     ckpt_file = paths.join(src, "checkpoints", name)
     weights_file = paths.join(src, "checkpoints", f"ema_{number}.pt") if ema else ckpt_file
     if ema and f"ema_{number}.pt" not in _listdir(paths.join(src, "checkpoints"), "checkpoints/", src):
@@ -275,11 +302,12 @@ def import_foundry(source: str, output_dir: str, *, checkpoint: str | None = Non
                 hint="Is config.yaml the one this checkpoint was trained with?",
                 error=FoundryImportError,
             )
-        exp = TrainExperimentParams(
+        copied_data = {f for f in DATA_FILES if f in present}
+        exp = cfg.experiment.replace(
             name=os.path.basename(output_dir),
             output_dir=output_dir,
             model=stored,
-            hparams=HyperParams(precision="fp32"),
+            data=_localized(cfg.experiment.data, output_dir, copied_data),
             async_checkpointing=False,
         )
         state = {
@@ -297,6 +325,8 @@ def import_foundry(source: str, output_dir: str, *, checkpoint: str | None = Non
         checkpointer.close()
         with open(os.path.join(staging, "params.json"), "w") as f:
             f.write(exp.to_json())
+        with open(os.path.join(staging, "config.gin"), "w") as f:
+            f.write(foundry_config_to_gin(dataclasses.replace(cfg, experiment=exp)))
         copied = []
         for fname in DATA_FILES:
             if fname in present:
@@ -344,15 +374,22 @@ def import_foundry(source: str, output_dir: str, *, checkpoint: str | None = Non
     }
 
 
-def foundry_model_dict(params: ModelParams) -> dict[str, Any]:
-    """The original's ``model`` section of our params (same field names; weight paths of ours dropped)."""
-    out = params.to_dict()
-    for key, value in list(out.items()):
-        if isinstance(value, dict) and "type" in value:
-            out[key] = foundry_model_dict(getattr(params, key))
-    if params.type == "vlm_foundry_backbone":
-        out["vlm_experiment_dir"] = None  # the original finds the VLM beside config.yaml (vlm_config_model.yaml)
+def _merged(base: dict[str, Any], ours: dict[str, Any]) -> dict[str, Any]:
+    """``ours`` over ``base``, mapping by mapping (keys only ``base`` has stay)."""
+    out = dict(base)
+    for key, value in ours.items():
+        both = isinstance(value, dict) and isinstance(base.get(key), dict)
+        out[key] = _merged(base[key], value) if both else value
     return out
+
+
+def _without_vlm_dir(model: dict[str, Any]) -> dict[str, Any]:
+    """A ``vlm_foundry_backbone``'s ``vlm_experiment_dir`` dropped: the original then reads the VLM architecture
+    from ``vlm_config_model.yaml`` beside ``config.yaml``, as for its published models."""
+    bb = model.get("vision_language_backbone")
+    if isinstance(bb, dict) and bb.get("type") == "vlm_foundry_backbone":
+        model = dict(model, vision_language_backbone=dict(bb, vlm_experiment_dir=None))
+    return model
 
 
 def export_foundry(run_dir: str, out_dir: str) -> dict:
@@ -377,8 +414,10 @@ def export_foundry(run_dir: str, out_dir: str) -> dict:
     step = int(os.path.basename(ckpt_lib.resolve_step_dir(run_dir)))
     number = int(meta.get("checkpoint_num") or 1)
     stored_config = os.path.join(run_dir, FOUNDRY_DIR, "config.yaml")
-    config = _read_yaml(stored_config, "config.yaml") if os.path.isfile(stored_config) else {}
-    config = dict(config or {}, model=foundry_model_dict(exp.model))
+    original = _read_yaml(stored_config, "config.yaml") if os.path.isfile(stored_config) else {}
+    # the original's fields without meaning here (wandb, torch.distributed, ...) as imported; ours over them
+    config = _merged(original or {}, params_to_foundry_yaml(exp))
+    config["model"] = _without_vlm_dir(config["model"])
     staging = f"{out_dir}.partial-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
     try:
@@ -389,7 +428,9 @@ def export_foundry(run_dir: str, out_dir: str) -> dict:
             yaml.safe_dump(config["model"], f, sort_keys=False)
         if source_vlm is not None:
             with open(os.path.join(staging, "vlm_config_model.yaml"), "w") as f:
-                yaml.safe_dump(foundry_model_dict(source_vlm), f, sort_keys=False)
+                yaml.safe_dump(
+                    params_to_foundry_yaml(TrainExperimentParams(model=source_vlm))["model"], f, sort_keys=False
+                )
         for fname in DATA_FILES:
             if os.path.isfile(os.path.join(run_dir, fname)):
                 shutil.copyfile(os.path.join(run_dir, fname), os.path.join(staging, fname))
