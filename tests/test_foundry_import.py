@@ -160,6 +160,25 @@ def test_vit_features_and_roundtrip(tmp_path, cls_flag):
     _roundtrip(str(tmp_path / "run"), str(tmp_path / "back"), _sd(ref))
 
 
+def test_import_from_s3(tmp_path, s3):
+    """An experiment on S3 (moto server on loopback) imports as from a local directory: same features."""
+    from vla_foundry_jax import paths
+
+    ref = ft.randomize(ft.ViT(VIT), 6)
+    local = ft.write_experiment(str(tmp_path / "exp"), VIT, {3: _sd(ref)})
+    remote = f"{s3.bucket()}/experiments/vit"
+    for root, _, files in os.walk(local):
+        for name in files:
+            rel = os.path.relpath(os.path.join(root, name), local)
+            paths.write_bytes(f"{remote}/{rel}", open(os.path.join(root, name), "rb").read())
+    summary = import_foundry(remote, str(tmp_path / "run"))
+    assert summary["checkpoint"] == "checkpoint_3.pt" and "stats.json" in summary["files_copied"]
+    model, _, _ = load_run_model(str(tmp_path / "run"))
+    images = np.random.default_rng(2).normal(size=(1, 16, 16, 3)).astype(np.float32)
+    want = ref(torch.tensor(images).permute(0, 3, 1, 2)).detach().numpy()
+    np.testing.assert_allclose(np.asarray(model(jnp.asarray(images), deterministic=True)), want, atol=TOL, rtol=TOL)
+
+
 def _vlm_cfg() -> dict:
     lm = dict(TRANSFORMER, hidden_dim=32, vocab_size=50, qk_norm=False, post_embed_norm=False)
     vit = dict(VIT, projector_pixel_shuffle_factor=2)
