@@ -93,7 +93,30 @@ def basename(path: str) -> str:
 # ---------------------------------------------------------------- errors and retries
 
 
+def _chain(e: BaseException | None) -> Iterator[BaseException]:
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        yield e
+        e = e.__cause__ or e.__context__
+
+
 def _is_transient(e: BaseException) -> bool:
+    for cause in _chain(e):  # s3fs wraps a botocore 500 as a bare OSError; the cause keeps the status
+        response = getattr(cause, "response", None)
+        if isinstance(response, dict):
+            status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            code = response.get("Error", {}).get("Code", "")
+            if (isinstance(status, int) and (status >= 500 or status == 429)) or code in (
+                "InternalError",
+                "SlowDown",
+                "ServiceUnavailable",
+                "RequestTimeout",
+                "Throttling",
+            ):
+                return True
+        if cause is not e and isinstance(cause, (TimeoutError, ConnectionError)):
+            return True
     if isinstance(e, (TimeoutError, ConnectionError)):
         return True
     status = getattr(e, "status", None) or getattr(e, "code", None)
@@ -192,8 +215,25 @@ def filesystem(path: str) -> tuple[Any, str]:
         ) from e
     import fsspec
 
-    fs, inner = fsspec.core.url_to_fs(normalize(path))
+    options: dict[str, Any] = {}
+    if kind == "s3":
+        # Retries belong to this layer (counted in RETRIES, same backoff for every scheme), not to botocore / s3fs.
+        options["config_kwargs"] = {"retries": {"total_max_attempts": 1}}
+    fs, inner = fsspec.core.url_to_fs(normalize(path), **options)
+    if kind == "s3":
+        fs.retries = 1
     return fs, inner
+
+
+def configure_tensorstore() -> None:
+    """Point TensorStore (Orbax's array I/O) at a GCS emulator named by ``STORAGE_EMULATOR_HOST``, as gcsfs is.
+
+    TensorStore reads ``TENSORSTORE_GCS_HTTP_URL`` instead and needs a token; against an emulator any token serves.
+    """
+    host = os.environ.get("STORAGE_EMULATOR_HOST")
+    if host and host != "default" and "TENSORSTORE_GCS_HTTP_URL" not in os.environ:
+        os.environ["TENSORSTORE_GCS_HTTP_URL"] = host if "://" in host else f"http://{host}"
+        os.environ.setdefault("GOOGLE_AUTH_TOKEN_FOR_TESTING", "emulator")
 
 
 def _hf_parts(path: str) -> tuple[str, str, str | None, str]:
@@ -365,6 +405,81 @@ def write_bytes(path: str, data: bytes) -> None:
 
 def write_text(path: str, text: str) -> None:
     write_bytes(path, text.encode("utf-8"))
+
+
+def move(src: str, dst: str) -> None:
+    """Move a file or a tree (a rename on local disk; copy-then-delete on an object store)."""
+    if scheme(src) != scheme(dst):
+        raise PathError(f"cannot move {src!r} to {dst!r}: they are on different stores.")
+    if scheme(src) == "file":
+        os.makedirs(os.path.dirname(normalize(dst)), exist_ok=True)
+        os.rename(normalize(src), normalize(dst))
+        return
+    fs, inner = filesystem(src)
+    _, target = filesystem(dst)
+    fs.invalidate_cache()
+    files = retry(lambda: fs.find(inner), src, "moving")
+    if not files:
+        raise PathError(f"moving {src!r}: no such file or directory; check the path.")
+    for entry in files:
+        rel = entry[len(inner.rstrip("/")) :].lstrip("/")
+        dest = f"{target.rstrip('/')}/{rel}" if rel else target
+        retry(lambda entry=entry, dest=dest: fs.copy(entry, dest), src, "moving")
+    retry(lambda: fs.rm(files), src, "moving")
+    fs.invalidate_cache()
+
+
+def upload_tree(local: str, remote: str) -> list[tuple[str, int]]:
+    """Copy every file under the local directory ``local`` to ``remote/<relative path>``; returns (path, size)."""
+    files = []
+    for root, _, names in os.walk(local):
+        for name in sorted(names):
+            full = os.path.join(root, name)
+            rel = os.path.relpath(full, local).replace(os.sep, "/")
+            with open(full, "rb") as f:
+                data = f.read()
+            write_bytes(join(remote, rel), data)
+            files.append((rel, len(data)))
+    return sorted(files)
+
+
+def download_tree(remote: str, local: str, files: list[tuple[str, int]]) -> None:
+    """Copy the listed ``(relative path, size)`` files of ``remote`` into a new local directory ``local``, through a
+    temporary directory renamed into place, each checked for its size."""
+    import shutil
+
+    tmp = f"{local.rstrip(os.sep)}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        for rel, nbytes in files:
+            data = read_bytes(join(remote, rel))
+            if len(data) != nbytes:
+                raise PathError(f"{join(remote, rel)!r}: {len(data)} bytes where {nbytes} were written; re-upload it.")
+            dest = os.path.join(tmp, *rel.split("/"))
+            os.makedirs(os.path.dirname(dest), exist_ok=True)
+            with open(dest, "wb") as f:
+                f.write(data)
+        os.makedirs(os.path.dirname(os.path.abspath(local)), exist_ok=True)
+        shutil.rmtree(local, ignore_errors=True)
+        os.replace(tmp, local)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def check_writable(path: str, what: str) -> None:
+    """Fail now, with one line, when the output location ``path`` cannot be written: hf://, a missing bucket, no
+    credentials or an unreachable endpoint (checked by writing and removing a small probe object)."""
+    kind = scheme(path)
+    if kind == "hf":
+        raise PathError(f"{what} {path!r}: hf:// is read-only; write to a local path, s3:// or gs://.")
+    if kind == "file":
+        return
+    probe = join(path, f".write-probe-{uuid.uuid4().hex[:8]}")
+    try:
+        write_bytes(probe, b"")
+        remove(probe)
+    except PathError as e:
+        raise PathError(f"{what}: {e}") from e
 
 
 def remove(path: str, recursive: bool = False) -> None:
