@@ -12,15 +12,26 @@ completely: newer steps that do not (truncated, zeroed or missing files) are mov
 ``<output_dir>/checkpoints_corrupt/<step>`` (never deleted) and named in one warning. A background save that
 fails raises ``CheckpointSaveError`` at the next ``check_for_errors`` (every training step), naming the directory
 and the cause.
+
+Runs on object storage: for ``gs://`` Orbax and TensorStore read and write the bucket directly (Orbax marks a
+finished step with its own commit file, as it does on GCS everywhere). Orbax 0.12 cannot write ``s3://`` (its
+TensorStore path comes out as ``s3:/bucket``), so an ``s3://`` run is staged: Orbax saves each step on local disk
+(under ``VLA_FOUNDRY_CACHE``), then the step's files are uploaded and ``checkpoints/<step>.committed`` (the list of
+files and sizes) is written last. Only steps with that marker count, so a process killed mid-upload leaves the last
+committed step as the newest; reading a step downloads the listed files (size-checked) into a local copy first.
+Staged runs are single-host (each host would stage to its own disk); pods write ``gs://``.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import errno
+import hashlib
 import json
 import os
 import re
+import shutil
 from collections.abc import Sequence
 from typing import Any
 
@@ -31,6 +42,7 @@ from absl import logging
 from flax import nnx
 from jax.experimental import multihost_utils
 
+from vla_foundry_jax import paths
 from vla_foundry_jax.errors import VLAFoundryError
 from vla_foundry_jax.params import TrainExperimentParams, params_from_dict
 
@@ -162,7 +174,24 @@ class RunCheckpointer:
         own buffer instead of holding compressed copies of the whole model until the save commits (measured on a
         110M-parameter float32 model: +0.25x instead of +1.0x the model's bytes of host memory during the save;
         float weights barely compress, ~8%). Readers need no option: the format records it."""
-        self.directory = os.path.abspath(os.path.join(output_dir, "checkpoints"))
+        kind = paths.scheme(output_dir)
+        self.location = paths.join(paths.normalize(output_dir), "checkpoints")  # what messages name
+        self.remote = self.location if kind == "s3" else None  # staged: saved locally, then uploaded
+        self.max_to_keep = max_to_keep
+        self._upload: concurrent.futures.Future | None = None
+        if kind == "gs":
+            paths.configure_tensorstore()
+        if self.remote:
+            if jax.process_count() > 1:
+                raise CheckpointError(
+                    f"{self.location}: s3:// runs are staged on local disk and support one host; write a multi-host "
+                    "run to gs:// (Orbax writes it directly) or to a filesystem every host shares."
+                )
+            self.directory = staging_dir(self.location)
+            self._uploader = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="checkpoint-upload")
+            self._sync_staging()
+        else:
+            self.directory = self.location
         options = ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep, enable_async_checkpointing=async_save, create=True
         )
@@ -170,10 +199,51 @@ class RunCheckpointer:
         self._in_flight: int | None = None  # the step of the save not yet known to have committed
 
     def latest_step(self) -> int | None:
-        return self.manager.latest_step()
+        steps = self.all_steps()
+        return steps[-1] if steps else None
 
     def all_steps(self) -> list[int]:
+        if self.remote:
+            return sorted(committed_steps(self.remote))
         return sorted(self.manager.all_steps())
+
+    # ------------------------------------------------------------ staged (s3://) runs
+
+    def _sync_staging(self) -> None:
+        """Drop staged steps the store has not committed (a save or upload that never finished)."""
+        committed = committed_steps(self.remote)
+        if os.path.isdir(self.directory):
+            for name in os.listdir(self.directory):
+                step = int(name) if name.isdigit() else None
+                if (
+                    step is None
+                    or step not in committed
+                    or not _matches(os.path.join(self.directory, name), committed[step])
+                ):
+                    shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
+
+    def _stage(self, step: int) -> None:
+        """Download the committed ``step`` into the staging directory (unless already there)."""
+        files = committed_steps(self.remote).get(step)
+        local = os.path.join(self.directory, str(step))
+        if files is None or _matches(local, files):
+            return
+        paths.download_tree(paths.join(self.remote, str(step)), local, files)
+        self.manager.reload()
+
+    def _upload_step(self, step: int) -> None:
+        remote = paths.join(self.remote, str(step))
+        files = paths.upload_tree(os.path.join(self.directory, str(step)), remote)
+        paths.write_text(paths.join(self.remote, f"{step}{COMMITTED}"), json.dumps({"files": files}))
+        if self.max_to_keep:
+            for old in sorted(committed_steps(self.remote))[: -self.max_to_keep]:
+                paths.remove(paths.join(self.remote, f"{old}{COMMITTED}"))
+                if paths.exists(paths.join(self.remote, str(old))):
+                    paths.remove(paths.join(self.remote, str(old)), recursive=True)
+
+    def _start_upload(self) -> None:
+        if self.remote and self._in_flight is not None and self._upload is None:
+            self._upload = self._uploader.submit(self._upload_step, self._in_flight)
 
     def save(
         self, step: int, state: dict[str, Any], experiment: TrainExperimentParams, data_state: dict[str, Any]
@@ -201,7 +271,11 @@ class RunCheckpointer:
         try:
             self.manager.check_for_errors()
             if self._in_flight is not None and not self.manager.is_saving_in_progress():
-                self.wait()  # the save is over: returns at once, raising its error if it failed
+                if self.remote and self._upload is None:
+                    self.manager.wait_until_finished()  # returns at once: the local save is over
+                    self._start_upload()
+                elif self._upload is None or self._upload.done():
+                    self.wait()  # the save is over: returns at once, raising its error if it failed
         except CheckpointSaveError:
             raise
         except Exception as e:
@@ -209,10 +283,14 @@ class RunCheckpointer:
 
     def _save_error(self, exc: BaseException) -> CheckpointSaveError:
         step, self._in_flight = self._in_flight, None
-        where = os.path.join(self.directory, str(step)) if step is not None else self.directory
-        good = [s for s in self._committed_steps() if s != step]
+        self._upload = None
+        where = paths.join(self.location, str(step)) if step is not None else self.location
+        try:
+            good = [s for s in self._committed_steps() if s != step]
+        except paths.PathError:
+            good = []
         kept = (
-            f"the previous checkpoint {os.path.join(self.directory, str(good[-1]))} is intact"
+            f"the previous checkpoint {paths.join(self.location, str(good[-1]))} is intact"
             if good
             else "no earlier checkpoint exists"
         )
@@ -222,14 +300,18 @@ class RunCheckpointer:
         )
 
     def _committed_steps(self) -> list[int]:
-        if not os.path.isdir(self.directory):
+        if self.remote:
+            return sorted(committed_steps(self.remote))
+        if not paths.isdir(self.directory):
             return []
-        return sorted(int(d) for d in os.listdir(self.directory) if d.isdigit())
+        return sorted(int(d) for d in paths.listdir(self.directory) if d.isdigit())
 
     def restore_train(self, step: int, state: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
         """Full resume: every array of ``state`` from ``step``; returns (state, data iterator state)."""
+        if self.remote:
+            self._stage(step)
         params, frozen = restore_model_weights(
-            os.path.join(self.directory, str(step)), [state["params"], state["frozen"]]
+            paths.join(self.directory, str(step)), [state["params"], state["frozen"]]
         )
         abstract = {k: _abstract(state[k]) for k in ("step", "opt_state", "ema", "rng", "rest")}
         restored = self.manager.restore(
@@ -262,19 +344,19 @@ class RunCheckpointer:
                 continue
             if failures:
                 self._move_aside([s for s, _ in failures])
-                corrupt = os.path.join(os.path.dirname(self.directory), CORRUPT_DIR)
+                corrupt = paths.join(paths.dirname(self.location), CORRUPT_DIR)
                 logging.warning(
                     "checkpoint step(s) %s under %s do not restore and were moved to %s/ (not deleted); resuming "
                     "from step %d. Causes: %s",
                     ", ".join(str(s) for s, _ in failures),
-                    self.directory,
+                    self.location,
                     corrupt,
                     step,
                     "; ".join(f"step {s}: {why.splitlines()[0]}" for s, why in failures),
                 )
             return step, restored, data_state
         if failures:
-            lines = [f"no checkpoint under {self.directory} restores into this run's model:"]
+            lines = [f"no checkpoint under {self.location} restores into this run's model:"]
             lines += [f"  step {s}: {why}" for s, why in failures]
             lines.append(
                 "  If the model or optimizer config changed, rerun with the config the run was started with (its "
@@ -285,27 +367,92 @@ class RunCheckpointer:
 
     def _move_aside(self, steps: Sequence[int]) -> None:
         if jax.process_index() == 0:
-            corrupt = os.path.join(os.path.dirname(self.directory), CORRUPT_DIR)
-            os.makedirs(corrupt, exist_ok=True)
+            corrupt = paths.join(paths.dirname(self.location), CORRUPT_DIR)
+            paths.makedirs(corrupt)
             for step in steps:
-                target, n = os.path.join(corrupt, str(step)), 1
-                while os.path.exists(target):
-                    target, n = os.path.join(corrupt, f"{step}.{n}"), n + 1
-                os.rename(os.path.join(self.directory, str(step)), target)
+                target, n = paths.join(corrupt, str(step)), 1
+                while paths.exists(target):
+                    target, n = paths.join(corrupt, f"{step}.{n}"), n + 1
+                if self.remote:  # uncommit first: a kill in between leaves the step ignored, not half-moved
+                    paths.remove(paths.join(self.remote, f"{step}{COMMITTED}"))
+                    shutil.rmtree(os.path.join(self.directory, str(step)), ignore_errors=True)
+                paths.move(paths.join(self.location, str(step)), target)
         if jax.process_count() > 1:
             multihost_utils.sync_global_devices("vla_foundry_jax.checkpoint.move_aside")
         self.manager.reload()
 
     def wait(self) -> None:
-        """Block until background saves finish; a failed one raises ``CheckpointSaveError``."""
+        """Block until background saves (and, for a staged run, their uploads) finish; a failed one raises
+        ``CheckpointSaveError``."""
         try:
             self.manager.wait_until_finished()
+            self._start_upload()
+            if self._upload is not None:
+                self._upload.result()
         except Exception as e:
             raise self._save_error(e) from e
+        self._upload = None
         self._in_flight = None
 
     def close(self) -> None:
-        self.manager.close()
+        try:
+            if self.remote:
+                self.wait()
+        finally:
+            self.manager.close()
+            if self.remote:
+                self._uploader.shutdown()
+
+
+COMMITTED = ".committed"
+"""Suffix of the marker object ``checkpoints/<step>.committed`` that makes an uploaded (staged) step count."""
+
+
+def staging_dir(location: str) -> str:
+    """The local directory where Orbax saves the steps of the staged run ``location`` before upload."""
+    digest = hashlib.sha1(location.encode()).hexdigest()[:16]
+    name = f"{digest}-{paths.basename(paths.dirname(location))}"
+    return os.path.join(paths.cache_root(), "runs", name, "checkpoints")
+
+
+def committed_steps(ckpt_dir: str) -> dict[int, list[tuple[str, int]]]:
+    """step -> (file, size) list of the committed steps of a staged ``checkpoints/`` directory on object storage."""
+    if not paths.exists(ckpt_dir) and not paths.isdir(ckpt_dir):
+        return {}
+    out = {}
+    for name in paths.listdir(ckpt_dir):
+        if name.endswith(COMMITTED) and name[: -len(COMMITTED)].isdigit():
+            record = json.loads(paths.read_text(paths.join(ckpt_dir, name)))
+            out[int(name[: -len(COMMITTED)])] = [(f, int(n)) for f, n in record["files"]]
+    return out
+
+
+def _matches(local: str, files: list[tuple[str, int]]) -> bool:
+    """Whether the local step directory holds exactly the listed files with the listed sizes."""
+    if not os.path.isdir(local):
+        return False
+    have = {}
+    for root, _, names in os.walk(local):
+        for name in names:
+            full = os.path.join(root, name)
+            have[os.path.relpath(full, local).replace(os.sep, "/")] = os.path.getsize(full)
+    return have == dict(files)
+
+
+def readable_step_dir(step_dir: str) -> str:
+    """A step directory Orbax can read: itself (local or gs://), or a size-checked local copy of a staged s3:// step."""
+    if paths.scheme(step_dir) != "s3":
+        if paths.scheme(step_dir) == "gs":
+            paths.configure_tensorstore()
+        return step_dir
+    ckpt_dir, step = paths.dirname(step_dir), int(paths.basename(step_dir))
+    files = committed_steps(ckpt_dir).get(step)
+    if files is None:
+        raise CheckpointError(f"{step_dir} is not a committed checkpoint (no {step}{COMMITTED} beside it).")
+    local = os.path.join(staging_dir(ckpt_dir), str(step))
+    if not _matches(local, files):
+        paths.download_tree(step_dir, local, files)
+    return local
 
 
 def _abstract(tree: Any) -> Any:
@@ -314,36 +461,45 @@ def _abstract(tree: Any) -> Any:
 
 def resolve_step_dir(path: str) -> str:
     """A run directory, its ``checkpoints/`` directory or one step directory -> the step directory."""
-    path = os.path.abspath(os.path.expanduser(path))
-    if not os.path.isdir(path):
+    try:
+        path = paths.normalize(path)
+        found = paths.isdir(path)
+    except paths.PathError as e:
+        raise CheckpointError(str(e)) from None
+    if not found:
         raise CheckpointError(
             f"{path} does not exist; give a run directory of ours, its checkpoints/ directory or a "
             "checkpoints/<step> directory."
         )
-    if os.path.isdir(os.path.join(path, "model")) and os.path.isdir(os.path.join(path, "params")):
+    names = set(paths.listdir(path))
+    if {"model", "params"} <= names:
+        if paths.scheme(path) == "s3" and paths.basename(path).isdigit():
+            readable_step_dir(path)  # a staged step counts only when committed
         return path
-    ckpt_dir = os.path.join(path, "checkpoints") if os.path.isdir(os.path.join(path, "checkpoints")) else path
-    steps = sorted(
-        int(d) for d in os.listdir(ckpt_dir) if d.isdigit() and os.path.isdir(os.path.join(ckpt_dir, d, "model"))
-    )
+    ckpt_dir = paths.join(path, "checkpoints") if "checkpoints" in names else path
+    if paths.scheme(path) == "s3":
+        steps = sorted(committed_steps(ckpt_dir))
+    else:
+        steps = sorted(
+            int(d) for d in paths.listdir(ckpt_dir) if d.isdigit() and paths.isdir(paths.join(ckpt_dir, d, "model"))
+        )
     if not steps:
         raise CheckpointError(
             f"{path} holds no finished checkpoint (expected {ckpt_dir}/<step>/model); give a run directory that has "
             "saved at least once."
         )
-    return os.path.join(ckpt_dir, str(steps[-1]))
+    return paths.join(ckpt_dir, str(steps[-1]))
 
 
 def load_experiment_params(path: str) -> TrainExperimentParams:
     """The experiment params stored with a checkpoint (run, checkpoints or step directory)."""
-    step_dir = resolve_step_dir(path)
-    with open(os.path.join(step_dir, "params", "metadata")) as f:
-        data = json.load(f)
+    step_dir = readable_step_dir(resolve_step_dir(path))
+    data = json.loads(paths.read_text(paths.join(step_dir, "params", "metadata")))
     return params_from_dict(data, TrainExperimentParams, family="config")
 
 
 def stored_model_shapes(step_dir: str) -> dict[str, tuple[tuple[int, ...], Any]]:
-    meta = ocp.PyTreeCheckpointer().metadata(os.path.join(step_dir, "model"))
+    meta = ocp.PyTreeCheckpointer().metadata(paths.join(readable_step_dir(step_dir), "model"))
     tree = getattr(meta, "item_metadata", None) or getattr(meta, "tree", None) or meta
     return {k: (tuple(v.shape), v.dtype) for k, v in dict(tree).items()}
 
@@ -379,7 +535,7 @@ def restore_model_weights(
     (the original's ``resize_token_embeddings`` after loading an LLM into a VLM). ``states`` must then
     hold real arrays.
     """
-    step_dir = resolve_step_dir(path)
+    step_dir = readable_step_dir(resolve_step_dir(path))
     stored = stored_model_shapes(step_dir)
     vocab_axes = _vocab_axes(states) if grow_vocab else {}
     wanted: dict[str, Any] = {}  # stored name -> target leaf
@@ -417,7 +573,7 @@ def restore_model_weights(
         )
     target = {n: _abstract_leaf(v, shape=stored[n][0]) for n, v in wanted.items()}
     values = ocp.PyTreeCheckpointer().restore(
-        os.path.join(step_dir, "model"),
+        paths.join(step_dir, "model"),
         args=ocp.args.PyTreeRestore(
             target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True
         ),

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import jax
@@ -12,6 +11,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from vla_foundry_jax import checkpoint as ckpt_lib
+from vla_foundry_jax import paths
 from vla_foundry_jax.models import build_model
 from vla_foundry_jax.params import TrainExperimentParams
 from vla_foundry_jax.training.ema import select_ema
@@ -44,7 +44,7 @@ def load_model(path: str) -> tuple[nnx.Module, TrainExperimentParams]:
 def restore_ema_params(step_dir: str, params: Any) -> Any | None:
     """The EMA stored in ``<step_dir>/train`` as a tree like ``params`` (trainable parameters; float32, as kept in
     training: :func:`~vla_foundry_jax.training.ema.select_ema` casts it), or None when the run kept no EMA."""
-    path = os.path.join(step_dir, "train")
+    path = paths.join(ckpt_lib.readable_step_dir(step_dir), "train")
     meta = ocp.PyTreeCheckpointer().metadata(path)
     tree = getattr(meta, "item_metadata", None) or getattr(meta, "tree", None) or meta
     ema = dict(tree).get("ema")

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vla_foundry_jax import paths
 from vla_foundry_jax.errors import UsageError
 from vla_foundry_jax.models.generation import generate
 from vla_foundry_jax.params import TrainExperimentParams
@@ -22,7 +23,7 @@ def prompt_tokenizer(exp: TrainExperimentParams) -> Any:
     name = getattr(exp.data, "tokenizer", None)
     if not name:
         raise UsageError(f"data type {exp.data.type!r} names no tokenizer; cannot turn a prompt into token ids.")
-    return AutoTokenizer.from_pretrained(name)
+    return AutoTokenizer.from_pretrained(paths.local_dir(name) if paths.is_remote(name) else name)
 
 
 def sample_text(

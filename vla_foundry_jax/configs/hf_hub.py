@@ -12,6 +12,7 @@ import functools
 import os
 from typing import Any
 
+from vla_foundry_jax import paths
 from vla_foundry_jax.errors import VLAFoundryError
 from vla_foundry_jax.params.model_params import set_hf_config_reader
 
@@ -26,6 +27,11 @@ def resolve_hf_path(hf_pretrained: str) -> str:
     """A local directory holding the checkpoint named by ``hf_pretrained`` (directory or hub id)."""
     if not hf_pretrained:
         raise HFLoadError("hf_pretrained is not set; give a hub id (org/name) or a local directory.")
+    if "://" in hf_pretrained:  # s3://, gs://, hf://: a local copy (cached) of the directory
+        try:
+            return paths.local_dir(hf_pretrained)
+        except paths.PathError as e:
+            raise HFLoadError(f"hf_pretrained: {e}") from None
     local = os.path.abspath(os.path.expanduser(hf_pretrained))
     if os.path.isdir(local):
         return local

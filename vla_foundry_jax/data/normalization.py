@@ -35,6 +35,7 @@ from typing import Any
 
 import numpy as np
 
+from vla_foundry_jax import paths
 from vla_foundry_jax.data.shards import DataError
 
 PERCENTILES = (1, 2, 5, 95, 98, 99)
@@ -49,14 +50,17 @@ _METHOD_KEYS = {
 
 def load_stats(path: str, *, what: str = "robotics.dataset_statistics") -> dict[str, Any]:
     """Read one stats.json; a missing or unreadable file raises ``DataError`` naming ``what``."""
-    if not os.path.isfile(path):
+    try:
+        found = paths.exists(path)
+    except paths.PathError as e:
+        raise DataError(f"{what}: {e}") from None
+    if not found:
         raise DataError(
             f"Robotics statistics file {path!r} not found (cwd {os.getcwd()!r}); check {what}: one stats.json per "
             "dataset, written beside its manifest.jsonl by the preprocessing."
         )
     try:
-        with open(path, encoding="utf-8") as f:
-            stats = json.load(f)
+        stats = json.loads(paths.read_text(path))
     except (OSError, json.JSONDecodeError) as e:
         raise DataError(f"Cannot read robotics statistics {path!r} ({what}): {e}") from e
     if not isinstance(stats, dict):

@@ -44,6 +44,7 @@ from typing import Any
 
 import numpy as np
 
+from vla_foundry_jax import paths
 from vla_foundry_jax.data.shards import DataError
 
 IMAGE_TOKEN = "<image>"
@@ -251,6 +252,8 @@ def _load_tokenizer(name: str, what: str) -> Any:
         from transformers import AutoTokenizer
     except ImportError as e:  # pragma: no cover
         raise ImportError("image_caption data needs `transformers` (pip install transformers).") from e
+    if paths.is_remote(name):  # s3://, gs://, hf://: a cached local copy
+        name = paths.local_dir(name)
     if _looks_like_path(name) and not os.path.isdir(name):
         raise DataError(f"Cannot find {what} {name!r}: {_not_local(name)}; give a directory from save_pretrained.")
     try:
@@ -329,6 +332,8 @@ def _load_cached(
     name: str, image_size: int, img_num_tokens: int, tokenizer: str | None, kwargs_json: str
 ) -> VLMProcessor:
     kwargs = json.loads(kwargs_json)
+    if paths.is_remote(name):  # s3://, gs://, hf://: a cached local copy
+        name = paths.local_dir(name)
     unknown = sorted(set(kwargs) - set(_PROCESSOR_KWARGS))
     if unknown:
         raise DataError(f"Unknown processor_kwargs {unknown}; supported: {list(_PROCESSOR_KWARGS)}.")

@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from vla_foundry_jax import paths
 from vla_foundry_jax.data.shards import BadSampleError, DataError
 
 TEXT_PAD_ID = 0  # fills (masked) positions of pre-tokenized samples shorter than seq_len + 1
@@ -152,7 +153,7 @@ def load_tokenizer(name: str) -> Any:
         except ImportError as e:  # pragma: no cover
             raise ImportError("text_untokenized data needs `transformers` (pip install transformers).") from e
         try:
-            tok = AutoTokenizer.from_pretrained(name)
+            tok = AutoTokenizer.from_pretrained(paths.local_dir(name) if paths.is_remote(name) else name)
         except OSError as e:
             raise DataError(
                 f"Cannot load tokenizer {name!r} (data.tokenizer): {e}. Give a local tokenizer directory "

@@ -21,7 +21,7 @@ from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from vla_foundry_jax import checkpoint as ckpt_lib
-from vla_foundry_jax import parallel
+from vla_foundry_jax import parallel, paths
 from vla_foundry_jax.data.pipeline import build_train_iterator
 from vla_foundry_jax.models import load_weights
 from vla_foundry_jax.models.build import submodels
@@ -107,12 +107,10 @@ def default_output_dir(exp: TrainExperimentParams) -> str:
 def write_run_files(output_dir: str, exp: TrainExperimentParams, gin_config: str | None) -> None:
     if jax.process_index() != 0:
         return
-    os.makedirs(output_dir, exist_ok=True)
+    paths.makedirs(output_dir)
     if gin_config is not None:
-        with open(os.path.join(output_dir, "config.gin"), "w") as f:
-            f.write(gin_config)
-    with open(os.path.join(output_dir, "params.json"), "w") as f:
-        f.write(exp.to_json())
+        paths.write_text(paths.join(output_dir, "config.gin"), gin_config)
+    paths.write_text(paths.join(output_dir, "params.json"), exp.to_json())
 
 
 # Fields that change how or where a run executes, not what it computes: a rerun may change them freely. A changed
@@ -156,11 +154,10 @@ def check_rerun(output_dir: str, exp: TrainExperimentParams, *, allow_config_cha
     Refuses a changed experiment (lr, budget, model, data, ...) with the list of changes, unless
     ``allow_config_change``, which continues under the new values with the changes in a warning.
     """
-    path = os.path.join(output_dir, "params.json")
-    if not os.path.isfile(path):
+    path = paths.join(output_dir, "params.json")
+    if not paths.exists(path):
         return
-    with open(path) as f:
-        stored = json.load(f)
+    stored = json.loads(paths.read_text(path))
     changes = config_changes(stored, json.loads(exp.to_json()))
     if not changes:
         return
@@ -187,6 +184,7 @@ def train(
     mesh = parallel.make_mesh(exp.distributed)
     budget = make_budget(exp, mesh)
     output_dir = default_output_dir(exp)
+    paths.check_writable(output_dir, "experiment.output_dir")
     exp = exp.replace(output_dir=output_dir)
     check_rerun(output_dir, exp, allow_config_change=allow_config_change)
     hp = exp.hparams
@@ -228,7 +226,7 @@ def train(
     latest, state, data_state = checkpointer.restore_newest(state)
     top_resume = exp.model.resume_from_checkpoint
     if latest is not None:
-        logging.info("resuming from %s/%d (same output_dir)", checkpointer.directory, latest)
+        logging.info("resuming from %s/%d (same output_dir)", checkpointer.location, latest)
         ignored = [
             f"{p[:-1] or exp.model.gin_name}.resume_from_checkpoint"
             for p, c in submodels(exp.model)
@@ -250,8 +248,8 @@ def train(
     elif top_resume:
         step_dir = ckpt_lib.resolve_step_dir(top_resume)
         logging.info("resuming the full training state from %s", step_dir)
-        other = ckpt_lib.RunCheckpointer(os.path.dirname(os.path.dirname(step_dir)), async_save=False)
-        state, data_state = other.restore_train(int(os.path.basename(step_dir)), state)
+        other = ckpt_lib.RunCheckpointer(paths.dirname(paths.dirname(step_dir)), async_save=False)
+        state, data_state = other.restore_train(int(paths.basename(step_dir)), state)
         other.close()
     write_run_files(output_dir, exp, gin_config)
     logging.info(
@@ -304,6 +302,7 @@ def train(
                 if log_now:
                     last = run.log()
                 if save_now and done not in checkpointer.all_steps():
+                    writer.flush()  # on object storage: the records up to a checkpoint are stored before it
                     checkpointer.save(done, state, exp, iterator.get_state())
                 if done in budget.checkpoint_steps and validator is not None:
                     index = budget.checkpoint_steps.index(done) + 1
@@ -363,7 +362,7 @@ class _Run:
 
     def last_checkpoint(self) -> str | None:
         steps = self.checkpointer.all_steps()
-        return os.path.join(self.checkpointer.directory, str(steps[-1])) if steps else None
+        return paths.join(self.checkpointer.location, str(steps[-1])) if steps else None
 
     def _last_good_checkpoint(self) -> str | None:
         self.checkpointer.wait()  # in-flight saves hold states from before the bad step: let them commit

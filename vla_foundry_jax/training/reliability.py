@@ -22,6 +22,7 @@ import jax
 from absl import logging
 from jax.experimental import multihost_utils
 
+from vla_foundry_jax import paths
 from vla_foundry_jax.errors import VLAFoundryError
 from vla_foundry_jax.params import HyperParams
 
@@ -94,17 +95,18 @@ def skipped_so_far(output_dir: str, step: int) -> int:
     """The ``nonfinite_skipped`` total of the last metrics.jsonl record at or before ``step`` (0 if none): a
     resumed run continues the count."""
     total = 0
+    path = paths.join(output_dir, "metrics.jsonl")
     try:
-        with open(os.path.join(output_dir, "metrics.jsonl")) as f:
-            for line in f:
-                try:
-                    record = json.loads(line)
-                except ValueError:
-                    continue
-                if record.get("step", step + 1) <= step and "nonfinite_skipped" in record:
-                    total = int(record["nonfinite_skipped"])
+        text = paths.read_text(path) if paths.exists(path) else ""
     except OSError:
         return 0
+    for line in text.splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if record.get("step", step + 1) <= step and "nonfinite_skipped" in record:
+            total = int(record["nonfinite_skipped"])
     return total
 
 
