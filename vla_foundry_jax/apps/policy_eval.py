@@ -12,7 +12,7 @@ expert's future commands (green) and the predicted ones (magenta). :func:`evalua
 
 from __future__ import annotations
 
-import os
+import io
 from collections.abc import Callable
 from typing import Any
 
@@ -20,6 +20,7 @@ import jax
 import numpy as np
 
 from vla_foundry_jax import checkpoint as ckpt_lib
+from vla_foundry_jax import paths
 from vla_foundry_jax.data.pipeline import build_eval_iterator
 from vla_foundry_jax.data.robotics import robotics_transform
 from vla_foundry_jax.errors import UsageError
@@ -176,8 +177,9 @@ def draw_predictions(
                 draw.ellipse([x - 3, y - 3, x + 3, y + 3], outline=colour)
         tiles.append(np.asarray(tile))
     grid = np.concatenate(tiles, axis=1)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    Image.fromarray(grid).save(path)
+    buffer = io.BytesIO()
+    Image.fromarray(grid).save(buffer, format="PNG")
+    paths.write_bytes(path, buffer.getvalue())  # local, s3:// or gs:// (beside a run on a store)
     return path
 
 
@@ -229,7 +231,7 @@ def evaluate(
         mask = batch["future_mask"] & batch["valid"][:, None]
         err = np.linalg.norm(pred - true, axis=-1)[mask]
         out["val_action_error"] = float(err.mean())
-        path = plot or os.path.join(run_dir, "eval_policy.png")
+        path = plot or paths.join(run_dir, "eval_policy.png")
         out["plot"] = draw_predictions(
             batch["pixel_values"][:, 0], true, pred, mask, transform.processor.image_config, path
         )

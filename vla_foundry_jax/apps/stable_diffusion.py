@@ -11,9 +11,9 @@ writes samples as one PNG (``round(255 * clip(x / 2 + 0.5, 0, 1))``, the origina
 
 from __future__ import annotations
 
+import io
 import logging
 import math
-import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -22,6 +22,7 @@ import numpy as np
 from flax import nnx
 
 from vla_foundry_jax import checkpoint as ckpt_lib
+from vla_foundry_jax import paths
 from vla_foundry_jax.configs.hf_hub import resolve_hf_path
 from vla_foundry_jax.data.processor import tokenize_prompts
 from vla_foundry_jax.errors import UsageError
@@ -99,7 +100,9 @@ def save_image_grid(images: Any, path: str, ncols: int | None = None, *, scale: 
     for i, img in enumerate(imgs):
         r, c = divmod(i, ncols)
         grid[r * H : (r + 1) * H, c * W : (c + 1) * W] = img
-    Image.fromarray(grid[..., 0] if C == 1 else grid).save(path, format="PNG")
+    buffer = io.BytesIO()
+    Image.fromarray(grid[..., 0] if C == 1 else grid).save(buffer, format="PNG")
+    paths.write_bytes(path, buffer.getvalue())  # local, s3:// or gs:// (beside a run on a store)
     return path
 
 
@@ -142,7 +145,5 @@ def sample_grid(
         batch_size=len(rows) * num_images,
         prompt_mask=mask,
     )
-    path = save_image_grid(
-        np.asarray(images), out or os.path.join(run_dir, "samples.png"), ncols=num_images, scale=scale
-    )
+    path = save_image_grid(np.asarray(images), out or paths.join(run_dir, "samples.png"), ncols=num_images, scale=scale)
     return {"path": path, "num_prompts": len(rows), "num_images": num_images, "ema": used_ema}
