@@ -1,8 +1,9 @@
 """Runs whose ``experiment.output_dir`` is on object storage, against real servers on loopback.
 
 S3 (moto): ``launch.train`` is killed with SIGKILL after its first committed checkpoint, a half-uploaded newer step
-is left in the bucket (what a kill mid-upload leaves), and the rerun of the same command resumes from S3 and logs the
-losses of an uninterrupted run; ``launch.generate`` and ``load_run_model`` read the run from S3.
+is left in the bucket (what a kill mid-upload leaves), and the rerun of the same command, through a proxy failing 5%
+of the requests with 500, resumes from S3 and logs the losses of an uninterrupted run; ``launch.generate`` and
+``load_run_model`` read the run from S3.
 GCS (gcp-storage-emulator): config.gin, params.json, metrics.jsonl, TensorBoard events and Orbax checkpoints are
 written to the bucket; a damaged newest step is moved aside in the bucket and the older one restores from GCS.
 """
@@ -76,10 +77,13 @@ def test_s3_run_killed_resumes_from_the_bucket_and_matches(straight_losses, s3, 
     files = sorted(fs.find(inner))
     for f in files[: len(files) // 2]:
         paths.write_bytes(f"s3://{f}".replace(f"/{kept[-1]}/", f"/{kept[-1] + 6}/", 1), b"partial")
-    # The local staging copy is gone (a new machine): the rerun reads everything back from the bucket.
-    env["VLA_FOUNDRY_CACHE"] = str(tmp_path / "cache2")
+    # The local staging copy is gone (a new machine): the rerun reads everything back from the bucket, through a
+    # proxy that answers 500 to 5% of the requests.
+    proxy = s3.faults(0.05, "500")
+    env = subprocess_env(s3.env, {"VLA_FOUNDRY_CACHE": str(tmp_path / "cache2")})
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
+    assert proxy.failed > 0 and "transient error on s3://" in done.stderr
     assert f"resuming from {out}/checkpoints/{kept[-1]}" in done.stderr
     got = _remote_losses(out)
     assert sorted(got) == list(range(1, STEPS + 1))

@@ -32,6 +32,7 @@ import jax
 import numpy as np
 
 from vla_foundry_jax import checkpoint as ckpt_lib
+from vla_foundry_jax import paths
 from vla_foundry_jax.convert.engine import (
     COPY,
     PATCH_CONV,
@@ -311,6 +312,15 @@ def load_run(path: str, params: ViTParams, states: Sequence[Any], prefix: str) -
 
 
 def _resolve_source(path: str) -> tuple[str, Callable[..., list[Any]]]:
+    if paths.is_remote(path):  # s3://, gs://, hf://: a run directory (read in place) or a .safetensors file (copied)
+        try:
+            if paths.isdir(path):
+                return path, load_run
+            if path.endswith(".safetensors") and paths.exists(path):
+                return paths.local_file(path), load_safetensors
+        except paths.PathError as e:
+            raise WeightLoadError(f"vit.pretrained: {e}") from None
+        raise WeightLoadError(f"vit.pretrained = {path!r} is neither a run directory nor a .safetensors file there.")
     expanded = os.path.abspath(os.path.expanduser(path))
     if os.path.isfile(expanded):
         if expanded.endswith(".safetensors"):
