@@ -277,7 +277,7 @@ def test_s3_with_failing_requests_gives_the_same_batches(tmp_path, s3, mode):
     remote = local.replace(dataset_manifest=[f"{bucket}/t/manifest.jsonl"])
     expected = list(build_train_iterator(local, global_batch_size=4, num_batches=20))
 
-    proxy = s3.faults(0.25, mode)  # every 4th request fails
+    proxy = s3.faults(0.25, mode)  # a quarter of the requests fail (seeded draws)
     it = build_train_iterator(remote, global_batch_size=4, num_batches=20)
     assert proxy.count <= 4  # start-up: the manifest (its size and its bytes, a failed request retried), no shard
     head = [next(it) for _ in range(8)]
