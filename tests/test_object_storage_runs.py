@@ -1,9 +1,9 @@
 """Runs whose ``experiment.output_dir`` is on object storage, against real servers on loopback.
 
-S3 (moto): ``launch.train`` is killed with SIGKILL after its first committed checkpoint, a half-uploaded newer step
-is left in the bucket (what a kill mid-upload leaves), and the rerun of the same command, through a proxy failing 5%
-of the requests with 500, resumes from S3 and logs the losses of an uninterrupted run; ``launch.generate`` and
-``load_run_model`` read the run from S3.
+S3 (moto): ``launch.train`` streaming its data and tokenizer from the bucket is killed with SIGKILL after its first
+committed checkpoint, a half-uploaded newer step is left in the bucket (what a kill mid-upload leaves), and the rerun
+of the same command, through a proxy failing 5% of the requests with 500, resumes from S3 and logs the losses of an
+uninterrupted run over the local copy of the data; ``launch.generate`` and ``load_run_model`` read the run from S3.
 GCS (gcp-storage-emulator): config.gin, params.json, metrics.jsonl, TensorBoard events and Orbax checkpoints are
 written to the bucket; a damaged newest step is moved aside in the bucket and the older one restores from GCS.
 """
@@ -21,12 +21,18 @@ import numpy as np
 import pytest
 
 from tests.fixtures.object_store import subprocess_env
-from tests.fixtures.paths import ROOT
+from tests.fixtures.paths import ROOT, TINY
 from tests.fixtures.runs import logged_losses, tiny_experiment, tiny_train_command
 from vla_foundry_jax import paths
 
 STEPS = 24  # checkpoints every 6 steps (num_checkpoints=4)
-BINDINGS = ["experiment.num_checkpoints = 4"]
+BINDINGS = ["experiment.num_checkpoints = 4", "text_untokenized.streaming = True"]
+
+
+def _upload(local_dir: str, url: str) -> None:
+    for name in sorted(os.listdir(local_dir)):
+        with open(os.path.join(local_dir, name), "rb") as f:
+            paths.write_bytes(paths.join(url, name), f.read())
 
 
 def _remote_losses(out: str) -> dict[int, float]:
@@ -57,9 +63,20 @@ def straight_losses(tmp_path_factory):
 
 
 def test_s3_run_killed_resumes_from_the_bucket_and_matches(straight_losses, s3, tmp_path):
-    out = f"{s3.bucket()}/runs/tiny"
+    bucket = s3.bucket()
+    out = f"{bucket}/runs/tiny"
+    _upload(os.path.join(TINY, "text_untokenized"), f"{bucket}/data/text")  # the data and tokenizer on S3 too
+    _upload(os.path.join(TINY, "tokenizer"), f"{bucket}/data/tokenizer")
     env = subprocess_env(s3.env, {"VLA_FOUNDRY_CACHE": str(tmp_path / "cache")})
-    cmd = tiny_train_command(out, STEPS, BINDINGS)
+    cmd = tiny_train_command(
+        out,
+        STEPS,
+        [
+            *BINDINGS,
+            f"text_untokenized.dataset_manifest = ['{bucket}/data/text/manifest.jsonl']",
+            f"text_untokenized.tokenizer = '{bucket}/data/tokenizer'",
+        ],
+    )
     with open(tmp_path / "first.txt", "w") as err:
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=err)
     deadline = time.time() + 300
