@@ -310,21 +310,7 @@ def import_foundry(source: str, output_dir: str, *, checkpoint: str | None = Non
             data=_localized(cfg.experiment.data, output_dir, copied_data),
             async_checkpointing=False,
         )
-        state = {
-            "params": params,
-            "frozen": nnx.State({}),
-            "step": jax.numpy.zeros((), jax.numpy.int32),
-            "opt_state": {},
-            "ema": {},
-            "rng": jax.random.key_data(jax.random.key(0)),
-            "rest": {},
-        }
-        checkpointer = ckpt_lib.RunCheckpointer(staging, async_save=False, compress_model=False)
-        checkpointer.save(0, state, exp, {})
-        checkpointer.wait()
-        checkpointer.close()
-        with open(os.path.join(staging, "params.json"), "w") as f:
-            f.write(exp.to_json())
+        ckpt_lib.write_weights_run(staging, params, exp)
         with open(os.path.join(staging, "config.gin"), "w") as f:
             f.write(foundry_config_to_gin(dataclasses.replace(cfg, experiment=exp)))
         copied = []

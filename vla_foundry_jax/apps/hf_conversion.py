@@ -40,7 +40,6 @@ import shutil
 import time
 from typing import Any
 
-import jax
 import numpy as np
 from flax import nnx
 
@@ -126,22 +125,7 @@ def convert_hf(hf_pretrained: str, output_dir: str, *, model_type: str = "transf
             hparams=HyperParams(precision="fp32"),
             async_checkpointing=False,
         )
-        state = {
-            "params": params,
-            "frozen": nnx.State({}),
-            "step": jax.numpy.zeros((), jax.numpy.int32),
-            "opt_state": {},
-            "ema": {},
-            "rng": jax.random.key_data(jax.random.key(0)),
-            "rest": {},
-        }
-        # uncompressed: the save then adds ~0.25x the model's bytes of host memory instead of ~1x (see RunCheckpointer)
-        checkpointer = ckpt_lib.RunCheckpointer(staging, async_save=False, compress_model=False)
-        checkpointer.save(0, state, exp, {})
-        checkpointer.wait()
-        checkpointer.close()
-        with open(os.path.join(staging, "params.json"), "w") as f:
-            f.write(exp.to_json())
+        ckpt_lib.write_weights_run(staging, params, exp)
         if os.path.isdir(output_dir):
             os.rmdir(output_dir)  # empty (checked above)
         os.replace(staging, output_dir)
