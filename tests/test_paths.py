@@ -45,6 +45,15 @@ def test_round_trip_listing_local_copies_and_moves(store, request):
     assert paths.listdir(root) == ["aside", "run"]
     assert not paths.exists(f"{root}/run/sub/b.bin") and paths.exists(f"{root}/aside/sub/b.bin")
     paths.check_writable(f"{root}/run", "experiment.output_dir")
+    # a changed object behind the same URL is fetched again, never served stale from the cache
+    first = paths.local_file(f"{root}/run/a.txt")
+    paths.write_text(f"{root}/run/a.txt", "beta, longer")
+    with open(paths.local_file(f"{root}/run/a.txt")) as f:
+        assert f.read() == "beta, longer"
+    with open(first) as f:
+        assert f.read() == "alpha"
+    with open(os.path.join(paths.local_dir(f"{root}/run"), "a.txt")) as f:
+        assert f.read() == "beta, longer"
 
 
 @pytest.mark.parametrize("store", ["s3", "gcs"])

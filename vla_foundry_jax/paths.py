@@ -506,9 +506,16 @@ def cache_root() -> str:
     return os.environ.get("VLA_FOUNDRY_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "vla_foundry_jax")
 
 
-def _cache_path(path: str) -> str:
+def _version(info: dict[str, Any]) -> str:
+    """What identifies one version of an object in a listing: size plus the store's ETag / generation / mtime."""
+    keys = ("size", "ETag", "etag", "generation", "md5Hash", "LastModified", "updated", "mtime")
+    return "|".join(f"{k}={info[k]}" for k in keys if info.get(k) is not None)
+
+
+def _cache_path(path: str, version: str) -> str:
+    """Where the copy of ``path`` as of ``version`` lives: a changed object behind the same URL gets a new copy."""
     url = normalize(path)
-    digest = hashlib.sha1(url.encode()).hexdigest()[:16]
+    digest = hashlib.sha1(f"{url}\n{version}".encode()).hexdigest()[:16]
     return os.path.join(cache_root(), "paths", f"{digest}-{basename(url)}")
 
 
@@ -519,7 +526,8 @@ def local_file(path: str) -> str:
         return normalize(path)
     if kind == "hf":
         return _hf_download(path, directory=False)
-    target = _cache_path(path)
+    fs, inner = filesystem(path)
+    target = _cache_path(path, _version(retry(lambda: fs.info(inner), path)))
     if not os.path.isfile(target):
         write_bytes(target, read_bytes(path))
     return target
@@ -536,11 +544,12 @@ def local_dir(path: str) -> str:
         return normalize(path)
     if kind == "hf":
         return _hf_download(path, directory=True)
-    target = _cache_path(path)
+    fs, inner = filesystem(path)
+    listing = retry(lambda: fs.find(inner, detail=True), path)
+    entries = sorted(listing)
+    target = _cache_path(path, "\n".join(f"{e}:{_version(listing[e])}" for e in entries))
     if os.path.isdir(target):
         return target
-    fs, inner = filesystem(path)
-    entries = retry(lambda: fs.find(inner), path)
     if not entries:
         raise PathError(f"{path!r}: no such directory (nothing under that prefix); check the path.")
     tmp = f"{target}.tmp-{uuid.uuid4().hex[:8]}"
