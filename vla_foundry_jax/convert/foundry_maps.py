@@ -368,8 +368,6 @@ def foundry_rules(
         _add_vlm_hf(plan, params, "", "", keys)
     elif kind in ("vit", "vit_backbone"):
         _add_vit(plan, params, targets, "", "")
-    elif kind == "vit_hf":
-        _add_vit_hf(plan, params, "", "")
     elif kind in ("clip_hf", "clip_backbone"):
         _add_clip(plan, params, "", "")
     elif kind == "vlm":
