@@ -317,7 +317,7 @@ def test_unknown_and_unsupported_types(tmp_path, good_exp):
     src = ft.write_experiment(str(tmp_path / "a"), {"type": "mamba", "hidden_dim": 4}, {})
     os.link(f"{good_exp}/checkpoints/checkpoint_1.pt", f"{src}/checkpoints/checkpoint_1.pt")
     _expect(tmp_path, src, "mamba", error=VLAFoundryError)
-    src = ft.write_experiment(str(tmp_path / "b"), {"type": "stable_diffusion"}, {})
+    src = ft.write_experiment(str(tmp_path / "b"), {"type": "clip_openclip"}, {})
     os.link(f"{good_exp}/checkpoints/checkpoint_1.pt", f"{src}/checkpoints/checkpoint_1.pt")
     _expect(tmp_path, src, "not supported yet", error=FoundryMapError)
 

@@ -42,13 +42,15 @@ class Transform:
     ``apply(value, shape)``: the source value as the (per-layer) parameter of ``shape``; ``source_shape(shape)``:
     the source tensor shape a parameter shape needs (checked before any data is read); ``invert(value)``: the
     parameter value back in the source layout (exports); ``fits(source shape, shape)``: a tolerated difference
-    (e.g. a position table ``apply`` resizes)."""
+    (e.g. a position table ``apply`` resizes); ``part``: ``(j, n)`` when the parameter is slice ``j`` of ``n`` equal
+    slices along the source's first axis (a fused projection; an export concatenates the inverted slices)."""
 
     name: str
     apply: Callable[[np.ndarray, Shape], np.ndarray]
     source_shape: Callable[[Shape], Shape]
     invert: Callable[[np.ndarray], np.ndarray] | None = None
     fits: Callable[[Shape, Shape], bool] | None = None
+    part: tuple[int, int] | None = None
 
     def accepts(self, have: Shape, shape: Shape) -> bool:
         return have == self.source_shape(shape) or (self.fits is not None and self.fits(have, shape))
@@ -125,7 +127,10 @@ def fused_third(j: int, transpose: bool) -> Transform:
     def source_shape(shape: Shape) -> Shape:
         return (3 * shape[1], shape[0]) if transpose else (3 * shape[0],)
 
-    return Transform(f"third{j}{'T' if transpose else ''}", apply, source_shape)
+    def invert(value: np.ndarray) -> np.ndarray:
+        return value.T if transpose else value
+
+    return Transform(f"third{j}{'T' if transpose else ''}", apply, source_shape, invert, part=(j, 3))
 
 
 @dataclasses.dataclass(frozen=True)

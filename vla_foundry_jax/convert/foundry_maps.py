@@ -14,16 +14,25 @@ maps each of its tensors to one parameter through a :class:`~vla_foundry_jax.con
   ``model.lm_head.weight`` is the embedding);
 * ``vlm_hf``: the HF PaliGemma / Idefics3 under ``model.`` through :mod:`~vla_foundry_jax.convert.vlm_hf_maps`;
 * ``vit`` / ``vit_backbone``: the ViT table of :mod:`~vla_foundry_jax.convert.vit_weights`;
-* ``vlm``: its ``vit.`` and ``transformer.`` sub-tables plus ``projection.proj.weight``;
+* ``vit_hf``: the original's ``ViTHF`` holds ``timm.create_model(hf_pretrained)`` as ``model``: the timm table of
+  :mod:`~vla_foundry_jax.convert.timm_vit_maps` under ``model.`` (timm's pooling / classifier tensors, unused by
+  ``forward_intermediates``, are kept for the export);
+* ``clip_hf`` / ``clip_backbone``: the HF ``CLIPModel`` under ``model.`` (:func:`~vla_foundry_jax.convert.
+  hf_vision_maps.clip_rules`; stale ``position_ids`` buffers kept for the export);
+* ``vlm``: its ``vit.`` (``vit`` or ``vit_hf``) and ``transformer.`` sub-tables plus ``projection.proj.weight``;
 * ``diffusion_policy``: the backbone under ``vision_language_backbone._model.`` (a ``vit_backbone``'s ViT, a
-  ``vlm_foundry_backbone``'s VLM), its ``transformer.``, ``time_encoding.weight`` and the four encoders; the DDPM
-  scheduler's buffers (``scheduler.betas`` ...) and ``sinusoidal_position_embeddings.emb`` are constants.
+  ``vlm_foundry_backbone``'s VLM, a ``clip_backbone``'s / ``vlm_backbone``'s HF model under a further ``model.``;
+  a ``vlm_backbone``'s token table and head carry the action-token row), its ``transformer.``,
+  ``time_encoding.weight`` and the four encoders; the DDPM scheduler's buffers (``scheduler.betas`` ...) and
+  ``sinusoidal_position_embeddings.emb`` are constants;
+* ``stable_diffusion``: its own UNet under ``unet.`` (:mod:`~vla_foundry_jax.convert.foundry_unet_maps`; the
+  sinusoid buffer ``unet.time_mlp.0.emb`` a constant), the CLIP under ``clip.model.`` when ``clip.hf_pretrained``
+  is set, the DDPM scheduler's buffers under ``scheduler.``. The original's ``use_diffusers_unet`` UNet (a fixed
+  six-level diffusers ``UNet2DModel`` whatever ``unet`` says) has no counterpart here and is refused by name.
 
 :func:`foundry_rules` resolves the tables of a params tree into a :class:`Plan`: concrete rules, the names to
 ignore on import, and the constants and tied copies :func:`export_state_dict` writes back (the original's strict
-``load_state_dict`` expects them). Types whose
-weights live in other Hugging Face / timm modules (``vit_hf``, ``clip_backbone``,
-``vlm_backbone``, ``stable_diffusion``) raise :class:`FoundryMapError` naming the type.
+``load_state_dict`` expects them). Other types raise :class:`FoundryMapError` naming the type.
 """
 
 from __future__ import annotations
@@ -34,10 +43,16 @@ from typing import Any
 
 import numpy as np
 
+from vla_foundry_jax.configs.clip import clip_config
 from vla_foundry_jax.configs.hf_decoder import hf_decoder_config
+from vla_foundry_jax.configs.hf_hub import resolve_hf_path
+from vla_foundry_jax.configs.hf_vision import hf_vision_config, is_timm_checkpoint
 from vla_foundry_jax.configs.vlm_hf import Idefics3Config, vlm_hf_config
 from vla_foundry_jax.convert.engine import TRANSPOSE, Rule, resolve
+from vla_foundry_jax.convert.foundry_unet_maps import UNET_BUFFER, unet_rules
 from vla_foundry_jax.convert.hf_decoder_maps import decoder_rules
+from vla_foundry_jax.convert.hf_vision_maps import IGNORED_SUFFIXES, clip_rules
+from vla_foundry_jax.convert.timm_vit_maps import SKIPPED_PREFIXES, timm_rules
 from vla_foundry_jax.convert.vit_weights import vit_rules
 from vla_foundry_jax.convert.vlm_hf_maps import IDEFICS3, PALIGEMMA, PATCH, vlm_rules
 from vla_foundry_jax.errors import VLAFoundryError
@@ -112,11 +127,7 @@ DIFFUSION_POLICY: tuple[Rule, ...] = (
 BACKBONE = "vision_language_backbone."
 BACKBONE_SOURCE = "vision_language_backbone._model."
 UNSUPPORTED = {
-    "vit_hf": "a Hugging Face vision tower",
-    "clip_backbone": "a Hugging Face CLIP",
-    "vlm_backbone": "a Hugging Face VLM",
-    "stable_diffusion": "a UNet + Hugging Face CLIP",
-    "unet": "the stable-diffusion UNet",
+    "clip_openclip": "an OpenCLIP model",
 }
 
 
@@ -246,12 +257,72 @@ def _add_vit(plan: Plan, p: ModelParams, targets: Iterable[str], sp: str, tp: st
     plan.rules += resolve(vit_rules(names, p.n_layers), source_prefix=sp, target_prefix=tp)
 
 
+def _add_vit_hf(plan: Plan, p: ModelParams, sp: str, tp: str) -> None:
+    """The original's ``ViTHF`` holds the timm model as ``model``: the timm table under ``model.``."""
+    if p.hf_pretrained and not is_timm_checkpoint(resolve_hf_path(p.hf_pretrained)):
+        raise FoundryMapError(
+            f"{p.gin_name}.hf_pretrained = {p.hf_pretrained!r} is not a timm checkpoint (config.json with an "
+            f"'architecture'); the original builds vit_hf with timm.create_model, so its weights use timm's names. "
+            f"Point hf_pretrained at the timm model the run was trained from."
+        )
+    plan.rules += resolve(timm_rules(hf_vision_config(p)), source_prefix=sp + "model.", target_prefix=tp)
+    skipped = tuple(sp + "model." + s for s in SKIPPED_PREFIXES)  # pooling / classifier: kept for the export
+    plan.ignored.append(lambda n, skipped=skipped: n.startswith(skipped))
+
+
+def _add_clip(plan: Plan, p: ModelParams, sp: str, tp: str) -> None:
+    """The original's ``CLIPHF`` holds the HF ``CLIPModel`` as ``model``: the CLIP table under ``model.``."""
+    inner = sp + "model."
+    plan.rules += resolve(clip_rules(clip_config(p)), source_prefix=inner, target_prefix=tp)
+    plan.ignored.append(lambda n, inner=inner: n.startswith(inner) and n.endswith(IGNORED_SUFFIXES))
+
+
+def _add_unet(plan: Plan, p: ModelParams, targets: Iterable[str], sp: str, tp: str) -> None:
+    """The original's own UNet (:mod:`~vla_foundry_jax.convert.foundry_unet_maps`) and its sinusoid buffer."""
+    names = [t[len(tp) :] for t in targets if t.startswith(tp)]
+    plan.rules += resolve(unet_rules(names), source_prefix=sp, target_prefix=tp)
+    emb = sp + UNET_BUFFER
+    plan.ignored.append(lambda n, emb=emb: n == emb)
+    plan.buffers[emb] = sinusoid_frequencies(p.time_emb_dim)
+
+
+def _add_ddpm_buffers(plan: Plan, params: ModelParams) -> None:
+    """The original's ``NoiseSchedulerDDPM`` is a module (its buffers under ``scheduler.``); the other two are not."""
+    plan.ignored.append(lambda n: n.startswith("scheduler."))
+    if not (params.use_flow_matching_scheduler or params.use_diffusers_scheduler):
+        s = params.noise_scheduler
+        for k, v in ddpm_buffers(s.num_timesteps, s.beta_start, s.beta_end).items():
+            plan.buffers[f"scheduler.{k}"] = v
+
+
+def _check_unet(params: ModelParams) -> None:
+    if params.type == "stable_diffusion" and params.use_diffusers_unet:
+        raise FoundryMapError(
+            "stable_diffusion.use_diffusers_unet = True: the original's diffusers UNet is a fixed six-level "
+            "UNet2DModel (128..512 channels) that ignores the unet settings; this project builds its diffusers UNet "
+            "from unet.channels or a diffusers checkpoint, so that state dict cannot be imported. Supported: the "
+            "original's own UNet (use_diffusers_unet = False)."
+        )
+
+
+def _add_stable_diffusion(plan: Plan, params: ModelParams, targets: Iterable[str]) -> None:
+    _check_unet(params)
+    targets = list(targets)
+    _add_unet(plan, params.unet, targets, "unet.", "unet.")
+    if params.clip.hf_pretrained:
+        _add_clip(plan, params.clip, "clip.", "clip.")
+    _add_ddpm_buffers(plan, params)
+
+
 def _add_vlm(plan: Plan, p: ModelParams, targets: Iterable[str], sp: str, tp: str) -> None:
     targets = list(targets)
     for child in (p.vit, p.transformer):
         if child.type in UNSUPPORTED:
             _unsupported(child.type, f"{p.type}.{'vit' if child is p.vit else 'transformer'}")
-    _add_vit(plan, p.vit, targets, sp + "vit.", tp + "vit.")
+    if p.vit.type == "vit_hf":
+        _add_vit_hf(plan, p.vit, sp + "vit.", tp + "vit.")
+    else:
+        _add_vit(plan, p.vit, targets, sp + "vit.", tp + "vit.")
     _add_lm(plan, p.transformer, sp + "transformer.", tp + "transformer.")
     plan.rules += resolve(VLM_PROJECTION, source_prefix=sp, target_prefix=tp)
 
@@ -259,8 +330,9 @@ def _add_vlm(plan: Plan, p: ModelParams, targets: Iterable[str], sp: str, tp: st
 def _unsupported(kind: str, where: str) -> None:
     raise FoundryMapError(
         f"{where} is a {kind!r} ({UNSUPPORTED[kind]}): importing the original's {kind} weights is not supported "
-        f"yet; supported: transformer, transformer_hf, vit, vlm (custom ViT, transformer or transformer_hf), vlm_hf, "
-        f"diffusion_policy with a vit_backbone or vlm_foundry_backbone."
+        f"yet; supported: transformer, transformer_hf, vit, vit_hf, clip_hf, vlm (vit or vit_hf, transformer or "
+        f"transformer_hf), vlm_hf, diffusion_policy with a clip_backbone, vit_backbone, vlm_backbone or "
+        f"vlm_foundry_backbone, stable_diffusion with its own UNet."
     )
 
 
@@ -268,6 +340,7 @@ def check_supported(params: ModelParams) -> None:
     """Raise :class:`FoundryMapError` when ``params`` (or a sub-model) has no table here."""
     if params.type in UNSUPPORTED:
         _unsupported(params.type, "the model")
+    _check_unet(params)
     for field in ("vit", "transformer", "vision_language_backbone"):
         child = getattr(params, field, None)
         if isinstance(child, ModelParams) and child.type in UNSUPPORTED:
@@ -295,8 +368,12 @@ def foundry_rules(
         _add_vlm_hf(plan, params, "", "", keys)
     elif kind in ("vit", "vit_backbone"):
         _add_vit(plan, params, targets, "", "")
+    elif kind in ("clip_hf", "clip_backbone"):
+        _add_clip(plan, params, "", "")
     elif kind == "vlm":
         _add_vlm(plan, params, targets, "", "")
+    elif kind == "stable_diffusion":
+        _add_stable_diffusion(plan, params, targets)
     elif kind == "diffusion_policy":
         bb = params.vision_language_backbone
         if bb.type == "vit_backbone":
@@ -305,6 +382,10 @@ def foundry_rules(
             if source_vlm is None:
                 raise FoundryMapError("a vlm_foundry_backbone needs its source VLM's params (vlm_config_model.yaml).")
             _add_vlm(plan, source_vlm, targets, BACKBONE_SOURCE, BACKBONE)
+        elif bb.type == "clip_backbone":
+            _add_clip(plan, bb, BACKBONE_SOURCE, BACKBONE)
+        elif bb.type == "vlm_backbone":
+            _add_vlm_hf(plan, bb, BACKBONE_SOURCE, BACKBONE, keys)
         else:
             _unsupported(bb.type, "diffusion_policy.vision_language_backbone")
         if params.transformer is None:
@@ -314,12 +395,9 @@ def foundry_rules(
             _dead_token_tables(plan, params.transformer, targets)
         plan.rules += resolve(DIFFUSION_POLICY, params)
         emb = "sinusoidal_position_embeddings.emb"
-        plan.ignored.append(lambda n: n == emb or n.startswith("scheduler."))
+        plan.ignored.append(lambda n: n == emb)
         plan.buffers[emb] = None  # filled by export_buffers (needs the table's width)
-        if not (params.use_flow_matching_scheduler or params.use_diffusers_scheduler):
-            s = params.noise_scheduler
-            for k, v in ddpm_buffers(s.num_timesteps, s.beta_start, s.beta_end).items():
-                plan.buffers[f"scheduler.{k}"] = v
+        _add_ddpm_buffers(plan, params)
     else:
         raise FoundryMapError(f"model type {kind!r}: no table of the original's state-dict names.")
     return plan
@@ -390,6 +468,7 @@ def export_state_dict(
             f"not in the table {unused[:20]}."
         )
     out: dict[str, np.ndarray] = {}
+    parts: dict[str, dict[int, np.ndarray]] = {}  # fused tensors: name -> {slice index: inverted slice}
     for rule in plan.rules:
         if rule.source.startswith(DEAD):
             continue
@@ -398,7 +477,15 @@ def export_state_dict(
         value = np.asarray(flat[rule.target])
         items = list(zip(rule.source_names(), value, strict=True)) if rule.stacked else [(rule.source, value)]
         for name, v in items:
-            out[name] = np.ascontiguousarray(rule.transform.invert(v))
+            if rule.transform.part is None:
+                out[name] = np.asarray(rule.transform.invert(v), order="C")  # (ascontiguousarray makes 0-d 1-d)
+            else:
+                parts.setdefault(name, {})[rule.transform.part[0]] = rule.transform.invert(v)
+    for name, slices in parts.items():
+        n = next(r.transform.part[1] for r in plan.rules if r.transform.part is not None and name in r.source_names())
+        if sorted(slices) != list(range(n)):
+            raise FoundryMapError(f"{name}: only slices {sorted(slices)} of {n} of the fused tensor are parameters.")
+        out[name] = np.asarray(np.concatenate([slices[j] for j in range(n)], axis=0), order="C")
     for name, value in plan.buffers.items():
         if value is None:  # the sinusoid frequencies of the diffusion time table
             value = sinusoid_frequencies(out["time_encoding.weight"].shape[1])
