@@ -26,6 +26,7 @@ import tempfile
 from typing import Any
 
 import yaml
+from absl import logging
 
 from vla_foundry_jax import checkpoint as ckpt_lib
 from vla_foundry_jax import paths
@@ -88,14 +89,21 @@ def collect_run_data(exp: TrainExperimentParams, target: str) -> None:
                 break
     processor = getattr(data, "processor", None)
     tokenizer = getattr(data, "tokenizer", None)
+    copies = []
     if processor and processor not in _NOT_DIRECTORIES:
-        _save_pretrained(PROCESSOR, processor, os.path.join(target, PROCESSOR))
+        copies.append((PROCESSOR, processor))
         if tokenizer:  # the processor's own tokenizer is replaced by the named one
-            _save_pretrained(TOKENIZER, tokenizer, os.path.join(target, TOKENIZER))
+            copies.append((TOKENIZER, tokenizer))
     elif tokenizer or processor == "simple_vlm":
         from vla_foundry_jax.data.processor import SIMPLE_VLM_DEFAULT_TOKENIZER
 
-        _save_pretrained(TOKENIZER, tokenizer or SIMPLE_VLM_DEFAULT_TOKENIZER, os.path.join(target, TOKENIZER))
+        copies.append((TOKENIZER, tokenizer or SIMPLE_VLM_DEFAULT_TOKENIZER))
+    for kind, name in copies:
+        try:
+            _save_pretrained(kind, name, os.path.join(target, kind))
+        except (OSError, ValueError) as e:  # training already read it, so this is rare (e.g. a custom class)
+            shutil.rmtree(os.path.join(target, kind), ignore_errors=True)
+            logging.warning("the run keeps no copy of %s %r (%s); loading it will read %r again", kind, name, e, name)
     for path, source in _source_vlm_experiments(exp).items():
         directory = os.path.join(target, SOURCE_VLM, path[:-1] or "model")
         os.makedirs(directory, exist_ok=True)
