@@ -11,9 +11,11 @@ Policies (``diffusion_policy``, 10 flow steps, a chunk sampled at every step, i.
   and two cameras at 224 x 224 (random weights; ``simple_vlm`` processor over tiny_data/tokenizer).
 
 Per policy: p50 / p99 latency of one step at batch 1 in-process and through the server (a separate process on
-loopback; the client sends uint8 images at the dataset size), the server's overhead (p50 difference), and
-throughput (requests/s) with 1, 4 and 16 concurrent clients (threads, one connection each, closed loop), plus the
-ratio ``time(16 clients x N) / time(1 client x N)`` (16 means batching bought nothing; 1 means free).
+loopback; the client sends uint8 images at the dataset size), measured in alternating blocks of 10 so a busy
+machine slows both alike; the server's overhead (p50 difference) and the time spent inside the server; throughput
+(requests/s) with 1, 4 and 16 concurrent clients (threads, one connection each, closed loop; configurations in
+rotation, median of ``--rounds``), and the ratio ``time(16 clients x N) / time(1 client x N)`` (16 means batching
+bought nothing; 1 means free).
 Prints one JSON line per policy. Run it from the repository root.
 """
 
@@ -90,20 +92,30 @@ def percentiles(ms: list[float]) -> tuple[float, float]:
     return float(np.percentile(ms, 50)), float(np.percentile(ms, 99))
 
 
-def client_latency(url: str, obs: dict[str, Any], n: int) -> tuple[list[float], list[float]]:
+def interleaved_latency(policy: Any, url: str, obs: dict[str, Any], n: int) -> dict[str, list[float]]:
+    """Batch-1 step latencies in-process and through the server, in alternating blocks of 10 (so a busy machine
+    slows both alike)."""
+    from vla_foundry_jax.serving import Execution
     from vla_foundry_jax_client import PolicyClient
 
+    session = policy.new_session(0, Execution(execute_steps=1))
+    out: dict[str, list[float]] = {"inprocess": [], "server": [], "in_server": []}
     with PolicyClient(url) as client:
         client.reset(seed=0, execute_steps=1)
         for _ in range(10):
+            policy.step(session, obs)
             client.infer(obs)
-        total, server = [], []
-        for _ in range(n):
-            t = time.perf_counter()
-            client.infer(obs)
-            total.append((time.perf_counter() - t) * 1e3)
-            server.append(client.last["server_ms"])
-    return total, server
+        for _ in range(max(n // 10, 1)):
+            for _ in range(10):
+                t = time.perf_counter()
+                policy.step(session, obs)
+                out["inprocess"].append((time.perf_counter() - t) * 1e3)
+            for _ in range(10):
+                t = time.perf_counter()
+                client.infer(obs)
+                out["server"].append((time.perf_counter() - t) * 1e3)
+                out["in_server"].append(client.last["server_ms"])
+    return out
 
 
 def throughput(url: str, obs: dict[str, Any], clients: int, n: int) -> float:
@@ -134,34 +146,27 @@ def throughput(url: str, obs: dict[str, Any], clients: int, n: int) -> float:
     return elapsed
 
 
-def bench(name: str, run_dir: str | None, requests: int, flow_steps: int) -> dict[str, Any]:
-    from vla_foundry_jax.serving import Execution
-
-    policy = build_policy(name, run_dir, flow_steps)
-    obs = observation(policy, np.random.default_rng(0))
-    session = policy.new_session(0, Execution(execute_steps=1))
-    for _ in range(10):
-        policy.step(session, obs)
-    inproc = []
-    for _ in range(requests):
-        t = time.perf_counter()
-        policy.step(session, obs)
-        inproc.append((time.perf_counter() - t) * 1e3)
-
+def bench(name: str, run_dir: str | None, requests: int, flow_steps: int, rounds: int) -> dict[str, Any]:
     ctx = multiprocessing.get_context("spawn")
     ports = ctx.Queue()
     server = ctx.Process(target=_serve, args=(name, run_dir, flow_steps, ports), daemon=True)
     server.start()
+    policy = build_policy(name, run_dir, flow_steps)
+    obs = observation(policy, np.random.default_rng(0))
     try:
-        url = f"ws://127.0.0.1:{ports.get(timeout=900)}"
-        total, in_server = client_latency(url, obs, requests)
-        per_client = max(requests // 4, 20)
-        seconds = {k: throughput(url, obs, k, per_client) for k in (1, 4, 16)}
+        url = f"ws://127.0.0.1:{ports.get(timeout=1800)}"
+        lat = interleaved_latency(policy, url, obs, requests)
+        per_client = max(requests // 8, 10)
+        seconds: dict[int, list[float]] = {1: [], 4: [], 16: []}
+        for _ in range(rounds):  # configurations in rotation; the median of each
+            for k in seconds:
+                seconds[k].append(throughput(url, obs, k, per_client))
     finally:
         server.terminate()
         server.join(10)
-    p50_in, p99_in = percentiles(inproc)
-    p50_srv, p99_srv = percentiles(total)
+    med = {k: float(np.median(v)) for k, v in seconds.items()}
+    p50_in, p99_in = percentiles(lat["inprocess"])
+    p50_srv, p99_srv = percentiles(lat["server"])
     return {
         "policy": name,
         "weights": run_dir or "random",
@@ -171,10 +176,11 @@ def bench(name: str, run_dir: str | None, requests: int, flow_steps: int) -> dic
         "server_p50_ms": round(p50_srv, 3),
         "server_p99_ms": round(p99_srv, 3),
         "server_overhead_p50_ms": round(p50_srv - p50_in, 3),
-        "time_in_server_p50_ms": round(percentiles(in_server)[0], 3),
-        "requests_per_s": {str(k): round(k * per_client / s, 1) for k, s in seconds.items()},
-        "time_16_clients_over_1": round(seconds[16] / seconds[1], 2),
+        "time_in_server_p50_ms": round(percentiles(lat["in_server"])[0], 3),
+        "requests_per_s": {str(k): round(k * per_client / s, 1) for k, s in med.items()},
+        "time_16_clients_over_1": round(med[16] / med[1], 2),
         "requests_per_client": per_client,
+        "rounds": rounds,
     }
 
 
@@ -183,13 +189,14 @@ def main() -> None:
     parser.add_argument("--run_dir", default=None, help="a trained vla_quickstart run (default: random weights)")
     parser.add_argument("--requests", type=int, default=200)
     parser.add_argument("--flow_steps", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=3, help="throughput rounds (median)")
     parser.add_argument("--only", choices=["vla_quickstart", "vit_tiny_2cam_224"], default=None)
     args = parser.parse_args()
     for name in ("vla_quickstart", "vit_tiny_2cam_224"):
         if args.only and name != args.only:
             continue
         run_dir = args.run_dir if name == "vla_quickstart" else None
-        print(json.dumps(bench(name, run_dir, args.requests, args.flow_steps)), flush=True)
+        print(json.dumps(bench(name, run_dir, args.requests, args.flow_steps, args.rounds)), flush=True)
 
 
 if __name__ == "__main__":

@@ -144,6 +144,50 @@ def test_ddpm_policy_and_flow_steps(policy):
     assert np.isfinite(alone).all() and alone.shape == (8, 2)
 
 
+@pytest.mark.parametrize("spec, dims", [("action_xy:agent_xy", [0, 1]), ("action_xy:agent_xy:0", [0])])
+def test_relative_actions_come_back_absolute(policy, tmp_path, spec, dims):
+    """A policy trained on ``action_xy_relative`` (the conversion's ``relative_actions`` spec in the preprocessing
+    config) returns ``action_xy``: the sampled chunk plus the current state on the spec's dims. With the relative
+    field's statistics equal to the absolute one's, the first step's model input is the same for both policies."""
+    import json
+
+    from vla_foundry_jax.data.robotics import robotics_transform
+    from vla_foundry_jax.serving import Policy
+
+    stats_path = policy.exp.data.dataset_statistics[0]
+    with open(stats_path) as f:
+        stats = json.load(f)
+    stats["action_xy_relative"] = stats[ACTION_FIELD]
+    with open(tmp_path / "stats.json", "w") as f:
+        json.dump(stats, f)
+    data = policy.exp.data.replace(
+        dataset_statistics=[str(tmp_path / "stats.json")], action_fields=["action_xy_relative"]
+    )
+    rel = Policy(
+        policy.model,
+        policy.exp.replace(data=data),
+        robotics_transform(data, train=False),
+        {"relative_actions": [spec]},
+        num_flow_steps=4,
+    )
+    assert rel.metadata()["action_fields"] == {ACTION_FIELD: 2}
+    env = ReachEnv()
+    obs = robot_obs(env.reset(seed=2))
+    got = rel.step(rel.new_session(seed=3), obs).chunk[ACTION_FIELD]
+    ref = policy.step(policy.new_session(seed=3), obs).chunk[ACTION_FIELD].copy()
+    ref[:, dims] += obs["proprio"][PROPRIO_FIELD][dims]
+    np.testing.assert_allclose(got, ref, atol=1e-5)
+    # the past row the next step feeds back is the executed command relative to the state then
+    s = rel.new_session(seed=3)
+    first = rel.step(s, obs).action[ACTION_FIELD]
+    nxt, _, _ = env.step(first)
+    s.push(rel.check(robot_obs(nxt)))
+    past = rel.normalizer.denormalize("action_xy_relative", rel._row(s)["actions"])[0]
+    want = first.astype(np.float64)
+    want[dims] -= nxt["agent_xy"][dims]
+    np.testing.assert_allclose(past, want, atol=1e-5)
+
+
 def test_receding_horizon_and_temporal_ensembling(policy):
     from vla_foundry_jax.errors import UsageError
     from vla_foundry_jax.serving import Execution
@@ -329,7 +373,7 @@ def test_serve_policy_cli(run_dir):
             obs = robot_obs(ReachEnv().reset(seed=0))
             assert np.isfinite(client.infer(obs)[ACTION_FIELD]).all()
     finally:
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(signal.SIGTERM)  # as a process manager stops it (Ctrl-C: KeyboardInterrupt, also exit 0)
         try:
             proc.wait(30)
         except subprocess.TimeoutExpired:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import dataclasses
+import signal
 import threading
 import time
 from typing import Any
@@ -234,7 +235,8 @@ def serve_policy(
     batch_window_ms: float = 2.0,
     seed: int = 0,
 ) -> None:
-    """Load the run's policy (compiled for batch sizes 1, 2, 4, .. up to ``max_batch``) and serve it forever."""
+    """Load the run's policy (compiled for batch sizes 1, 2, 4, .. up to ``max_batch``) and serve it until SIGINT
+    or SIGTERM."""
     sizes = sorted({min(2**i, max_batch) for i in range(max(max_batch, 1).bit_length() + 1)})
     policy = Policy.from_run(run_dir, num_flow_steps=num_flow_steps, use_ema=use_ema, seed=seed, batch_sizes=sizes)
     server = PolicyServer(policy, execution=Execution(execute_steps=execute_steps), batch_window_ms=batch_window_ms)
@@ -242,4 +244,12 @@ def serve_policy(
     def ready(bound: int) -> None:
         print(f"serving {run_dir} on ws://{host}:{bound} (batch sizes {list(sizes)})", flush=True)
 
-    asyncio.run(server.run(host, port, ready))
+    async def main() -> None:
+        task = asyncio.current_task()
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)  # SIGTERM stops it like Ctrl-C
+        try:
+            await server.run(host, port, ready)
+        except asyncio.CancelledError:
+            pass
+
+    asyncio.run(main())
