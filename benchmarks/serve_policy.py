@@ -12,7 +12,8 @@ Policies (``diffusion_policy``, 10 flow steps, a chunk sampled at every step, i.
 
 Per policy: p50 / p99 latency of one step at batch 1 in-process and through the server (a separate process on
 loopback; the client sends uint8 images at the dataset size), measured in alternating blocks of 10 so a busy
-machine slows both alike; the server's overhead (p50 difference) and the time spent inside the server; throughput
+machine slows both alike; the server's overhead (p50 difference), the time spent inside the server and the
+transport (round trip minus time in the server, per request); throughput
 (requests/s) with 1, 4 and 16 concurrent clients (threads, one connection each, closed loop; configurations in
 rotation, median of ``--rounds``), and the ratio ``time(16 clients x N) / time(1 client x N)`` (16 means batching
 bought nothing; 1 means free).
@@ -177,6 +178,8 @@ def bench(name: str, run_dir: str | None, requests: int, flow_steps: int, rounds
         "server_p99_ms": round(p99_srv, 3),
         "server_overhead_p50_ms": round(p50_srv - p50_in, 3),
         "time_in_server_p50_ms": round(percentiles(lat["in_server"])[0], 3),
+        # per request: round trip minus the time inside the server = websocket + msgpack + client, both ways
+        "transport_p50_ms": round(percentiles(list(np.subtract(lat["server"], lat["in_server"])))[0], 3),
         "requests_per_s": {str(k): round(k * per_client / s, 1) for k, s in med.items()},
         "time_16_clients_over_1": round(med[16] / med[1], 2),
         "requests_per_client": per_client,

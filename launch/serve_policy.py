@@ -2,7 +2,8 @@
 
 Robots connect with the thin client (``vla_foundry_jax_client.PolicyClient``); the schema is in
 ``vla_foundry_jax_client/protocol.py``. Prints ``serving RUN on ws://HOST:PORT ...`` once listening (``--port=0``
-picks a free port) and serves until interrupted (:func:`vla_foundry_jax.serving.server.serve_policy`).
+picks a free port) and serves until stopped: SIGTERM exits 0, Ctrl-C exits 130 as every CLI
+(:func:`vla_foundry_jax.serving.server.serve_policy`).
 """
 
 from __future__ import annotations
@@ -29,20 +30,17 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if FLAGS.max_batch < 1 or FLAGS.port < 0 or FLAGS.batch_window_ms < 0:
         cli.fail("--max_batch must be >= 1, --port >= 0 and --batch_window_ms >= 0.")
-    try:
-        serve_policy(
-            FLAGS.run_dir,
-            host=FLAGS.host,
-            port=FLAGS.port,
-            num_flow_steps=FLAGS.num_flow_steps or None,
-            use_ema=FLAGS.use_ema,
-            execute_steps=FLAGS.execute_steps,
-            max_batch=FLAGS.max_batch,
-            batch_window_ms=FLAGS.batch_window_ms,
-            seed=FLAGS.seed,
-        )
-    except KeyboardInterrupt:
-        pass
+    serve_policy(
+        FLAGS.run_dir,
+        host=FLAGS.host,
+        port=FLAGS.port,
+        num_flow_steps=FLAGS.num_flow_steps or None,
+        use_ema=FLAGS.use_ema,
+        execute_steps=FLAGS.execute_steps,
+        max_batch=FLAGS.max_batch,
+        batch_window_ms=FLAGS.batch_window_ms,
+        seed=FLAGS.seed,
+    )
 
 
 if __name__ == "__main__":

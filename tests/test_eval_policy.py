@@ -1,5 +1,6 @@
-"""apps.policy_eval (``launch.eval_policy``): observation windows, the receding-horizon rollout (with an oracle),
-the plot, and the CLI on a policy trained for a few steps from gin_configs/vla_quickstart.gin."""
+"""apps.policy_eval (``launch.eval_policy``): the lockstep rollout (with an oracle and a still policy), the plot, and
+the CLI on a policy trained for a few steps from gin_configs/vla_quickstart.gin (the policy's observation windows
+and receding horizon: tests/test_serving.py)."""
 
 from __future__ import annotations
 
