@@ -66,7 +66,7 @@ def run_dir(tmp_path_factory):
 def policy(run_dir):
     from vla_foundry_jax.serving import Policy
 
-    return Policy.from_run(run_dir, num_flow_steps=4, batch_sizes=(1, 4, 16))
+    return Policy.from_run(run_dir, num_flow_steps=4, batch_sizes=(1, 16))
 
 
 def robot_obs(obs):
