@@ -45,8 +45,7 @@ _NOT_DIRECTORIES = ("simple_vlm", "stable_diffusion")
 
 def run_dir_of(path: str) -> str:
     """The run directory of ``path`` (a run, its ``checkpoints/`` or a ``checkpoints/<step>`` directory)."""
-    step_dir = ckpt_lib.resolve_step_dir(path)
-    return os.path.dirname(os.path.dirname(os.path.normpath(step_dir)))
+    return paths.dirname(paths.dirname(ckpt_lib.resolve_step_dir(path)))
 
 
 def _map_models(params: ModelParams, fn: Any, prefix: str = "") -> ModelParams:
@@ -79,10 +78,8 @@ def collect_run_data(exp: TrainExperimentParams, target: str) -> None:
         stats = merge_stats([load_stats(p) for p in stats_paths])
         with open(os.path.join(target, STATS), "w", encoding="utf-8") as f:
             json.dump(stats, f, separators=(",", ":"))
-        for directory in [os.path.dirname(os.path.abspath(p)) for p in stats_paths] + [
-            os.path.dirname(os.path.abspath(m)) for m in data.dataset_manifest
-        ]:
-            cfg = read_preprocessing_config(directory)
+        for directory in [paths.dirname(p) for p in [*stats_paths, *data.dataset_manifest]]:
+            cfg = None if paths.is_remote(directory) else read_preprocessing_config(directory)
             if cfg is not None:
                 with open(os.path.join(target, PREPROCESSING_CONFIG), "w", encoding="utf-8") as f:
                     yaml.safe_dump(cfg, f, sort_keys=True)
