@@ -22,6 +22,7 @@ LAYERS = [
     ("convert", "data"),
     ("models",),
     ("training", "sampling"),
+    ("serving",),
     ("testbeds", "gin_utils"),
     ("apps", "cli"),
 ]

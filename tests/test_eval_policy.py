@@ -1,5 +1,6 @@
-"""apps.policy_eval (``launch.eval_policy``): observation windows, the receding-horizon rollout (with an oracle),
-the plot, and the CLI on a policy trained for a few steps from gin_configs/vla_quickstart.gin."""
+"""apps.policy_eval (``launch.eval_policy``): the lockstep rollout (with an oracle and a still policy), the plot, and
+the CLI on a policy trained for a few steps from gin_configs/vla_quickstart.gin (the policy's observation windows
+and receding horizon: tests/test_serving.py)."""
 
 from __future__ import annotations
 
@@ -12,10 +13,10 @@ import pytest
 from tests.fixtures.multidevice import last_json, run
 from tests.fixtures.robotics import reach_data
 from tests.fixtures.runs import train_command
-from vla_foundry_jax.apps.policy_eval import draw_predictions, observation_sample, random_rollout, rollout
+from vla_foundry_jax.apps.policy_eval import draw_predictions, evaluate, random_rollout, rollout
 from vla_foundry_jax.data.robotics import robotics_transform
 from vla_foundry_jax.params.data_params import NormalizationParams
-from vla_foundry_jax.testbeds.tiny_robotics import PAST, PROPRIO_FIELD, ReachEnv, expert_action, sample_setup
+from vla_foundry_jax.testbeds.tiny_robotics import PAST, ReachEnv, expert_action, sample_setup
 
 
 @pytest.fixture(scope="module")
@@ -24,53 +25,28 @@ def transform():
     return robotics_transform(data, train=False)
 
 
-def test_observation_window(transform):
-    env = ReachEnv()
-    obs = env.reset(seed=3)
-    first = transform(observation_sample(obs, None, None), np.random.default_rng(0))
-    assert first["past_mask"].tolist() == [False] * 9 and first["future_mask"][1:].all()
-    agent = transform.normalizer.denormalize(PROPRIO_FIELD, first["proprioception"])
-    np.testing.assert_allclose(agent, [obs["agent_xy"]] * 2, atol=1e-5)  # copy-padded past row
-    command = env.expert_action()
-    nxt, _, _ = env.step(command)
-    later = transform(observation_sample(nxt, obs["agent_xy"], command), np.random.default_rng(0))
-    assert later["past_mask"][0] and not later["past_mask"][1:].any()
-    agent = transform.normalizer.denormalize(PROPRIO_FIELD, later["proprioception"])
-    np.testing.assert_allclose(agent, [obs["agent_xy"], nxt["agent_xy"]], atol=1e-5)
-    past_action = transform.normalizer.denormalize_actions(later["actions"])[0]
-    np.testing.assert_allclose(past_action, command, atol=1e-5)
-    proc = transform.processor
-    np.testing.assert_allclose(later["pixel_values"][0], proc.preprocess_image(nxt["image"]), atol=1e-6)
-
-
-def test_rollout_with_an_oracle_and_a_still_policy(transform):
+def test_rollout_with_an_oracle_and_a_still_policy():
     n, seed = 6, 40
     targets = np.stack([sample_setup(np.random.default_rng(seed + i)).target for i in range(n)])
     calls = []
 
-    def oracle(batch):  # plans from the agent position it reads back from the batch (through the normaliser)
-        calls.append(len(batch["actions"]))
-        agent = transform.normalizer.denormalize(PROPRIO_FIELD, batch["proprioception"])[:, PAST]
-        plan = np.zeros(batch["actions"].shape)
-        for i in range(n):
-            pos = agent[i]
-            for j in range(PAST, plan.shape[1]):
-                pos = plan[i, j] = expert_action(pos, targets[i])
-        return plan
+    def oracle(episodes, observations):  # commands from the positions it is shown
+        calls.append(list(episodes))
+        return [expert_action(o["agent_xy"], targets[i]) for i, o in zip(episodes, observations, strict=True)]
 
-    result = rollout(oracle, transform, num_episodes=n, seed=seed, execute_steps=3)
+    result = rollout(oracle, num_episodes=n, seed=seed)
     assert result["success_rate"] == 1.0 and max(result["steps"]) <= 14
-    assert calls[0] == n and len(calls) == -(-max(result["steps"]) // 3)  # one replan per 3 executed steps
+    assert calls[0] == list(range(n)) and len(calls) == max(result["steps"])  # finished episodes stop stepping
+    assert all(len(c) == sum(s > k for s in result["steps"]) for k, c in enumerate(calls))
 
-    def still(batch):
-        agent = transform.normalizer.denormalize(PROPRIO_FIELD, batch["proprioception"])[:, PAST]
-        return np.repeat(agent[:, None], batch["actions"].shape[1], 1)
+    def still(episodes, observations):
+        return [o["agent_xy"] for o in observations]
 
-    result = rollout(still, transform, num_episodes=n, seed=seed, max_steps=5)
+    result = rollout(still, num_episodes=n, seed=seed, max_steps=5)
     assert result["success_rate"] == 0.0 and result["steps"] == [5] * n
     assert 0.0 <= random_rollout(num_episodes=n, seed=seed) < 1.0
     with pytest.raises(ValueError, match="execute_steps"):
-        rollout(still, transform, num_episodes=1, execute_steps=9)
+        evaluate("unused", execute_steps=9)
 
 
 def test_draw_predictions(tmp_path, transform):

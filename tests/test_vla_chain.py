@@ -93,3 +93,23 @@ def test_policy_trains_and_evaluates(chain):
     result = last_json(run([sys.executable, "-m", "launch.eval_policy", f"--run_dir={vla}", "--num_episodes=2"]))
     assert 0.0 <= result["success_rate"] <= 1.0 and result["num_episodes"] == 2
     assert os.path.exists(os.path.join(vla, "eval_policy.png"))
+
+
+def test_policy_loads_without_its_source_vlm_run(chain):
+    """The policy run keeps its vlm_foundry_backbone's source VLM params in <run>/data (training/run_data.py)."""
+    from vla_foundry_jax.sampling import load_run_model
+
+    _, vlm, vla = chain
+    copy = os.path.join(vla, "data", "source_vlm", "vision_language_backbone", "params.json")
+    assert os.path.isfile(copy)
+    os.rename(vlm, vlm + "_gone")
+    try:
+        model, exp, _ = load_run_model(vla)
+    finally:
+        os.rename(vlm + "_gone", vlm)
+    backbone = exp.model.vision_language_backbone
+    assert backbone.vlm_experiment_dir == os.path.dirname(copy) and backbone.resume_from_checkpoint is None
+    np.testing.assert_array_equal(
+        np.asarray(model.vision_language_backbone.transformer.embeddings[...]),
+        _weights(vla)["vision_language_backbone.transformer.embeddings"],
+    )

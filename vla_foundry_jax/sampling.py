@@ -15,6 +15,7 @@ from vla_foundry_jax import paths
 from vla_foundry_jax.models import build_model
 from vla_foundry_jax.params import TrainExperimentParams
 from vla_foundry_jax.training.ema import select_ema
+from vla_foundry_jax.training.run_data import localize_experiment, run_dir_of
 from vla_foundry_jax.training.state import model_kwargs
 
 
@@ -22,9 +23,11 @@ def load_run_model(path: str, *, use_ema: bool = False) -> tuple[nnx.Module, Tra
     """``(model, experiment params, used_ema)`` saved under ``path`` (run, checkpoints or step directory), built
     from its stored params; with ``use_ema`` the trainable weights are the EMA copy when the run kept one.
 
-    No gin file is needed: the experiment params JSON inside the checkpoint says what to build.
+    No gin file is needed: the experiment params JSON inside the checkpoint says what to build. The returned params
+    read the data files (stats, processor, source VLM params) from the run's own copies when it has them
+    (:mod:`~vla_foundry_jax.training.run_data`), so a run copied elsewhere with its dataset deleted still loads.
     """
-    exp = ckpt_lib.load_experiment_params(path)
+    exp = localize_experiment(ckpt_lib.load_experiment_params(path), run_dir_of(path))
     model = nnx.eval_shape(
         lambda: build_model(exp.model, rngs=nnx.Rngs(0), load_weights=False, **model_kwargs(exp.hparams))
     )

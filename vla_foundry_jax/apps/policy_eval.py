@@ -1,10 +1,9 @@
 """Roll a trained reach policy out in ``ReachEnv`` (``launch.eval_policy``), against a random policy.
 
-The policy (EMA weights when the run kept them, ``use_ema``) is rebuilt from its checkpoint; each observation
-goes through the training transform (the sample is written in the dataset's layout: current image, agent
-position now and one step before, the previous command as the known past action), ``sample_actions`` denoises an
-action window, the window is denormalised with the run's stats and its first ``execute_steps`` future commands
-are executed before replanning (receding horizon). All episodes run in lockstep as one batch. A random policy
+The policy (EMA weights when the run kept them, ``use_ema``) runs as robot code runs it: a
+:class:`~vla_foundry_jax.serving.Policy` with one session per episode (history of the agent position and the
+previous command, as in the dataset), its first ``execute_steps`` commands of each chunk executed before
+replanning (receding horizon); the episodes run in lockstep, the sessions that replan in one batch. A random policy
 (uniform commands in the square) on the same episode seeds gives ``random_success_rate``. A PNG
 (``plot``, default ``<run_dir>/eval_policy.png``) draws, for a few validation samples, the scene (upscaled), the
 expert's future commands (green) and the predicted ones (magenta). :func:`evaluate` returns every figure.
@@ -22,28 +21,25 @@ import numpy as np
 from vla_foundry_jax import checkpoint as ckpt_lib
 from vla_foundry_jax import paths
 from vla_foundry_jax.data.pipeline import build_eval_iterator
-from vla_foundry_jax.data.robotics import robotics_transform
 from vla_foundry_jax.errors import UsageError
 from vla_foundry_jax.models.diffusion_policy import sample_actions
-from vla_foundry_jax.sampling import load_run_model
+from vla_foundry_jax.serving import Execution, Policy
 from vla_foundry_jax.testbeds.tiny_robotics import (
     ACTION_FIELD,
+    CAMERA,
     FUTURE,
     PAST,
     PROPRIO_FIELD,
     ReachEnv,
-    make_sample,
     to_pixels,
 )
 
 
-def load_policy(run_dir: str, *, use_ema: bool = True) -> tuple[Any, Any]:
-    """``(DiffusionPolicy, experiment params)`` of the latest checkpoint under ``run_dir`` (EMA weights if kept)."""
+def check_policy_run(run_dir: str) -> None:
+    """A UsageError unless ``run_dir`` holds a diffusion_policy."""
     kind = ckpt_lib.load_experiment_params(run_dir).model.type
     if kind != "diffusion_policy":
         raise UsageError(f"{run_dir} holds a {kind!r} model, not a diffusion_policy.")
-    model, exp, _ = load_run_model(run_dir, use_ema=use_ema)
-    return model, exp
 
 
 def check_reach_run(exp: Any) -> None:
@@ -66,70 +62,53 @@ def check_reach_run(exp: Any) -> None:
         )
 
 
-def observation_sample(obs: dict[str, Any], prev_agent: np.ndarray | None, prev_action: np.ndarray | None) -> dict:
-    """An env observation as a dataset sample: rows ``t-1 .. t+7``; the past row holds the previous position and
-    command (``past_mask`` False at the first step, copy-padded as in the dataset); future rows are unknown
-    (copies; the policy only reads the past and current rows)."""
-    agent = np.asarray(obs["agent_xy"], np.float64)
-    steps = PAST + 1 + FUTURE
-    agent_w = np.repeat(agent[None], steps, 0)
-    action_w = np.repeat(agent[None], steps, 0)
-    first = prev_agent is None
-    if not first:
-        agent_w[0] = prev_agent
-        action_w[0] = prev_action
-    past_mask = np.zeros(steps, bool)
-    past_mask[0] = not first
-    future_mask = np.arange(steps) >= PAST
-    colour = obs["instruction"].split()[-2]
-    return make_sample("obs", obs["image"], agent_w, action_w, past_mask, future_mask, colour)
-
-
-def stack(samples: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
-    return {k: np.stack([s[k] for s in samples]) for k in samples[0]}
+def robot_observation(obs: dict[str, Any]) -> dict[str, Any]:
+    """A ``ReachEnv`` observation as a robot gives it to :class:`~vla_foundry_jax.serving.Policy`."""
+    return {
+        "images": {CAMERA: obs["image"]},
+        "proprio": {PROPRIO_FIELD: obs["agent_xy"]},
+        "instruction": obs["instruction"],
+    }
 
 
 def rollout(
-    predict: Callable[[dict[str, np.ndarray]], np.ndarray],
-    transform: Any,
+    act: Callable[[list[int], list[dict[str, Any]]], list[np.ndarray]],
     *,
     num_episodes: int,
     seed: int = 0,
-    execute_steps: int = 4,
     max_steps: int = 24,
 ) -> dict[str, Any]:
     """Run ``num_episodes`` reach episodes (env seeds ``seed .. seed + n - 1``) in lockstep.
 
-    ``predict(batch) -> actions [B, Ta, 2]`` in raw units (positions); the commands of rows ``past .. past +
-    execute_steps - 1`` are executed, then the policy replans. Returns ``success_rate``, per-episode ``successes``
-    and ``steps``.
+    ``act(episodes, observations) -> commands``: one command (raw units) per running episode and control step.
+    Returns ``success_rate``, per-episode ``successes`` and ``steps``.
     """
-    if not 1 <= execute_steps <= FUTURE + 1:
-        raise UsageError(f"execute_steps must be in [1, {FUTURE + 1}], got {execute_steps}.")
     envs = [ReachEnv(max_steps=max_steps) for _ in range(num_episodes)]
     obs = [env.reset(seed + i) for i, env in enumerate(envs)]
-    prev_agent: list[np.ndarray | None] = [None] * num_episodes
-    prev_action: list[np.ndarray | None] = [None] * num_episodes
     done, success = [False] * num_episodes, [False] * num_episodes
     steps = [0] * num_episodes
-    rng = np.random.default_rng(seed)
     while not all(done):
-        batch = stack(
-            [
-                transform(observation_sample(o, pa, pc), rng)
-                for o, pa, pc in zip(obs, prev_agent, prev_action, strict=True)
-            ]
-        )
-        plan = np.asarray(predict(batch))
-        for k in range(execute_steps):
-            for i, env in enumerate(envs):
-                if done[i]:
-                    continue
-                command = plan[i, PAST + k]
-                prev_agent[i], prev_action[i] = obs[i]["agent_xy"], command
-                obs[i], done[i], success[i] = env.step(command)
-                steps[i] += 1
+        running = [i for i in range(num_episodes) if not done[i]]
+        commands = act(running, [obs[i] for i in running])
+        for i, command in zip(running, commands, strict=True):
+            obs[i], done[i], success[i] = envs[i].step(np.asarray(command))
+            steps[i] += 1
     return {"success_rate": float(np.mean(success)), "successes": success, "steps": steps}
+
+
+def policy_actor(
+    policy: Policy, *, num_episodes: int, seed: int, execute_steps: int
+) -> Callable[[list[int], list[dict[str, Any]]], list[np.ndarray]]:
+    """``act`` of :func:`rollout` through ``policy``: one session per episode (session seed = env seed), receding
+    horizon of ``execute_steps``, the sessions that replan in one batch."""
+    execution = Execution("receding", execute_steps=execute_steps)
+    sessions = [policy.new_session(seed + i, execution) for i in range(num_episodes)]
+
+    def act(episodes: list[int], observations: list[dict[str, Any]]) -> list[np.ndarray]:
+        results = policy.step_batch([sessions[i] for i in episodes], [robot_observation(o) for o in observations])
+        return [r.action[ACTION_FIELD] for r in results]
+
+    return act
 
 
 def random_rollout(*, num_episodes: int, seed: int = 0, max_steps: int = 24) -> float:
@@ -199,31 +178,31 @@ def evaluate(
     ``random_success_rate``, ``num_episodes``, ``mean_steps`` and, when the run has validation data and
     ``num_plot_samples`` > 0, ``val_action_error`` (mean distance of predicted to expert future commands) and
     ``plot`` (the PNG's path)."""
-    model, exp = load_policy(run_dir, use_ema=use_ema)
+    if not 1 <= execute_steps <= FUTURE + 1:
+        raise UsageError(f"execute_steps must be in [1, {FUTURE + 1}], got {execute_steps}.")
+    check_policy_run(run_dir)
+    policy = Policy.from_run(
+        run_dir, num_flow_steps=num_inference_steps, use_ema=use_ema, seed=seed, batch_sizes=(num_episodes,)
+    )
+    exp = policy.exp
     check_reach_run(exp)
-    transform = robotics_transform(exp.data, train=False)
+    act = policy_actor(policy, num_episodes=num_episodes, seed=seed, execute_steps=execute_steps)
+    result = rollout(act, num_episodes=num_episodes, seed=seed, max_steps=max_steps)
+    transform = policy.transform
     normalizer = transform.normalizer
-    key = [jax.random.PRNGKey(seed)]
 
     def predict_normalised(batch: dict[str, np.ndarray]) -> np.ndarray:
-        key[0], sub = jax.random.split(key[0])
-        return np.asarray(sample_actions(model, batch, sub, num_inference_steps=num_inference_steps))
+        key = jax.random.PRNGKey(seed)
+        return np.asarray(sample_actions(policy.model, batch, key, num_inference_steps=num_inference_steps))
 
-    result = rollout(
-        lambda b: normalizer.denormalize_actions(predict_normalised(b)),
-        transform,
-        num_episodes=num_episodes,
-        seed=seed,
-        execute_steps=execute_steps,
-        max_steps=max_steps,
-    )
     out = {
         "success_rate": result["success_rate"],
         "random_success_rate": random_rollout(num_episodes=num_episodes, seed=seed, max_steps=max_steps),
         "num_episodes": num_episodes,
         "mean_steps": float(np.mean(result["steps"])),
     }
-    if exp.data.val_dataset_manifest and num_plot_samples > 0:
+    val = list(exp.data.val_dataset_manifest)
+    if val and all(paths.exists(m) for m in val) and num_plot_samples > 0:
         it = build_eval_iterator(exp.data, global_batch_size=num_plot_samples)
         batch = next(iter(it))
         pred = normalizer.denormalize_actions(predict_normalised(batch))

@@ -337,7 +337,7 @@ class RoboticsTransform:
         mask = np.array([n in by_name or not self.data.mask_padded_images for n in self.data.image_names], dtype=bool)
         return images, mask
 
-    def _text(self, instruction: str, num_images: int, where: str) -> tuple[np.ndarray, np.ndarray]:
+    def text_tokens(self, instruction: str, num_images: int, where: str) -> tuple[np.ndarray, np.ndarray]:
         text = robotics_text(self.processor, num_images, instruction)
         n_placeholders = text.count(self.processor.image_token)
         if n_placeholders != num_images:
@@ -430,7 +430,7 @@ class RoboticsTransform:
         if instr_field is not None:
             instructions = _load_json(sample, instr_field, where)
         instruction = select_instruction(instructions, self.data.language_instruction_types, rng)
-        input_ids, attention_mask = self._text(instruction, len(images), where)
+        input_ids, attention_mask = self.text_tokens(instruction, len(images), where)
         pixels = np.stack([self.processor.preprocess_image(im) for im in images]).astype(np.float32)
         out = {
             "input_ids": input_ids,

@@ -56,6 +56,7 @@ variance ``(1 - alpha') (1 - abar_prev) / (1 - abar_t)``, noise only where ``t >
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -420,8 +421,14 @@ def _sample(graphdef: Any, state: Any, batch: dict[str, jax.Array], rng: jax.Arr
         batch.get("attention_mask_images"),
     )
     proprio = model.encode_proprioception(batch.get("proprioception"))
-    init_key, loop_key = jax.random.split(rng)
-    x = jax.random.normal(init_key, actions.shape, jnp.float32).astype(actions.dtype)
+    per_row = rng.ndim == 2  # one key per row: each row's noise does not depend on the rest of the batch
+    if per_row:
+        init_key, loop_key = rng, jax.vmap(lambda k: jax.random.fold_in(k, 1))(rng)
+        x = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, 0), actions.shape[1:], jnp.float32))(rng)
+    else:
+        init_key, loop_key = jax.random.split(rng)
+        x = jax.random.normal(init_key, actions.shape, jnp.float32)
+    x = x.astype(actions.dtype)
     past = batch.get("past_mask")
     past = None if past is None else past.astype(bool)[..., None]
     if past is not None:
@@ -432,7 +439,10 @@ def _sample(graphdef: Any, state: Any, batch: dict[str, jax.Array], rng: jax.Arr
         # NNX Variables must be created at the loop's trace level: rebuild the module inside the body.
         pred = nnx.merge(graphdef, jax.tree.map(lambda v: v, state)).denoise(cond, t, x, proprio)
         if sched.is_ddpm:
-            z = jax.random.normal(jax.random.fold_in(loop_key, i), x.shape, jnp.float32)
+            if per_row:
+                z = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, i), x.shape[1:], jnp.float32))(loop_key)
+            else:
+                z = jax.random.normal(jax.random.fold_in(loop_key, i), x.shape, jnp.float32)
             x_new = strided_ddpm_step(sched, pred, t, x, k, z)
         else:
             x_new = sched.step(pred, t, x, step_size=k)
@@ -462,12 +472,27 @@ def sample_actions(
     acts = np.shape(batch["actions"])
     if len(acts) != 3 or acts[-1] != model.action_dim:
         raise ValueError(f"batch['actions'] must be [B, Ta, {model.action_dim}] (action_dim), got {acts}.")
+    return action_sampler(model, num_inference_steps=num_inference_steps)(batch, rng)
+
+
+def action_sampler(
+    model: DiffusionPolicy, *, num_inference_steps: int | None = None
+) -> Callable[[dict[str, Any], jax.Array], jax.Array]:
+    """``sample(batch, rng) -> actions`` as :func:`sample_actions`, with the model split once (for a serving loop).
+
+    ``rng``: one key for the batch, or one key per row (``[B, 2]``): then each row's noise depends only on its key,
+    so a row samples the same actions whatever else is in the batch.
+    """
     inference_timesteps(model.scheduler, num_inference_steps)  # clear error before tracing
     keys = ("input_ids", "attention_mask", "pixel_values", "attention_mask_images", "actions", "past_mask")
     keys += ("proprioception",) if model.proprioception_dim > 0 else ()
-    arrays = {k: jnp.asarray(batch[k]) for k in keys if batch.get(k) is not None}
     graphdef, state = nnx.split(model)
-    return _sample(graphdef, state, arrays, rng, num_inference_steps=num_inference_steps)
+
+    def sample(batch: dict[str, Any], rng: jax.Array) -> jax.Array:
+        arrays = {k: jnp.asarray(batch[k]) for k in keys if batch.get(k) is not None}
+        return _sample(graphdef, state, arrays, rng, num_inference_steps=num_inference_steps)
+
+    return sample
 
 
 def policy_eval_metrics(model: DiffusionPolicy, batch: dict[str, Any], rng: jax.Array) -> dict[str, jax.Array]:

@@ -294,6 +294,11 @@ def _read_params_json(path: str) -> TrainExperimentParams:
 
 def source_vlm_params(params: VLMFoundryBackboneParams) -> VLMParams:
     """The ``vlm`` params of the source run (``vlm_experiment_dir``, else ``resume_from_checkpoint``)."""
+    return source_vlm_experiment(params).model
+
+
+def source_vlm_experiment(params: VLMFoundryBackboneParams) -> TrainExperimentParams:
+    """The experiment of the source ``vlm`` run (``vlm_experiment_dir``, else ``resume_from_checkpoint``)."""
     where = params.gin_name
     if params.vlm_experiment_dir:
         run = os.path.abspath(os.path.expanduser(params.vlm_experiment_dir))
@@ -323,7 +328,7 @@ def source_vlm_params(params: VLMFoundryBackboneParams) -> VLMParams:
             f"{field} holds a {found!r} model, not a 'vlm'; vlm_foundry_backbone starts from a VLM trained by this "
             f"project (for a Hugging Face VLM use vlm_backbone with hf_pretrained)."
         )
-    return model
+    return exp
 
 
 def _lm_width_and_layers(vlm_params: VLMParams) -> tuple[int, int, bool]:

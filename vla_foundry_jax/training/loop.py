@@ -38,6 +38,7 @@ from vla_foundry_jax.training.reliability import (
     skipped_so_far,
 )
 from vla_foundry_jax.training.resolve import resolve_experiment
+from vla_foundry_jax.training.run_data import write_run_data
 from vla_foundry_jax.training.state import ModelSpec, count_params, init_train_state, make_model_spec
 from vla_foundry_jax.training.step import make_train_step
 from vla_foundry_jax.training.validation import make_validator
@@ -108,6 +109,7 @@ def write_run_files(output_dir: str, exp: TrainExperimentParams, gin_config: str
     if jax.process_index() != 0:
         return
     paths.makedirs(output_dir)
+    write_run_data(output_dir, exp)
     if gin_config is not None:
         paths.write_text(paths.join(output_dir, "config.gin"), gin_config)
     paths.write_text(paths.join(output_dir, "params.json"), exp.to_json())
