@@ -447,7 +447,7 @@ def _streaming_iterator(
         num_batches=num_batches,
         process_index=process_index,
         process_count=process_count,
-        budget=_budget(data, log, num_batches * (global_batch_size // process_count)),
+        budget=lambda planned: _budget(data, log, planned),
         log=log,
     )
 
