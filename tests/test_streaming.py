@@ -192,6 +192,15 @@ def test_state_saved_on_some_hosts_resumes_on_others(tmp_path, saved, resumed):
     assert sum(it.bad_samples for it in its) == 1  # restored with the streams that counted it
 
 
+def test_num_streams_is_validated():
+    from vla_foundry_jax.params import ParamsError
+
+    with pytest.raises(ParamsError, match=r"text.num_streams = 0: .*at least 1"):
+        text(["m.jsonl"], num_streams=0).validate()
+    with pytest.raises(ParamsError, match=r"text.num_streams = 4: only the streaming reader .*streaming = True"):
+        text(["m.jsonl"], num_streams=4, streaming=False).validate()
+
+
 def test_not_enough_data_and_missing_num_sequences(tmp_path):
     manifest = make_text(tmp_path, "t", 2)
     with pytest.raises(DataError, match=r"Not enough training data.*allow_multiple_epochs"):

@@ -673,8 +673,9 @@ class StreamingTrainIterator(Iterator[dict[str, np.ndarray]]):
                 "incomplete: resume from an earlier checkpoint."
             )
         self._next = int(state["next_batch"])
-        for stream in self._streams:
-            stream.restore(saved_streams[str(stream.stream)])
+        with concurrent.futures.ThreadPoolExecutor(min(16, len(self._streams)), "restore") as pool:
+            # each stream re-reads the shards of its buffered samples: every stream's reads at once
+            list(pool.map(lambda stream: stream.restore(saved_streams[str(stream.stream)]), self._streams))
         self._budget.count = sum(s.bad_samples for s in self._streams if s.stream in self._layout.owned)
 
     def close(self, wait: bool = False) -> None:

@@ -42,11 +42,12 @@ class DataParams(BaseParams):
     # Sample-level shuffle with grain's index shuffle (the original shuffles shard order only).
     shuffle: bool = True
     # (JAX) Training data read by streaming (data.streaming): whole shards in a per-epoch shuffled order, split
-    # between hosts, through a sample shuffle buffer; start-up reads only the manifests. False: random access
-    # (every shard's tar headers indexed at start-up; batches independent of the host count). See README.
+    # between virtual streams (num_streams), each through a sample shuffle buffer; start-up reads only the
+    # manifests. False: random access (every shard's tar headers indexed at start-up). Either way the batches do
+    # not depend on the host count. See README.
     streaming: bool = False
-    # Streaming: the sample shuffle buffer holds up to shuffle_buffer_size samples and starts yielding once it holds
-    # shuffle_initial (the original's webdataset fields).
+    # Streaming: each stream's sample shuffle buffer holds up to shuffle_buffer_size samples and starts yielding once
+    # it holds shuffle_initial (the original's webdataset fields, per loader worker there).
     shuffle_buffer_size: int = 2000
     shuffle_initial: int = 500
     # (JAX) Streaming: the global batch is filled by this many virtual streams (each its own shards, shuffle buffer
