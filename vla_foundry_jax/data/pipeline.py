@@ -42,8 +42,9 @@ Two readers, one choice (``data.streaming``): the random-access reader above (de
 indexed at start-up, remote shards copied locally first; global batches independent of the host count) suits
 local datasets of up to a few thousand shards and is the one evaluation always uses (held-out sets are small and
 read in order); the streaming reader (``data.streaming = True``, ``data.streaming``: start-up reads the manifests
-only, hosts stream whole disjoint shards through a shuffle buffer, the original's behaviour) is for pod-scale
-training data, on object storage or many shards. Both yield the same batch layout, count bad samples under the
+only, virtual streams read whole shards through shuffle buffers, the original's behaviour, and hosts read the
+streams of their rows, so its batches too are independent of the host count) is for pod-scale training data, on
+object storage or many shards. Both yield the same batch layout, count bad samples under the
 same policy and save their state in every checkpoint.
 """
 
@@ -447,7 +448,7 @@ def _streaming_iterator(
         num_batches=num_batches,
         process_index=process_index,
         process_count=process_count,
-        budget=_budget(data, log, num_batches * (global_batch_size // process_count)),
+        budget=lambda planned: _budget(data, log, planned),
         log=log,
     )
 

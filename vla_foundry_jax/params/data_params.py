@@ -42,13 +42,18 @@ class DataParams(BaseParams):
     # Sample-level shuffle with grain's index shuffle (the original shuffles shard order only).
     shuffle: bool = True
     # (JAX) Training data read by streaming (data.streaming): whole shards in a per-epoch shuffled order, split
-    # between hosts, through a sample shuffle buffer; start-up reads only the manifests. False: random access
-    # (every shard's tar headers indexed at start-up; batches independent of the host count). See README.
+    # between virtual streams (num_streams), each through a sample shuffle buffer; start-up reads only the
+    # manifests. False: random access (every shard's tar headers indexed at start-up). Either way the batches do
+    # not depend on the host count. See README.
     streaming: bool = False
-    # Streaming: the sample shuffle buffer holds up to shuffle_buffer_size samples and starts yielding once it holds
-    # shuffle_initial (the original's webdataset fields).
+    # Streaming: each stream's sample shuffle buffer holds up to shuffle_buffer_size samples and starts yielding once
+    # it holds shuffle_initial (the original's webdataset fields, per loader worker there).
     shuffle_buffer_size: int = 2000
     shuffle_initial: int = 500
+    # (JAX) Streaming: the global batch is filled by this many virtual streams (each its own shards, shuffle buffer
+    # and generators; hosts read the streams of their rows), so the batches do not depend on the host count. A
+    # divisor of the global batch; None: the largest one up to 64 and the smallest dataset's shard count.
+    num_streams: int | None = None
     # Overwritten from hparams.seed when the experiment is resolved.
     seed: int = 42
     # (JAX) Bad samples (corrupt / undecodable / incomplete; see data.bad_samples) are skipped, warned and counted;
@@ -91,6 +96,16 @@ class DataParams(BaseParams):
                 f"{where}.shuffle_buffer_size = {self.shuffle_buffer_size} and {where}.shuffle_initial = "
                 f"{self.shuffle_initial}: need 1 <= shuffle_initial <= shuffle_buffer_size (samples held by the "
                 "streaming shuffle buffer; a buffer of 1 keeps each shard's tar order)."
+            )
+        if self.num_streams is not None and (self.num_streams < 1 or not self.streaming):
+            raise ParamsError(
+                f"{where}.num_streams = {self.num_streams}: "
+                + (
+                    "the streaming reader's stream count must be at least 1 (or None for the default)."
+                    if self.num_streams < 1
+                    else f"only the streaming reader has streams; set {where}.streaming = True or leave num_streams "
+                    "unset (None)."
+                )
             )
         if not 0.0 <= self.max_bad_sample_fraction <= 1.0:
             raise ParamsError(
