@@ -242,9 +242,9 @@ def run(state, ids, pixels, grids, mask):
 one = np.asarray(run(state, *args))
 mesh = Mesh(np.array(jax.devices()), ("d",))
 rows = NamedSharding(mesh, P("d"))
-put = lambda x: jax.device_put(x, rows) if x.shape[0] % 8 == 0 else x
-state = jax.tree.map(put, state)  # every parameter with a leading axis of 8 split across the devices
-sharded = np.asarray(run(state, args[0], jax.device_put(args[1], rows), args[2], args[3]))
+put = lambda x: jax.device_put(x, rows if x.ndim and x.shape[0] % 8 == 0 else NamedSharding(mesh, P()))
+state = jax.tree.map(put, state)  # every array with a leading axis divisible by 8 is split across the devices
+sharded = np.asarray(run(state, *(put(a) for a in args)))
 print(json.dumps({"devices": len(jax.devices()), "diff": float(np.abs(one - sharded).max())}))
 """
 
