@@ -208,7 +208,7 @@ def test_greedy_generation_matches_hf(ckpts, name, tmp_path):
 
 def test_bad_inputs_name_the_field(ours):
     model = ours["qwen2_5_vl"]
-    ids, mask, pixels, padded, grids = _batch()
+    ids, _, _, padded, grids = _batch()
     with pytest.raises(QwenVLInputError, match="image_grid_thw is missing"):
         model(jnp.asarray(ids), jnp.asarray(padded))
     n = int((ids == IMG).sum())
@@ -255,3 +255,39 @@ def test_sharded_matches_single_device(ckpts, tmp_path):
     done = run_python(SHARDED, ckpts["qwen3_vl"][0], str(tmp_path / "batch.npz"), devices=8, timeout=300)
     result = last_json(done)
     assert result["devices"] == 8 and result["diff"] < 1e-5
+
+
+@pytest.mark.parametrize(("name", "n_layers"), [("qwen2_5_vl", 1), ("qwen3_vl", 2)])
+def test_vlm_backbone_matches_hf(ckpts, name, n_layers):
+    """``vlm_backbone``: camera images patchified in the model as HF's image processor does; the conditioning is
+    HF's last hidden states at an appended action token (embedding table grown by one mean row)."""
+    import copy
+
+    from vla_foundry_jax.models.vlm_backbones import QwenVLBackbone
+    from vla_foundry_jax.params.model_params import VLMBackboneParams
+
+    path, hf = ckpts[name]
+    model = loaded(VLMBackboneParams(hf_pretrained=path, num_vlm_layers_to_use=n_layers))
+    assert isinstance(model, QwenVLBackbone) and model.action_token_id == 160
+    rng = np.random.default_rng(7)
+    cams = rng.standard_normal((2, 2, 16, 24, 3)).astype(np.float32)  # 2 samples x 2 cameras of 16 x 24 pixels
+    text = lambda n: list(rng.integers(1, 140, size=n))  # noqa: E731
+    ids = np.asarray([text(2) + _image_tokens((1, 4, 6)) * 2 + text(3) for _ in range(2)], np.int64)
+    processor = transformers.Qwen2VLImageProcessorPil(
+        do_resize=False, do_rescale=False, do_normalize=False, patch_size=PATCH, merge_size=MERGE
+    )
+    flat = processor(
+        images=list(np.moveaxis(cams.reshape(4, 16, 24, 3), -1, 1)), input_data_format="channels_first"
+    ).convert_to_tensors("np")
+    hf = copy.deepcopy(hf)
+    with torch.no_grad():
+        hf.resize_token_embeddings(161, mean_resizing=False)
+        emb = hf.get_input_embeddings().weight
+        emb[-1] = emb[:-1].mean(0)
+    ids_a = np.concatenate([ids, np.full((2, 1), 160)], 1)
+    ref = _hf_forward(
+        hf, ids_a, np.ones_like(ids_a), flat["pixel_values"], flat["image_grid_thw"], output_hidden_states=True
+    )
+    want = np.concatenate([h.numpy()[:, -1] for h in ref.hidden_states[-n_layers:]], -1)[:, None]
+    got = np.asarray(model(jnp.asarray(ids), jnp.asarray(cams)))
+    np.testing.assert_allclose(got, want, atol=ATOL)

@@ -89,6 +89,7 @@ class QwenVisionConfig:
             raise UnsupportedArchitectureError(
                 f"{family} vision hidden size {hidden} / {heads} heads must give a head dim divisible by 4 (2-D RoPE)."
             )
+        windowed, deep = family == "qwen2_5_vl", family == "qwen3_vl"
         c = cls(
             family=family,
             depth=int(vc.depth),
@@ -102,12 +103,10 @@ class QwenVisionConfig:
             in_channels=int(getattr(vc, "in_channels", 3)),
             activation=act,
             rope_theta=float(rope.get("rope_theta", 10000.0)),
-            window_size=int(getattr(vc, "window_size", 0) or 0) if family == "qwen2_5_vl" else 0,
-            fullatt_block_indexes=tuple(getattr(vc, "fullatt_block_indexes", ()) or ()) if family == "qwen2_5_vl" else (),
-            num_position_embeddings=int(getattr(vc, "num_position_embeddings", 0) or 0) if family == "qwen3_vl" else 0,
-            deepstack_visual_indexes=tuple(getattr(vc, "deepstack_visual_indexes", ()) or ())
-            if family == "qwen3_vl"
-            else (),
+            window_size=int(getattr(vc, "window_size", 0) or 0) if windowed else 0,
+            fullatt_block_indexes=tuple(getattr(vc, "fullatt_block_indexes", ()) or ()) if windowed else (),
+            num_position_embeddings=int(getattr(vc, "num_position_embeddings", 0) or 0) if deep else 0,
+            deepstack_visual_indexes=tuple(getattr(vc, "deepstack_visual_indexes", ()) or ()) if deep else (),
         )
         if c.windowed and c.window_merged < 1:
             raise UnsupportedArchitectureError(

@@ -38,6 +38,7 @@ Not supported: video inputs (``pixel_values_videos``, temporal positions of seve
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import jax
@@ -283,7 +284,9 @@ class QwenVisionTower(nnx.Module):
             if v.num_position_embeddings
             else None
         )
-        self.blocks = stack_layers(lambda r: VisionBlock(v, rngs=r, dtype=dtype, param_dtype=param_dtype), v.depth, rngs)
+        self.blocks = stack_layers(
+            lambda r: VisionBlock(v, rngs=r, dtype=dtype, param_dtype=param_dtype), v.depth, rngs
+        )
         self.merger = PatchMerger(v, postshuffle=False, **kw)
         K = len(v.deepstack_visual_indexes)
         self.deepstack_mergers = (
@@ -298,10 +301,8 @@ class QwenVisionTower(nnx.Module):
         """2-D rotary cos / sin ``[N, 1, head_dim]`` (float32)."""
         quarter = self.v.head_dim // 2
         inv_freq = 1.0 / (self.v.rope_theta ** (jnp.arange(0, quarter, 2, dtype=jnp.float32) / quarter))
-        freqs = jnp.concatenate(
-            [layout["row"][:, None].astype(jnp.float32) * inv_freq, layout["col"][:, None].astype(jnp.float32) * inv_freq],
-            axis=-1,
-        )
+        rows, cols = (layout[k][:, None].astype(jnp.float32) for k in ("row", "col"))
+        freqs = jnp.concatenate([rows * inv_freq, cols * inv_freq], axis=-1)
         emb = jnp.concatenate([freqs, freqs], axis=-1)[:, None, :]
         return jnp.cos(emb), jnp.sin(emb)
 
@@ -313,7 +314,7 @@ class QwenVisionTower(nnx.Module):
         layout = patch_layout(grid, N, v.spatial_merge_size)
         x = self.patch_embed(pixel_values.astype(self.dtype))
         if self.pos_embed is not None:
-            side = int(round(v.num_position_embeddings**0.5))
+            side = math.isqrt(v.num_position_embeddings)
             idx, wts = bilinear_taps(layout, side)
             table = self.pos_embed[...].astype(jnp.float32)
             x = x + jnp.sum(table[idx] * wts[..., None], axis=1).astype(x.dtype)
@@ -322,9 +323,7 @@ class QwenVisionTower(nnx.Module):
         full = jnp.stack([layout["image"], layout["frame"], zeros, zeros])
         if v.windowed:
             ws = v.window_merged
-            window = jnp.stack(
-                [layout["image"], layout["frame"], layout["block_row"] // ws, layout["block_col"] // ws]
-            )
+            window = jnp.stack([layout["image"], layout["frame"], layout["block_row"] // ws, layout["block_col"] // ws])
             is_full = jnp.asarray([i in v.fullatt_block_indexes for i in range(v.depth)])
         else:
             window, is_full = full, jnp.ones((v.depth,), bool)
@@ -463,3 +462,24 @@ class QwenVL(nnx.Module):
     def init_cache(self, batch_size: int, max_len: int, dtype: jnp.dtype | None = None) -> Any:
         cache = self.language_model.init_cache(batch_size, max_len, dtype)
         return {**cache, "rope_deltas": jnp.zeros((batch_size,), jnp.int32)}
+
+
+def patchify_images(images: jax.Array, v: QwenVisionConfig) -> tuple[jax.Array, np.ndarray]:
+    """Channels-last images ``[B, N, h, w, C]`` (already normalised, sides multiples of ``patch * merge``) -> HF's flat
+    ``pixel_values [B * N * gh * gw, C * T * p * p]`` and ``image_grid_thw [B * N, 3]`` (static), as HF's image
+    processor writes a still image: repeated ``T = temporal_patch_size`` times along time, rows in (merge-block row,
+    merge-block column, row in block, column in block) order, each row (channel, time, pixel row, pixel column)."""
+    B, N, h, w, C = images.shape
+    p, m, T = v.patch_size, v.spatial_merge_size, v.temporal_patch_size
+    if h % (p * m) or w % (p * m):
+        raise QwenVLInputError(
+            f"camera images of {h} x {w} pixels: Qwen-VL needs sides that are multiples of {p * m} (patch_size x "
+            "spatial_merge_size); resize them in the data pipeline."
+        )
+    gh, gw = h // p, w // p
+    x = jnp.moveaxis(images.reshape(B * N, h, w, C), -1, 1)  # [BN, C, h, w]
+    x = jnp.broadcast_to(x[:, :, None], (B * N, C, T, h, w))
+    x = x.reshape(B * N, C, T, gh // m, m, p, gw // m, m, p)
+    x = x.transpose(0, 3, 6, 4, 7, 1, 2, 5, 8)  # [BN, gh/m, gw/m, m, m, C, T, p, p]
+    grid = np.tile(np.asarray([[1, gh, gw]], np.int32), (B * N, 1))
+    return x.reshape(B * N * gh * gw, C * T * p * p), grid
