@@ -13,10 +13,11 @@ bucket sizes; ``N`` must be a multiple of ``spatial_merge_size^2``); everything 
 interpolation of Qwen3-VL's position table, the LM's multimodal positions) is computed with ``jnp`` from the grid,
 so the model runs under ``jax.jit`` with a traced grid (one compile per (``N``, number of images, ``S``)). Vision
 attention is :func:`~vla_foundry_jax.layers.attention.segment_attention`: patches see the patches of their own
-image frame (Qwen2.5-VL's windowed layers: of their own window). HF permutes the patches so that each window is
-contiguous; attention is permutation-equivariant and the merger's 2 x 2 blocks stay together, so here the order is
-kept and the window is a segment id. With a concrete grid the attention is banded by blocks of the largest image
-(cost ``3 * max_patches * N`` instead of ``N^2``); with a traced one it uses ``vision_chunk`` (None: dense).
+image frame (Qwen2.5-VL's windowed layers: of their own window). Attention is banded by blocks: full layers by
+the largest image frame when the grid is concrete (cost ``3 * max_patches * N`` instead of ``N^2``; with a traced
+grid ``vision_chunk``, None: dense), Qwen2.5-VL's windowed layers by one window (static). For those, the merge units
+are reordered so that each window is contiguous, as HF's ``window_index`` does (any such order gives the same
+attention, and the merger's 2 x 2 blocks stay together), and put back in order before the merger.
 
 Vision tower (``visual``): 3-D patch embedding (a linear map of each flat row: HF's ``Conv3d`` with stride =
 kernel), Qwen3-VL's learned position table bilinearly resized (``align_corners``) to each grid, ``depth`` pre-norm
@@ -211,14 +212,15 @@ class VisionAttention(nnx.Module):
         self.qkv = Dense(v.hidden_size, 3 * v.hidden_size, names=("embed", "qkv"), **kw)
         self.proj = Dense(v.hidden_size, v.hidden_size, names=("heads", "embed"), **kw)
 
-    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, segments: jax.Array, chunk: int | None):
+    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, attend: Any) -> jax.Array:
+        """``attend(q, k, v)``: the segment attention of this layer (full or windowed)."""
         N, D = x.shape
         q, k, v = jnp.split(self.qkv(x).reshape(N, 3, self.v.num_heads, self.v.head_dim), 3, axis=1)
         q, k, v = q[:, 0], k[:, 0], v[:, 0]
         qf, kf = q.astype(jnp.float32), k.astype(jnp.float32)
         q = (qf * cos + rotate_half(qf) * sin).astype(x.dtype)
         k = (kf * cos + rotate_half(kf) * sin).astype(x.dtype)
-        return self.proj(segment_attention(q, k, v, segments, chunk=chunk).reshape(N, D))
+        return self.proj(attend(q, k, v).reshape(N, D))
 
 
 class VisionBlock(nnx.Module):
@@ -231,8 +233,8 @@ class VisionBlock(nnx.Module):
         self.norm2 = _norm(v, D, param_dtype)
         self.mlp = GatedMLP(D, F, act=act, **kw) if v.family == "qwen2_5_vl" else MLP(D, F, act=act, **kw)
 
-    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, segments: jax.Array, chunk: int | None):
-        x = x + self.attn(self.norm1(x).astype(x.dtype), cos, sin, segments, chunk)
+    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, attend: Any) -> jax.Array:
+        x = x + self.attn(self.norm1(x).astype(x.dtype), cos, sin, attend)
         return x + self.mlp(self.norm2(x).astype(x.dtype))
 
 
@@ -321,21 +323,41 @@ class QwenVisionTower(nnx.Module):
         cos, sin = self.rotary(layout)
         zeros = jnp.zeros_like(layout["image"])
         full = jnp.stack([layout["image"], layout["frame"], zeros, zeros])
+        keep = bool(v.deepstack_visual_indexes)
         if v.windowed:
+            # reorder the merge units so that every window is contiguous (HF's window_index; any order that keeps
+            # windows together gives the same attention), then attend in blocks of one window
             ws = v.window_merged
-            window = jnp.stack([layout["image"], layout["frame"], layout["block_row"] // ws, layout["block_col"] // ws])
+            wr, wc = layout["block_row"] // ws, layout["block_col"] // ws
+            keys = [layout[k][:: v.merge_unit] for k in ("block_col", "block_row")]
+            keys += [wc[:: v.merge_unit], wr[:: v.merge_unit], layout["frame"][:: v.merge_unit]]
+            units = jnp.lexsort([*keys, layout["image"][:: v.merge_unit]])
+            perm = (units[:, None] * v.merge_unit + jnp.arange(v.merge_unit)).reshape(-1)
+            x, cos, sin, full = x[perm], cos[perm], sin[perm], full[:, perm]
+            window = jnp.stack([layout["image"], layout["frame"], wr, wc])[:, perm]
+            window_chunk = ws * ws * v.merge_unit
             is_full = jnp.asarray([i in v.fullatt_block_indexes for i in range(v.depth)])
         else:
-            window, is_full = full, jnp.ones((v.depth,), bool)
-        keep = bool(v.deepstack_visual_indexes)
+            is_full = jnp.ones((v.depth,), bool)
 
         def step(block: VisionBlock, x: jax.Array, use_full: jax.Array) -> Any:
-            y = block(x, cos, sin, jnp.where(use_full, full, window), chunk)
+            def attend(q: jax.Array, k: jax.Array, v_: jax.Array) -> jax.Array:
+                if not v.windowed:
+                    return segment_attention(q, k, v_, full, chunk=chunk)
+                return jax.lax.cond(
+                    use_full,
+                    lambda: segment_attention(q, k, v_, full, chunk=chunk),
+                    lambda: segment_attention(q, k, v_, window, chunk=window_chunk),
+                )
+
+            y = block(x, cos, sin, attend)
             return y, (y if keep else None)
 
         x, hidden = scan_layers(
             step, self.blocks, x, is_full, in_axes=(0,), out_axes=(nnx.Carry, 0), remat_policy=self.remat_policy
         )
+        if v.windowed:
+            x = x[jnp.argsort(perm)]
         merged = self.merger(x)
         if not keep:
             return merged, None
