@@ -291,3 +291,25 @@ def test_vlm_backbone_matches_hf(ckpts, name, n_layers):
     want = np.concatenate([h.numpy()[:, -1] for h in ref.hidden_states[-n_layers:]], -1)[:, None]
     got = np.asarray(model(jnp.asarray(ids), jnp.asarray(cams)))
     np.testing.assert_allclose(got, want, atol=ATOL)
+
+
+def test_qwen3vl_vla_preset(ckpts):
+    """The original's Qwen3-VL-2B-Thinking VLA recipe: its fields, and the policy builds over a Qwen3-VL backbone."""
+    from flax import nnx
+
+    from vla_foundry_jax.gin_utils import build_experiment, parse_gin
+    from vla_foundry_jax.models import build_model
+
+    dims = ["diffusion_policy.action_dim = 7", "diffusion_policy.proprioception_dim = 3"]
+    parse_gin(["vla_diffusion_qwen3vl_2b.gin"], dims)
+    model = build_experiment().model
+    bb, tp = model.vision_language_backbone, model.transformer
+    assert (bb.type, bb.hf_pretrained, bb.num_vlm_layers_to_use) == ("vlm_backbone", "Qwen/Qwen3-VL-2B-Thinking", 1)
+    assert (tp.hidden_dim, tp.n_layers, tp.n_heads, tp.is_causal) == (1024, 24, 16, False)
+    assert model.use_flow_matching_scheduler and model.noise_scheduler.clamp_range == (-3.0, 3.0)
+    parse_gin(["vla_diffusion_qwen3vl_2b.gin"], [*dims, f"vlm_backbone.hf_pretrained = '{ckpts['qwen3_vl'][0]}'"])
+    params = build_experiment().model
+    abstract = nnx.eval_shape(lambda: build_model(params, rngs=nnx.Rngs(0), load_weights=False))
+    assert abstract.vision_language_backbone.conditioning_dim == 32
+    table = abstract.vision_language_backbone.language_model.embed_tokens
+    assert table.shape == (161, 32)  # the checkpoint's 160 rows + the action token
