@@ -39,6 +39,7 @@ Not supported: video inputs (``pixel_values_videos``, temporal positions of seve
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -336,26 +337,27 @@ class QwenVisionTower(nnx.Module):
             x, cos, sin, full = x[perm], cos[perm], sin[perm], full[:, perm]
             window = jnp.stack([layout["image"], layout["frame"], wr, wc])[:, perm]
             window_chunk = ws * ws * v.merge_unit
-            is_full = jnp.asarray([i in v.fullatt_block_indexes for i in range(v.depth)])
-        else:
-            is_full = jnp.ones((v.depth,), bool)
+        # runs of consecutive blocks of one kind (full / windowed), each scanned with its own static block size
+        kinds = [not v.windowed or i in v.fullatt_block_indexes for i in range(v.depth)]
+        runs = [i for i in range(1, v.depth) if kinds[i] != kinds[i - 1]]
+        graphdef, state = nnx.split(self.blocks)
+        hidden = []
+        for lo, hi in zip([0, *runs], [*runs, v.depth], strict=True):
+            if kinds[lo]:
+                attend = functools.partial(segment_attention, segments=full, chunk=chunk)
+            else:
+                attend = functools.partial(segment_attention, segments=window, chunk=window_chunk)
 
-        def step(block: VisionBlock, x: jax.Array, use_full: jax.Array) -> Any:
-            def attend(q: jax.Array, k: jax.Array, v_: jax.Array) -> jax.Array:
-                if not v.windowed:
-                    return segment_attention(q, k, v_, full, chunk=chunk)
-                return jax.lax.cond(
-                    use_full,
-                    lambda: segment_attention(q, k, v_, full, chunk=chunk),
-                    lambda: segment_attention(q, k, v_, window, chunk=window_chunk),
-                )
+            def step(block: VisionBlock, x: jax.Array, attend: Any = attend) -> Any:
+                y = block(x, cos, sin, attend)
+                return y, (y if keep else None)
 
-            y = block(x, cos, sin, attend)
-            return y, (y if keep else None)
-
-        x, hidden = scan_layers(
-            step, self.blocks, x, is_full, in_axes=(0,), out_axes=(nnx.Carry, 0), remat_policy=self.remat_policy
-        )
+            blocks = self.blocks
+            if (lo, hi) != (0, v.depth):
+                blocks = nnx.merge(graphdef, jax.tree.map(lambda a, lo=lo, hi=hi: a[lo:hi], state))
+            x, h = scan_layers(step, blocks, x, out_axes=(nnx.Carry, 0), remat_policy=self.remat_policy)
+            hidden.append(h)
+        hidden = jnp.concatenate(hidden) if keep else None
         if v.windowed:
             x = x[jnp.argsort(perm)]
         merged = self.merger(x)
