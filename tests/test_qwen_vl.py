@@ -257,8 +257,7 @@ def test_sharded_matches_single_device(ckpts, tmp_path):
     assert result["devices"] == 8 and result["diff"] < 1e-5
 
 
-@pytest.mark.parametrize(("name", "n_layers"), [("qwen2_5_vl", 1), ("qwen3_vl", 2)])
-def test_vlm_backbone_matches_hf(ckpts, name, n_layers):
+def test_vlm_backbone_matches_hf(ckpts, name="qwen3_vl", n_layers=2):
     """``vlm_backbone``: camera images patchified in the model as HF's image processor does; the conditioning is
     HF's last hidden states at an appended action token (embedding table grown by one mean row)."""
     import copy
@@ -313,3 +312,40 @@ def test_qwen3vl_vla_preset(ckpts):
     assert abstract.vision_language_backbone.conditioning_dim == 32
     table = abstract.vision_language_backbone.language_model.embed_tokens
     assert table.shape == (161, 32)  # the checkpoint's 160 rows + the action token
+
+
+def test_sharded_safetensors_load_the_same(ckpts, ours, tmp_path):
+    from flax import nnx
+
+    from vla_foundry_jax import checkpoint as ckpt_lib
+
+    ckpts["qwen2_5_vl"][1].save_pretrained(tmp_path, max_shard_size="20KB")
+    assert len(list(tmp_path.glob("model-*.safetensors"))) > 1
+    again = loaded(VLMHFParams(hf_pretrained=str(tmp_path)))
+    a = ckpt_lib.flat_params(nnx.state(again, nnx.Param))
+    b = ckpt_lib.flat_params(nnx.state(ours["qwen2_5_vl"], nnx.Param))
+    assert a.keys() == b.keys()
+    for k in a:
+        np.testing.assert_array_equal(np.asarray(a[k]), np.asarray(b[k]))
+
+
+def test_segment_attention_blocks_equal_dense():
+    """Banded (segments within ``chunk`` positions) and aligned (segments starting at multiples of ``chunk``) block
+    attention equal one dense segment-masked softmax written here in NumPy."""
+    from vla_foundry_jax.layers.attention import segment_attention
+
+    rng = np.random.default_rng(0)
+    q, k, v = (rng.standard_normal((40, 2, 8)).astype(np.float32) for _ in range(3))
+
+    def reference(seg):
+        s = np.einsum("qhd,khd->hqk", q, k) / np.sqrt(8)
+        s = np.where((seg[:, None] == seg[None, :])[None], s, -np.inf)
+        p = np.exp(s - s.max(-1, keepdims=True))
+        return np.einsum("hqk,khd->qhd", p / p.sum(-1, keepdims=True), v)
+
+    ragged = np.repeat(np.arange(5), [7, 12, 3, 12, 6])  # segments of at most 12
+    even = np.repeat(np.arange(5), 8)  # segments of 8 starting at multiples of 8
+    for seg, chunk, aligned in [(ragged, 12, False), (ragged, None, False), (even, 8, True)]:
+        got = segment_attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), jnp.asarray(seg)[None],
+                                chunk=chunk, aligned=aligned)  # fmt: skip
+        np.testing.assert_allclose(np.asarray(got), reference(seg), atol=1e-5)

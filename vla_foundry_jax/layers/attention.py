@@ -217,7 +217,7 @@ def empty_kv_cache(
 
 
 def segment_attention(
-    q: jax.Array, k: jax.Array, v: jax.Array, segments: jax.Array, *, chunk: int | None = None
+    q: jax.Array, k: jax.Array, v: jax.Array, segments: jax.Array, *, chunk: int | None = None, aligned: bool = False
 ) -> jax.Array:
     """Bidirectional attention within segments of one flat (packed) sequence: ``q, k, v [N, nh, hd]``, query ``i``
     sees key ``j`` iff ``segments[:, i] == segments[:, j]`` on every row of ``segments [R, N]`` (e.g. image and
@@ -227,6 +227,8 @@ def segment_attention(
     ``chunk``: when every segment lies inside ``chunk`` consecutive positions, each block of ``chunk`` queries only
     looks at the keys of its own and the two neighbouring blocks (a segment of at most ``chunk`` positions spans at
     most two blocks), so the cost is ``3 * chunk * N`` instead of ``N^2``; None: one dense ``N x N`` mask.
+    ``aligned``: every segment also starts at a multiple of ``chunk`` (e.g. images of one size), so each block only
+    looks at its own keys (cost ``chunk * N``).
     """
     N = q.shape[0]
     if chunk is None or chunk * 3 >= N:
@@ -244,6 +246,10 @@ def segment_attention(
         return jnp.concatenate([padded[:-2], padded[1:-1], padded[2:]], axis=1)
 
     seg_q = blocks(segments.T, -1)  # [nb, C, R]; padded queries / keys never match a real segment (-1 vs -2)
+    if aligned:
+        allowed = jnp.all(seg_q[:, :, None, :] == seg_q[:, None, :, :], axis=-1)  # [nb, C, C]
+        out = softmax_attention(blocks(q), blocks(k), blocks(v), allowed=allowed[:, None], upcast=False)
+        return out.reshape(n_blocks * chunk, *q.shape[1:])[:N]
     seg_k = neighbours(seg_q, -2)
     allowed = jnp.all(seg_q[:, :, None, :] == seg_k[:, None, :, :], axis=-1)  # [nb, C, 3C]
     out = softmax_attention(

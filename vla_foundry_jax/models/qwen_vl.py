@@ -14,8 +14,9 @@ interpolation of Qwen3-VL's position table, the LM's multimodal positions) is co
 so the model runs under ``jax.jit`` with a traced grid (one compile per (``N``, number of images, ``S``)). Vision
 attention is :func:`~vla_foundry_jax.layers.attention.segment_attention`: patches see the patches of their own
 image frame (Qwen2.5-VL's windowed layers: of their own window). Attention is banded by blocks: full layers by
-the largest image frame when the grid is concrete (cost ``3 * max_patches * N`` instead of ``N^2``; with a traced
-grid ``vision_chunk``, None: dense), Qwen2.5-VL's windowed layers by one window (static). For those, the merge units
+the largest image frame when the grid is concrete (cost ``3 * max_patches * N`` instead of ``N^2``, and
+``max_patches * N`` when all images have one size; with a traced grid ``vision_chunk``, None: dense), Qwen2.5-VL's
+windowed layers by one window (static; one block per window when every window is whole). For those, the merge units
 are reordered so that each window is contiguous, as HF's ``window_index`` does (any such order gives the same
 attention, and the merger's 2 x 2 blocks stay together), and put back in order before the merger.
 
@@ -310,8 +311,15 @@ class QwenVisionTower(nnx.Module):
         return jnp.cos(emb), jnp.sin(emb)
 
     def __call__(
-        self, pixel_values: jax.Array, grid: jax.Array, chunk: int | None = None
+        self,
+        pixel_values: jax.Array,
+        grid: jax.Array,
+        chunk: int | None = None,
+        aligned: bool = False,
+        whole_windows: bool = False,
     ) -> tuple[jax.Array, jax.Array | None]:
+        """``chunk``: block size of the full-attention layers (None: dense); ``aligned``: every image frame fills one
+        block; ``whole_windows``: every window is complete (both let a block attend only to itself)."""
         v = self.v
         N = pixel_values.shape[0]
         layout = patch_layout(grid, N, v.spatial_merge_size)
@@ -344,9 +352,11 @@ class QwenVisionTower(nnx.Module):
         hidden = []
         for lo, hi in zip([0, *runs], [*runs, v.depth], strict=True):
             if kinds[lo]:
-                attend = functools.partial(segment_attention, segments=full, chunk=chunk)
+                attend = functools.partial(segment_attention, segments=full, chunk=chunk, aligned=aligned)
             else:
-                attend = functools.partial(segment_attention, segments=window, chunk=window_chunk)
+                attend = functools.partial(
+                    segment_attention, segments=window, chunk=window_chunk, aligned=whole_windows
+                )
 
             def step(block: VisionBlock, x: jax.Array, attend: Any = attend) -> Any:
                 y = block(x, cos, sin, attend)
@@ -410,16 +420,23 @@ class QwenVL(nnx.Module):
     def num_hidden_layers(self) -> int:
         return self.config.text.num_layers
 
-    def _chunk(self, grid: Any) -> int | None:
+    def _blocks(self, grid: Any) -> tuple[int | None, bool, bool]:
+        """(block size of the full-attention layers, whether every image frame fills exactly one such block, whether
+        every window is whole) from a concrete grid; with a traced one ``vision_chunk`` and no alignment."""
         if grid is not None and _concrete(grid):
             g = np.asarray(grid).reshape(-1, 3)
-            return int((g[:, 1] * g[:, 2]).max()) if len(g) else None
-        return self.vision_chunk
+            if not len(g):
+                return None, False, False
+            frames = g[:, 1] * g[:, 2]
+            side = self.config.vision.window_merged * self.config.vision.spatial_merge_size
+            whole = bool(side and np.all(g[:, 1] % side == 0) and np.all(g[:, 2] % side == 0))
+            return int(frames.max()), bool(np.all(frames == frames[0])), whole
+        return self.vision_chunk, False, False
 
     def encode_images(self, pixel_values: jax.Array, image_grid_thw: jax.Array) -> tuple[jax.Array, jax.Array | None]:
         """Merged image tokens ``[N / 4, H]`` (packed, padding rows last) and DeepStack features or None."""
         grid = jnp.asarray(image_grid_thw, jnp.int32).reshape(-1, 3)
-        return self.visual(jnp.asarray(pixel_values), grid, self._chunk(image_grid_thw))
+        return self.visual(jnp.asarray(pixel_values), grid, *self._blocks(image_grid_thw))
 
     def embed(
         self, input_ids: jax.Array, pixel_values: jax.Array | None, image_grid_thw: jax.Array | None
