@@ -262,6 +262,16 @@ class PatchMerger(nnx.Module):
         return self.fc2(jax.nn.gelu(self.fc1(x), approximate=False))
 
 
+def _vision_step(cos: jax.Array, sin: jax.Array, attend: Any, keep: bool) -> Any:
+    """The scan step of a run of vision blocks (closing over its static attention, so ``nnx.remat`` sees arrays)."""
+
+    def step(block: VisionBlock, x: jax.Array) -> Any:
+        y = block(x, cos, sin, attend)
+        return y, (y if keep else None)
+
+    return step
+
+
 class QwenVisionTower(nnx.Module):
     """Flat patches ``[N, patch_dim]`` + ``image_grid_thw`` -> merged tokens ``[N / 4, H_lm]`` (and Qwen3-VL's
     DeepStack features ``[K, N / 4, H_lm]``)."""
@@ -358,13 +368,10 @@ class QwenVisionTower(nnx.Module):
                     segment_attention, segments=window, chunk=window_chunk, aligned=whole_windows
                 )
 
-            def step(block: VisionBlock, x: jax.Array, attend: Any = attend) -> Any:
-                y = block(x, cos, sin, attend)
-                return y, (y if keep else None)
-
             blocks = self.blocks
             if (lo, hi) != (0, v.depth):
                 blocks = nnx.merge(graphdef, jax.tree.map(lambda a, lo=lo, hi=hi: a[lo:hi], state))
+            step = _vision_step(cos, sin, attend, keep)
             x, h = scan_layers(step, blocks, x, out_axes=(nnx.Carry, 0), remat_policy=self.remat_policy)
             hidden.append(h)
         hidden = jnp.concatenate(hidden) if keep else None
