@@ -61,6 +61,10 @@ class HFDecoderConfig:
     final_softcap: float | None
     sandwich_norms: bool  # Gemma2's post-attention / pre- and post-FFN norms
     windows: tuple[int, ...]  # per-layer sliding window (FULL_WINDOW = global attention)
+    # multimodal RoPE (the Qwen-VL decoders): frequencies per (temporal, height, width) axis, and Qwen3-VL's
+    # interleaved layout; empty = plain RoPE
+    mrope_section: tuple[int, ...] = ()
+    mrope_interleaved: bool = False
 
     @classmethod
     def from_hf(cls, config: Any) -> HFDecoderConfig:

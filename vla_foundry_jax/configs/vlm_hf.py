@@ -2,7 +2,8 @@
 
 :func:`vlm_hf_config` dispatches on ``model_type`` (:data:`SUPPORTED_MODEL_TYPES`): ``paligemma`` ->
 :class:`PaliGemmaConfig` (SigLIP tower, projector, Gemma / Gemma2 LM), ``idefics3`` / ``smolvlm`` ->
-:class:`Idefics3Config` (SigLIP-like tower, pixel-shuffle connector, non-Gemma decoder LM).
+:class:`Idefics3Config` (SigLIP-like tower, pixel-shuffle connector, non-Gemma decoder LM), ``qwen2_vl`` /
+``qwen2_5_vl`` / ``qwen3_vl`` -> :class:`~vla_foundry_jax.configs.qwen_vl.QwenVLConfig`.
 """
 
 from __future__ import annotations
@@ -13,11 +14,12 @@ from typing import Any
 from vla_foundry_jax.configs.hf_decoder import HFDecoderConfig, UnsupportedArchitectureError
 from vla_foundry_jax.configs.hf_hub import load_hf_config
 from vla_foundry_jax.configs.hf_vision import HFVisionConfig
+from vla_foundry_jax.configs.qwen_vl import QWEN_VL_MODEL_TYPES, QwenVLConfig
 from vla_foundry_jax.params.base import ParamsError
 
 IDEFICS3_MODEL_TYPES = ("idefics3", "smolvlm")
 IDEFICS3_VISION_MODEL_TYPES = ("idefics3_vision", "smolvlm_vision")
-SUPPORTED_MODEL_TYPES = ("paligemma", *IDEFICS3_MODEL_TYPES)
+SUPPORTED_MODEL_TYPES = ("paligemma", *IDEFICS3_MODEL_TYPES, *QWEN_VL_MODEL_TYPES)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,7 +107,7 @@ class Idefics3Config:
         return cls(vision=vision, text=text, image_token_id=int(config.image_token_id), scale_factor=s, model_type=mt)
 
 
-def vlm_hf_config(params: Any) -> PaliGemmaConfig | Idefics3Config:
+def vlm_hf_config(params: Any) -> PaliGemmaConfig | Idefics3Config | QwenVLConfig:
     """The architecture of ``params.hf_pretrained`` (a ``VLMHFParams``), dispatched on ``model_type``."""
     if not params.hf_pretrained:
         raise ParamsError(f"{params.gin_name}.hf_pretrained is not set; give a hub id or a local directory.")
@@ -118,4 +120,6 @@ def vlm_hf_config(params: Any) -> PaliGemmaConfig | Idefics3Config:
         )
     if mt in IDEFICS3_MODEL_TYPES:
         return Idefics3Config.from_hf(cfg)
+    if mt in QWEN_VL_MODEL_TYPES:
+        return QwenVLConfig.from_hf(cfg)
     return PaliGemmaConfig.from_hf(cfg)

@@ -1,4 +1,5 @@
-"""Weight tables and the strict loader of ``vlm_hf``: PaliGemma / PaliGemma 2 and Idefics3 / SmolVLM checkpoints.
+"""Weight tables and the strict loader of ``vlm_hf``: PaliGemma / PaliGemma 2 and Idefics3 / SmolVLM checkpoints
+(Qwen-VL checkpoints: :mod:`~vla_foundry_jax.convert.qwen_vl_maps`).
 
 Each model is three existing tables with prefixes, loaded in one strict
 :func:`~vla_foundry_jax.convert.engine.load_rules` pass:
@@ -28,11 +29,13 @@ from collections.abc import Sequence
 from typing import Any
 
 from vla_foundry_jax.configs.hf_hub import HFLoadError, resolve_hf_path
+from vla_foundry_jax.configs.qwen_vl import QwenVLConfig
 from vla_foundry_jax.configs.vlm_hf import Idefics3Config, PaliGemmaConfig, vlm_hf_config
 from vla_foundry_jax.convert import hf_decoder_maps, hf_vision_maps
 from vla_foundry_jax.convert.engine import TRANSPOSE, Rule, find_prefix, load_rules, resolve
 from vla_foundry_jax.convert.hf_decoder_maps import decoder_rules
 from vla_foundry_jax.convert.hf_vision_maps import vision_rules
+from vla_foundry_jax.convert.qwen_vl_maps import load_qwen_vl_weights
 from vla_foundry_jax.convert.sources import SafetensorsReader
 
 STALE = hf_decoder_maps.IGNORED_SUFFIXES + hf_vision_maps.IGNORED_SUFFIXES  # rotary / position-id buffers
@@ -107,6 +110,8 @@ def load_vlm_hf_weights(params: Any, states: Sequence[Any], prefix: str) -> list
     if not params.hf_pretrained:
         return list(states)
     c = vlm_hf_config(params)
+    if isinstance(c, QwenVLConfig):
+        return load_qwen_vl_weights(params, c, states, prefix)
     where = f"{params.gin_name}.hf_pretrained = {params.hf_pretrained!r}"
     with SafetensorsReader(resolve_hf_path(params.hf_pretrained)) as reader:
         rules, skip = vlm_rules(IDEFICS3 if isinstance(c, Idefics3Config) else PALIGEMMA, c, reader.keys())

@@ -9,6 +9,7 @@ from vla_foundry_jax.layers.attention import (
     dropout,
     empty_kv_cache,
     head_major_attention,
+    segment_attention,
     softmax_attention,
 )
 from vla_foundry_jax.layers.conv import Conv2d
@@ -19,6 +20,8 @@ from vla_foundry_jax.layers.pixel_shuffle import patchify, pixel_shuffle
 from vla_foundry_jax.layers.positional import (
     LearnedPositionalEmbedding,
     apply_rotary,
+    mrope_axes,
+    mrope_positions,
     rotary_cos_sin,
     rotary_inv_freq,
     rotate_half,
@@ -60,6 +63,8 @@ __all__ = [
     "empty_kv_cache",
     "head_major_attention",
     "make_norm",
+    "mrope_axes",
+    "mrope_positions",
     "patchify",
     "pixel_shuffle",
     "remat",
@@ -67,6 +72,7 @@ __all__ = [
     "rotary_inv_freq",
     "rotate_half",
     "scan_layers",
+    "segment_attention",
     "sinusoidal_embedding",
     "softmax_attention",
     "stack_layers",

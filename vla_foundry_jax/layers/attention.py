@@ -7,6 +7,8 @@ Kernels (``q [B, Sq, nh, hd]``, ``k, v [B, Sk, nkv, hd]`` unless said otherwise)
   dropout on the probabilities; scores and softmax always in float32. ``upcast=True`` also runs the matmuls on
   float32 inputs (the HF decoders', and ``attn_name = "reference"``); ``upcast=False`` multiplies the inputs in
   their own dtype with float32 scores and casts the probabilities back to ``v``'s dtype (the encoders and UNets).
+* :func:`segment_attention`: bidirectional attention inside segments of one packed sequence (variable-size
+  images in a static-length patch sequence), dense or banded by blocks.
 * :func:`head_major_attention`: ``softmax(q k^T) v`` on head-major ``[b, nh, T, hd]`` (q pre-scaled, no mask) with
   a hand-written backward: the fast path of the bidirectional encoders on XLA:CPU.
 * :func:`dot_product_attention`: the backend choice for the ``attn_name`` of a model, below.
@@ -212,3 +214,45 @@ def empty_kv_cache(
         "mask": jnp.zeros((batch_size, max_len), bool),
         "length": jnp.zeros((), jnp.int32),
     }
+
+
+def segment_attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, segments: jax.Array, *, chunk: int | None = None, aligned: bool = False
+) -> jax.Array:
+    """Bidirectional attention within segments of one flat (packed) sequence: ``q, k, v [N, nh, hd]``, query ``i``
+    sees key ``j`` iff ``segments[:, i] == segments[:, j]`` on every row of ``segments [R, N]`` (e.g. image and
+    window ids: variable-length images packed in one static-length sequence, the masks standing for HF's
+    ``cu_seqlens``). Scale ``hd**-0.5``, float32 scores (:func:`softmax_attention`).
+
+    ``chunk``: when every segment lies inside ``chunk`` consecutive positions, each block of ``chunk`` queries only
+    looks at the keys of its own and the two neighbouring blocks (a segment of at most ``chunk`` positions spans at
+    most two blocks), so the cost is ``3 * chunk * N`` instead of ``N^2``; None: one dense ``N x N`` mask.
+    ``aligned``: every segment also starts at a multiple of ``chunk`` (e.g. images of one size), so each block only
+    looks at its own keys (cost ``chunk * N``).
+    """
+    N = q.shape[0]
+    if chunk is None or chunk * 3 >= N:
+        allowed = jnp.all(segments[:, :, None] == segments[:, None, :], axis=0)
+        return softmax_attention(q[None], k[None], v[None], allowed=allowed[None, None], upcast=False)[0]
+    n_blocks = -(-N // chunk)
+    pad = n_blocks * chunk - N
+
+    def blocks(x: jax.Array, fill: int = 0) -> jax.Array:  # [N, ...] -> [n_blocks, chunk, ...]
+        x = jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1), constant_values=fill)
+        return x.reshape(n_blocks, chunk, *x.shape[1:])
+
+    def neighbours(x: jax.Array, fill: int = 0) -> jax.Array:  # [n_blocks, chunk, ...] -> [n_blocks, 3 chunk, ...]
+        padded = jnp.pad(x, [(1, 1)] + [(0, 0)] * (x.ndim - 1), constant_values=fill)
+        return jnp.concatenate([padded[:-2], padded[1:-1], padded[2:]], axis=1)
+
+    seg_q = blocks(segments.T, -1)  # [nb, C, R]; padded queries / keys never match a real segment (-1 vs -2)
+    if aligned:
+        allowed = jnp.all(seg_q[:, :, None, :] == seg_q[:, None, :, :], axis=-1)  # [nb, C, C]
+        out = softmax_attention(blocks(q), blocks(k), blocks(v), allowed=allowed[:, None], upcast=False)
+        return out.reshape(n_blocks * chunk, *q.shape[1:])[:N]
+    seg_k = neighbours(seg_q, -2)
+    allowed = jnp.all(seg_q[:, :, None, :] == seg_k[:, None, :, :], axis=-1)  # [nb, C, 3C]
+    out = softmax_attention(
+        blocks(q), neighbours(blocks(k)), neighbours(blocks(v)), allowed=allowed[:, None], upcast=False
+    )
+    return out.reshape(n_blocks * chunk, *q.shape[1:])[:N]

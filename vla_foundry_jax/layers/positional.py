@@ -13,6 +13,9 @@
 
 Positions are absolute: with a KV cache they start at the cache length.
 
+:func:`mrope_axes` / :func:`mrope_positions`: the multimodal RoPE of the Qwen-VL decoders (each rotary frequency
+driven by the temporal, height or width position of a token).
+
 :func:`sinusoidal_embedding` is the diffusion timestep embedding (reference §3.8.1; diffusers'
 ``get_timestep_embedding``).
 """
@@ -110,3 +113,27 @@ def sinusoidal_embedding(
     sin, cos = jnp.sin(args), jnp.cos(args)
     emb = jnp.concatenate([cos, sin] if flip_sin_to_cos else [sin, cos], axis=-1)
     return jnp.pad(emb, [(0, 0)] * (emb.ndim - 1) + [(0, dim % 2)])
+
+
+def mrope_axes(section: tuple[int, ...], interleaved: bool) -> np.ndarray:
+    """Which position axis (0 temporal, 1 height, 2 width) drives each of the ``sum(section)`` rotary frequencies
+    of multimodal RoPE (M-RoPE).
+
+    Qwen2-VL / Qwen2.5-VL: consecutive blocks of ``section[0]``, ``section[1]``, ``section[2]`` frequencies.
+    Qwen3-VL (``interleaved``): frequency ``j`` is height when ``j % 3 == 1`` and ``j < 3 * section[1]``, width when
+    ``j % 3 == 2`` and ``j < 3 * section[2]``, temporal otherwise.
+    """
+    n = sum(section)
+    if not interleaved:
+        return np.repeat(np.arange(len(section)), section)
+    j = np.arange(n)
+    axes = np.zeros(n, np.int32)
+    for axis in (1, 2):
+        axes[(j % 3 == axis) & (j < 3 * section[axis])] = axis
+    return axes
+
+
+def mrope_positions(positions: jax.Array, axes: np.ndarray) -> jax.Array:
+    """Per-frequency positions ``[B, S, hd/2]`` of M-RoPE from ``positions [3, B, S]`` (temporal, height, width)
+    and :func:`mrope_axes`; the rotary angle of frequency ``j`` is ``result[..., j] * inv_freq[j]``."""
+    return jnp.moveaxis(positions, 0, -1)[..., jnp.asarray(axes)]

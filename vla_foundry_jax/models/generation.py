@@ -5,7 +5,9 @@ appended after the full padded prompt width, as in the original; padded prompt p
 Models whose call takes ``position_ids`` (the HF decoders and VLMs) get Hugging Face ``generate``'s positions:
 ``cumsum(attention_mask) - 1`` in the prompt (left-padded rows start at 0), then one more per new token, so
 left-padded greedy decoding reproduces HF's tokens. A VLM's prefill also takes ``pixel_values`` and (PaliGemma's
-prefix-LM) ``token_type_ids``; the generated tokens attend causally.
+prefix-LM) ``token_type_ids``, Qwen-VL's ``image_grid_thw``; the generated tokens attend causally. (Qwen-VL
+turns the 1-D positions of the generated tokens into its M-RoPE positions with the ``rope_deltas`` its prefill
+stored in the cache, as HF does.)
 Sampling per step: temperature 0 -> greedy argmax; otherwise ``logits / temperature``, top-k, top-p, then a
 categorical draw. Rows that emitted ``eos_token_id`` keep emitting it; the loop stops once every row is done and
 the rest of the output is filled with ``eos_token_id`` (the original returns a shorter array instead).
@@ -135,12 +137,13 @@ def generate(
     rng: jax.Array | None = None,
     pixel_values: jax.Array | None = None,
     token_type_ids: jax.Array | None = None,
+    image_grid_thw: jax.Array | None = None,
 ) -> jax.Array:
     """Sample ``max_new_tokens`` tokens after ``input_ids [B, P]`` (``attention_mask [B, P]`` marks real tokens;
     left padding for the HF models, as HF ``generate``). ``model`` is a
     :class:`~vla_foundry_jax.models.transformer.Transformer` (any module with ``init_cache`` and the same call
     signature; a VLM takes ``pixel_values`` and, for PaliGemma's prefix-LM prompt, ``token_type_ids [B, P]`` in
-    the prefill). Returns ``[B, P + max_new_tokens]`` int32.
+    the prefill; Qwen-VL also ``image_grid_thw``). Returns ``[B, P + max_new_tokens]`` int32.
     """
     input_ids = jnp.asarray(input_ids, jnp.int32)
     if max_new_tokens <= 0:
@@ -154,6 +157,8 @@ def generate(
         prefill_kwargs["pixel_values"] = jnp.asarray(pixel_values)
     if token_type_ids is not None:
         prefill_kwargs["token_type_ids"] = jnp.asarray(token_type_ids, jnp.int32)
+    if image_grid_thw is not None:
+        prefill_kwargs["image_grid_thw"] = jnp.asarray(image_grid_thw, jnp.int32)
     use_positions = "position_ids" in inspect.signature(type(model).__call__).parameters
     graphdef, state = nnx.split(model)
     return _generate(

@@ -53,6 +53,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from vla_foundry_jax.configs.hf_decoder import ACTIVATION_NAMES, HFDecoderConfig, hf_decoder_config
@@ -62,6 +63,7 @@ from vla_foundry_jax.layers.attention import empty_kv_cache, softmax_attention
 from vla_foundry_jax.layers.dense import Dense, trunc_normal
 from vla_foundry_jax.layers.feed_forward import GatedMLP
 from vla_foundry_jax.layers.losses import next_token_loss
+from vla_foundry_jax.layers.positional import mrope_axes, mrope_positions
 from vla_foundry_jax.layers.stack import check_remat_policy, scan_layers, stack_layers
 from vla_foundry_jax.models.transformer import TransformerOutput
 from vla_foundry_jax.params.model_params import TransformerHFParams
@@ -88,12 +90,17 @@ class RMSNorm(nnx.Module):
         return (y * self.scale[...].astype(jnp.float32)).astype(x.dtype)
 
 
-def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+def rope(x: jax.Array, positions: jax.Array, theta: float, mrope: np.ndarray | None = None) -> jax.Array:
     """HF rotary embedding (``rotate_half`` layout) of ``x [B, S, n, hd]`` at ``positions [S]`` or ``[B, S]``,
-    float32 maths."""
+    float32 maths; with ``mrope`` (:func:`~vla_foundry_jax.layers.positional.mrope_axes`) ``positions`` are
+    ``[3, B, S]`` (temporal, height, width; a ``[B, S]`` array is the same position on every axis)."""
     hd = x.shape[-1]
     inv_freq = 1.0 / (theta ** (jnp.arange(0, hd, 2, dtype=jnp.float32) / hd))
-    freqs = positions.astype(jnp.float32)[..., None] * inv_freq
+    if mrope is not None:
+        positions = positions if positions.ndim == 3 else jnp.broadcast_to(positions, (3, *positions.shape))
+        freqs = mrope_positions(positions, mrope).astype(jnp.float32) * inv_freq
+    else:
+        freqs = positions.astype(jnp.float32)[..., None] * inv_freq
     emb = jnp.concatenate([freqs, freqs], axis=-1)
     emb = emb if emb.ndim == 3 else emb[None]
     cos, sin = jnp.cos(emb)[:, :, None, :], jnp.sin(emb)[:, :, None, :]
@@ -127,7 +134,9 @@ class Attention(nnx.Module):
         v = self.v_proj(x).reshape(B, S, nkv, hd)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = rope(q, ctx["rope_positions"], c.rope_theta), rope(k, ctx["rope_positions"], c.rope_theta)
+        mrope = mrope_axes(c.mrope_section, c.mrope_interleaved) if c.mrope_section else None
+        q = rope(q, ctx["rope_positions"], c.rope_theta, mrope)
+        k = rope(k, ctx["rope_positions"], c.rope_theta, mrope)
         if kv is None:
             keys, values, new_kv = k, v, None
         else:
@@ -247,6 +256,7 @@ class HFDecoder(nnx.Module):
         is_causal: bool | None = None,
         prefix_mask: jax.Array | None = None,
         position_ids: jax.Array | None = None,
+        deepstack: jax.Array | None = None,
     ) -> TransformerOutput:
         """Forward pass (causal, or prefix-LM with ``prefix_mask``; ``is_causal`` is accepted for interface parity).
 
@@ -260,7 +270,11 @@ class HFDecoder(nnx.Module):
             HF's block overlay); everything else stays causal. Padded keys stay masked.
           position_ids: ``[B, S]`` int (optional), the RoPE positions of the new tokens (HF ``generate`` derives
             them from the attention mask, ``cumsum - 1``, so left-padded rows start at 0); masks and sliding windows
-            still follow the cache slots. Default: cache length + ``arange(S)``.
+            still follow the cache slots. Default: cache length + ``arange(S)``. With M-RoPE
+            (``config.mrope_section``): ``[3, B, S]`` (temporal, height, width) or ``[B, S]`` (all three equal).
+          deepstack: ``[K, B, S, H]`` (optional), Qwen3-VL's DeepStack: ``deepstack[i]`` is added to the output of
+            layer ``i < K`` (zero away from the image positions); the hidden states record the layer outputs
+            before the addition, as HF's.
 
         Returns:
           :class:`TransformerOutput` (``logits [B, S, V]`` float32, updated cache or None, hidden states or None).
@@ -303,10 +317,20 @@ class HFDecoder(nnx.Module):
         }
         windows = jnp.asarray(c.windows, jnp.int32)
 
-        def step(layer: DecoderLayer, x: jax.Array, kv: Any, window: jax.Array, ctx: dict[str, Any]) -> Any:
-            y, new_kv = layer(x, kv, window, ctx)
-            return y, (y if output_hidden_states else None, new_kv)
+        n_deep = 0 if deepstack is None else deepstack.shape[0]
 
+        def step(
+            layer: DecoderLayer, x: jax.Array, kv: Any, window: jax.Array, index: jax.Array, ctx: dict[str, Any]
+        ) -> Any:
+            y, new_kv = layer(x, kv, window, ctx)
+            recorded = y if output_hidden_states else None
+            if n_deep:
+                extra = jax.lax.dynamic_index_in_dim(ctx["deepstack"], jnp.minimum(index, n_deep - 1), keepdims=False)
+                y = y + jnp.where(index < n_deep, extra, jnp.zeros((), extra.dtype)).astype(y.dtype)
+            return y, (recorded, new_kv)
+
+        if n_deep:
+            ctx["deepstack"] = deepstack
         x0 = x
         x, (hidden, new_kv) = scan_layers(
             step,
@@ -314,8 +338,9 @@ class HFDecoder(nnx.Module):
             x,
             kv,
             windows,
+            jnp.arange(c.num_layers, dtype=jnp.int32),
             ctx,
-            in_axes=(0, 0, None),
+            in_axes=(0, 0, 0, None),
             out_axes=(nnx.Carry, 0),
             remat_policy=self.remat_policy,
         )

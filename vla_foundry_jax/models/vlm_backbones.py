@@ -21,7 +21,8 @@ model's convention: HF decoders give ``L + 1`` entries (embeddings first, the la
 the from-scratch ``transformer`` gives the ``L`` raw block outputs (none normed). ``attention_mask_images`` is
 ignored, as in the original (every image's tokens are in the sequence).
 
-* ``vlm_backbone``: a ``vlm_hf`` model (PaliGemma / PaliGemma 2, Idefics3 / SmolVLM) from ``hf_pretrained``; the
+* ``vlm_backbone``: a ``vlm_hf`` model (PaliGemma / PaliGemma 2, Idefics3 / SmolVLM, Qwen2-VL / Qwen2.5-VL /
+  Qwen3-VL: camera images patchified in the model, see :class:`QwenVLBackbone`) from ``hf_pretrained``; the
   registered weight loader reads the HF checkpoint (``V`` rows) through the ``vlm_hf`` loader, then grows the table.
   Images must have the checkpoint's ``image_size`` (the processor's job; no resize, as the original).
   With the HF attention mask the action token does not attend to padding.
@@ -59,6 +60,7 @@ from flax import nnx
 
 from vla_foundry_jax import checkpoint as ckpt_lib
 from vla_foundry_jax.configs.hf_decoder import hf_decoder_config
+from vla_foundry_jax.configs.qwen_vl import QwenVLConfig
 from vla_foundry_jax.configs.vlm_hf import Idefics3Config, vlm_hf_config
 from vla_foundry_jax.convert.vlm_hf_maps import load_vlm_hf_weights
 from vla_foundry_jax.layers.dense import trunc_normal
@@ -66,6 +68,7 @@ from vla_foundry_jax.models.backbones import as_cameras
 from vla_foundry_jax.models.hf_decoder import HFDecoder
 from vla_foundry_jax.models.hf_vlm_common import check_image_tokens as check_hf_image_tokens
 from vla_foundry_jax.models.idefics3 import Idefics3
+from vla_foundry_jax.models.qwen_vl import QwenVL, QwenVLInputError, check_inputs, patchify_images
 from vla_foundry_jax.models.transformer import Transformer
 from vla_foundry_jax.models.vlm import VLM, check_image_tokens, vision_geometry
 from vla_foundry_jax.models.vlm_hf import PaliGemma
@@ -221,11 +224,39 @@ class Idefics3Backbone(_HFBackboneMixin, Idefics3):
     """``vlm_backbone`` over an Idefics3 / SmolVLM checkpoint."""
 
 
+class QwenVLBackbone(_HFBackboneMixin, QwenVL):
+    """``vlm_backbone`` over a Qwen2-VL / Qwen2.5-VL / Qwen3-VL checkpoint. Camera images ``[B, N, h, w, 3]``
+    (normalised as the checkpoint's processor does, sides multiples of ``patch_size * spatial_merge_size``) are
+    patchified in the model as HF's processor does (:func:`~vla_foundry_jax.models.qwen_vl.patchify_images`); flat
+    ``pixel_values`` with ``image_grid_thw`` (a Qwen processor's output) are taken as they are."""
+
+    def __call__(
+        self,
+        input_ids: jax.Array,
+        pixel_values: jax.Array | None,
+        attention_mask: jax.Array | None = None,
+        attention_mask_images: jax.Array | None = None,
+        *,
+        image_grid_thw: Any = None,
+    ) -> jax.Array:
+        del attention_mask_images
+        ids, mask = append_action_token(input_ids, attention_mask, self.action_token_id)
+        if pixel_values is not None and image_grid_thw is None:
+            pixel_values, image_grid_thw = patchify_images(as_cameras(pixel_values, self.where), self.config.vision)
+        out = QwenVL.__call__(
+            self, ids, pixel_values, image_grid_thw=image_grid_thw, attention_mask=mask, output_hidden_states=True
+        )
+        return action_features(out.hidden_states, self.num_vlm_layers_to_use)
+
+
 def build_vlm_backbone(
     params: VLMBackboneParams, *, rngs: nnx.Rngs, **kwargs: Any
-) -> PaliGemmaBackbone | Idefics3Backbone:
+) -> PaliGemmaBackbone | Idefics3Backbone | QwenVLBackbone:
     """Registry builder for ``type = "vlm_backbone"`` (random weights; the weight loader fills them)."""
-    cls = Idefics3Backbone if isinstance(vlm_hf_config(params), Idefics3Config) else PaliGemmaBackbone
+    config = vlm_hf_config(params)
+    if isinstance(config, QwenVLConfig):
+        return QwenVLBackbone(params, rngs=rngs, **kwargs)
+    cls = Idefics3Backbone if isinstance(config, Idefics3Config) else PaliGemmaBackbone
     return cls(params, rngs=rngs, **kwargs)
 
 
@@ -280,7 +311,18 @@ def vlm_backbone_frozen_paths(params: VLMBackboneParams) -> list[tuple[str, ...]
 
 def check_vlm_backbone_batch(params: VLMBackboneParams, batch: dict[str, np.ndarray]) -> None:
     """Host-side: each sample holds exactly its images' image tokens (the action token is appended later)."""
-    check_hf_image_tokens(vlm_hf_config(params), batch["input_ids"], batch.get("pixel_values"))
+    config = vlm_hf_config(params)
+    if isinstance(config, QwenVLConfig):
+        pixels, grid = batch.get("pixel_values"), batch.get("image_grid_thw")
+        if pixels is not None and grid is None:
+            pixels = np.asarray(pixels)
+            try:
+                pixels, grid = patchify_images(as_cameras(pixels, params.gin_name), config.vision)
+            except QwenVLInputError as e:
+                raise QwenVLInputError(f"{params.gin_name}: {e}") from None
+        check_inputs(config, batch["input_ids"], pixels, grid)
+        return
+    check_hf_image_tokens(config, batch["input_ids"], batch.get("pixel_values"))
 
 
 # ----------------------------------------------------------------------------------------------------------

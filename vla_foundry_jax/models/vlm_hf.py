@@ -3,7 +3,8 @@
 The builder reads ``vlm_hf.hf_pretrained``'s ``config.json`` (:func:`~vla_foundry_jax.configs.vlm_hf.vlm_hf_config`)
 and dispatches on its ``model_type``. Implemented: ``paligemma`` (PaliGemma: Gemma text model; PaliGemma 2: the same
 ``model_type`` with a ``gemma2`` ``text_config``), built from the existing parts, and ``idefics3`` / ``smolvlm``
-(:class:`~vla_foundry_jax.models.idefics3.Idefics3`, see that module):
+(:class:`~vla_foundry_jax.models.idefics3.Idefics3`, see that module) and ``qwen2_vl`` / ``qwen2_5_vl`` /
+``qwen3_vl`` (:class:`~vla_foundry_jax.models.qwen_vl.QwenVL`, see that module):
 
 * ``vision_tower``: the SigLIP tower of :mod:`~vla_foundry_jax.models.hf_vision` (``post_layernorm``-ed tokens, HF's
   ``last_hidden_state``; the attention-pooling head is not built);
@@ -38,11 +39,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from vla_foundry_jax.configs.qwen_vl import QwenVLConfig
 from vla_foundry_jax.configs.vlm_hf import Idefics3Config, PaliGemmaConfig, vlm_hf_config
 from vla_foundry_jax.convert.vlm_hf_maps import load_vlm_hf_weights
 from vla_foundry_jax.layers.losses import cross_entropy_with_z_loss
 from vla_foundry_jax.models.hf_vlm_common import HFVLM, check_image_tokens
 from vla_foundry_jax.models.idefics3 import Idefics3
+from vla_foundry_jax.models.qwen_vl import QwenVL, check_inputs
 from vla_foundry_jax.params.model_params import VLMHFParams
 from vla_foundry_jax.registry import ModelRecord, register_model
 
@@ -85,7 +88,11 @@ class PaliGemma(HFVLM):
 
 def check_batch(params: Any, batch: dict[str, np.ndarray]) -> None:
     """Host-side check of a training batch (registered for ``vlm_hf``)."""
-    check_image_tokens(vlm_hf_config(params), batch["input_ids"], batch.get("pixel_values"))
+    config = vlm_hf_config(params)
+    if isinstance(config, QwenVLConfig):
+        check_inputs(config, batch["input_ids"], batch.get("pixel_values"), batch.get("image_grid_thw"))
+        return
+    check_image_tokens(config, batch["input_ids"], batch.get("pixel_values"))
 
 
 def build_vlm_hf(
@@ -95,9 +102,11 @@ def build_vlm_hf(
     dtype: jnp.dtype = jnp.float32,
     param_dtype: jnp.dtype = jnp.float32,
     remat_policy: str | None = None,
-) -> PaliGemma | Idefics3:
+) -> PaliGemma | Idefics3 | QwenVL:
     """Registry builder for ``type = "vlm_hf"`` (random parameters; the ``vlm_hf`` weight loader fills them)."""
     config = vlm_hf_config(params)
+    if isinstance(config, QwenVLConfig):
+        return QwenVL(config, rngs=rngs, dtype=dtype, param_dtype=param_dtype, remat_policy=remat_policy)
     cls = Idefics3 if isinstance(config, Idefics3Config) else PaliGemma
     return cls(config, rngs=rngs, dtype=dtype, param_dtype=param_dtype, remat_policy=remat_policy)
 
@@ -108,7 +117,8 @@ def vlm_hf_loss(model: PaliGemma, batch: dict[str, jax.Array], *, hparams: Any, 
     inputs, targets = ids[:, :-1], ids[:, 1:]
     mask = batch["loss_mask"][:, 1:] if "loss_mask" in batch else targets != model.image_token_id
     tt = batch.get("token_type_ids")
-    out = model(inputs, batch.get("pixel_values"), token_type_ids=None if tt is None else tt[:, :-1])
+    extra = {"image_grid_thw": batch["image_grid_thw"]} if "image_grid_thw" in batch else {}
+    out = model(inputs, batch.get("pixel_values"), token_type_ids=None if tt is None else tt[:, :-1], **extra)
     return cross_entropy_with_z_loss(out.logits, targets, mask, hparams.z_loss_coefficient)
 
 
