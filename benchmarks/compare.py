@@ -159,9 +159,8 @@ def ours(name: str, quick: bool, tmp: str) -> tuple[Callable[[], None], dict]:
         from vla_foundry_jax.params import TransformerHFParams
 
         ids = rng.integers(0, 50432, (sh["batch"], sh["seq"] + 1)).astype(np.int32)
-        return _train_runner(
-            TransformerHFParams(hf_pretrained=tmp), {"input_ids": ids, "loss_mask": np.ones(ids.shape, bool)}, sh["batch"]
-        )
+        batch = {"input_ids": ids, "loss_mask": np.ones(ids.shape, bool)}
+        return _train_runner(TransformerHFParams(hf_pretrained=tmp), batch, sh["batch"])
     if name == "vlm_11m":
         from vla_foundry_jax.models.vlm import image_tokens_per_image
         from vla_foundry_jax.params import VLMParams
@@ -244,7 +243,6 @@ def ours(name: str, quick: bool, tmp: str) -> tuple[Callable[[], None], dict]:
 def theirs(name: str, quick: bool, tmp: str) -> Callable[[], None]:
     import numpy as np
     import torch
-
     import torch_original as to
 
     torch.manual_seed(0)
@@ -391,7 +389,8 @@ def child_env(threads: int) -> dict[str, str]:
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
-    head = "| workload | ours s/step | PyTorch original s/step | torch/ours min | torch/ours median | compile s | peak RSS MB |"
+    head = "| workload | ours s/step | PyTorch original s/step | torch/ours min | torch/ours median | compile s "
+    head += "| peak RSS MB |"
     lines = [head, "|---|---|---|---|---|---|---|"]
     for r in rows:
         if "error" in r:

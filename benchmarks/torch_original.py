@@ -239,7 +239,7 @@ class DiffusionPolicy(nn.Module):
         nn.init.xavier_uniform_(self.proprioception_encode.weight)
 
     def conditioning(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        B, N = pixel_values.shape[:2]
+        B = pixel_values.shape[0]
         return self.backbone(pixel_values.flatten(0, 1)).reshape(B, -1, self.backbone.layer_norm.normalized_shape[0])
 
     def velocity(self, bb, t, x, prop) -> torch.Tensor:

@@ -13,12 +13,14 @@ Kernels (``q [B, Sq, nh, hd]``, ``k, v [B, Sk, nkv, hd]`` unless said otherwise)
   a hand-written backward: the fast path of the bidirectional encoders on XLA:CPU.
 * :func:`dot_product_attention`: the backend choice for the ``attn_name`` of a model, below.
 
-``attn_name`` -> implementation:
-  * ``"torch_attn"`` / ``"auto"`` / ``"xla"``: ``jax.nn.dot_product_attention(implementation=None)`` (XLA today;
-    JAX may pick a fused kernel in the future);
-  * ``"cudnn"``: ``implementation="cudnn"`` (cuDNN flash attention; bf16/fp16 on GPU). Calls that need an explicit
-    boolean mask (KV-cache decode, key padding), other dtypes (cuDNN rejects float32) and non-GPU backends fall
-    back to the XLA implementation, so one config runs everywhere;
+``attn_name`` -> implementation (:func:`choose_kernel`; each new choice is logged once):
+  * ``"torch_attn"`` / ``"auto"`` (the original's names): the fastest eligible kernel of the backend —
+    cuDNN flash attention (``jax.nn.dot_product_attention(implementation="cudnn")``) on GPU for bf16/fp16 inputs
+    with ``hd <= 128`` and a multiple of 8; Pallas splash attention on TPU for sequence lengths that are multiples
+    of 128 and ``hd`` a multiple of 128; else XLA. Calls that need an explicit boolean mask (KV-cache decode, key
+    padding) always take XLA, so one config runs everywhere;
+  * ``"cudnn"``: as ``"auto"`` but never splash;
+  * ``"xla"``: always ``jax.nn.dot_product_attention(implementation="xla")``;
   * ``"reference"``: :func:`softmax_attention` in float32 (debugging / parity).
 
 Masking (all combined by AND):
@@ -30,6 +32,9 @@ Masking (all combined by AND):
 """
 
 from __future__ import annotations
+
+import functools
+import logging
 
 import jax
 import jax.numpy as jnp
@@ -195,12 +200,60 @@ def dot_product_attention(
             else None
         )
         return softmax_attention(q, k, v, allowed=allowed)
-    if not explicit:
-        use_cudnn = impl == "cudnn" and q.dtype in (jnp.bfloat16, jnp.float16) and jax.default_backend() == "gpu"
-        implementation = "cudnn" if use_cudnn else None
-        return jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation=implementation)
-    allowed = attention_mask(q_len, k_len, causal=causal, mask=mask, q_offset=q_offset, kv_length=kv_length)
-    return jax.nn.dot_product_attention(q, k, v, mask=allowed, implementation=None)
+    kernel = choose_kernel(impl, q, k, causal=causal, explicit=explicit)
+    if kernel == "cudnn":
+        return jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation="cudnn")
+    if kernel == "splash":
+        return splash_attention(q, k, v, causal=causal)
+    allowed = (
+        attention_mask(q_len, k_len, causal=causal, mask=mask, q_offset=q_offset, kv_length=kv_length)
+        if explicit
+        else None
+    )
+    return jax.nn.dot_product_attention(q, k, v, mask=allowed, is_causal=causal and not explicit, implementation="xla")
+
+
+def choose_kernel(
+    impl: str, q: jax.Array, k: jax.Array, *, causal: bool, explicit: bool = False, backend: str | None = None
+) -> str:
+    """``"cudnn"``, ``"splash"`` or ``"xla"``: the kernel :func:`dot_product_attention` runs for ``impl`` on
+    ``backend`` (default: JAX's) with these ``q [B, Sq, nh, hd]`` / ``k`` (module docstring); logged once per
+    distinct choice. ``explicit``: the call needs a boolean mask (padding, cache, rectangular causal)."""
+    backend = backend or jax.default_backend()
+    hd, q_len, k_len = q.shape[-1], q.shape[1], k.shape[1]
+    kernel = "xla"
+    if impl in ("torch_attn", "auto", "cudnn") and not explicit:
+        half = q.dtype in (jnp.bfloat16, jnp.float16) and k.dtype == q.dtype
+        if backend == "gpu" and half and hd <= 128 and hd % 8 == 0:
+            kernel = "cudnn"
+        elif backend == "tpu" and impl != "cudnn" and q_len % 128 == 0 and k_len % 128 == 0 and hd % 128 == 0:
+            kernel = "splash"
+    _log_choice(impl, backend, kernel, str(q.dtype), hd, causal)
+    return kernel
+
+
+@functools.cache
+def _log_choice(impl: str, backend: str, kernel: str, dtype: str, hd: int, causal: bool) -> None:
+    logging.getLogger(__name__).info(
+        "attention %r on %s (%s, head_dim %d, causal %s): %s kernel", impl, backend, dtype, hd, causal, kernel
+    )
+
+
+def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool, interpret: bool = False) -> jax.Array:
+    """Pallas splash attention (TPU) on ``q [B, S, nh, hd]``, ``k, v [B, S, nkv, hd]``, scale ``1/sqrt(hd)``;
+    ``interpret`` runs the kernel in the Pallas interpreter (any backend, slow: tests)."""
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
+
+    _, S, nh, hd = q.shape
+    rep = nh // k.shape[2]
+    if rep > 1:  # grouped-query heads: one key/value head per query head
+        k, v = jnp.repeat(k, rep, axis=2), jnp.repeat(v, rep, axis=2)
+    head_mask = sm.CausalMask((S, k.shape[1])) if causal else sm.FullMask((S, k.shape[1]))
+    kernel = sk.make_splash_mha(sm.MultiHeadMask([head_mask] * nh), head_shards=1, q_seq_shards=1, interpret=interpret)
+    q = q * jnp.asarray(hd**-0.5, q.dtype)
+    out = jax.vmap(kernel)(*(t.transpose(0, 2, 1, 3) for t in (q, k, v)))
+    return out.transpose(0, 2, 1, 3).astype(q.dtype)
 
 
 def empty_kv_cache(

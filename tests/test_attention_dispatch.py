@@ -1,0 +1,83 @@
+"""Attention kernel choice (cuDNN on GPU, splash on TPU, XLA otherwise) and the numerics of each path on CPU."""
+
+from __future__ import annotations
+
+import logging
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from vla_foundry_jax.layers.attention import (
+    attention_mask,
+    choose_kernel,
+    dot_product_attention,
+    softmax_attention,
+    splash_attention,
+)
+
+
+def _qkv(B=2, S=12, nh=4, nkv=4, hd=16, dtype=jnp.float32, seed=0):
+    r = np.random.default_rng(seed)
+    q = jnp.asarray(r.standard_normal((B, S, nh, hd)), dtype)
+    k, v = (jnp.asarray(r.standard_normal((B, S, nkv, hd)), dtype) for _ in range(2))
+    return q, k, v
+
+
+@pytest.mark.parametrize(
+    ("impl", "backend", "dtype", "S", "hd", "explicit", "expected"),
+    [
+        ("auto", "cpu", jnp.bfloat16, 128, 128, False, "xla"),
+        ("torch_attn", "gpu", jnp.bfloat16, 12, 16, False, "cudnn"),
+        ("auto", "gpu", jnp.float16, 12, 64, False, "cudnn"),
+        ("auto", "gpu", jnp.float32, 12, 16, False, "xla"),  # cuDNN flash rejects float32
+        ("auto", "gpu", jnp.bfloat16, 12, 256, False, "xla"),  # head_dim above cuDNN's limit
+        ("auto", "gpu", jnp.bfloat16, 12, 12, False, "xla"),  # head_dim not a multiple of 8
+        ("auto", "gpu", jnp.bfloat16, 12, 16, True, "xla"),  # needs a boolean mask
+        ("xla", "gpu", jnp.bfloat16, 12, 16, False, "xla"),
+        ("reference", "gpu", jnp.bfloat16, 12, 16, False, "xla"),
+        ("auto", "tpu", jnp.bfloat16, 256, 128, False, "splash"),
+        ("auto", "tpu", jnp.bfloat16, 100, 128, False, "xla"),  # sequence not a multiple of the 128 block
+        ("auto", "tpu", jnp.bfloat16, 256, 64, False, "xla"),
+        ("cudnn", "tpu", jnp.bfloat16, 256, 128, False, "xla"),
+        ("auto", "tpu", jnp.bfloat16, 256, 128, True, "xla"),
+    ],
+)
+def test_choose_kernel(impl, backend, dtype, S, hd, explicit, expected):
+    q, k, _ = _qkv(B=1, S=S, nh=1, nkv=1, hd=hd, dtype=dtype)
+    assert choose_kernel(impl, q, k, causal=True, explicit=explicit, backend=backend) == expected
+
+
+def test_choice_is_logged(caplog):
+    q, k, _ = _qkv(B=1, S=8, nh=1, nkv=1, hd=40, dtype=jnp.float16)
+    with caplog.at_level(logging.INFO, logger="vla_foundry_jax.layers.attention"):
+        choose_kernel("auto", q, k, causal=False, backend="gpu")
+    assert "'auto' on gpu (float16, head_dim 40, causal False): cudnn kernel" in caplog.text
+
+
+@pytest.mark.parametrize("impl", ["auto", "torch_attn", "xla", "cudnn"])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("padded", [False, True])
+def test_cpu_falls_back_to_xla_with_reference_numerics(impl, causal, padded):
+    q, k, v = _qkv(nkv=2)
+    mask = jnp.asarray(np.arange(12)[None, :] < np.array([[12], [7]])) if padded else None
+    got = dot_product_attention(q, k, v, causal=causal, mask=mask, impl=impl)
+    allowed = attention_mask(12, 12, causal=causal, mask=mask) if (causal or padded) else None
+    # independent maths: NumPy softmax(q k^T / sqrt(hd)) v with grouped-query heads
+    qn, kn, vn = (np.asarray(t, np.float64) for t in (q, k, v))
+    kn, vn = np.repeat(kn, 2, axis=2), np.repeat(vn, 2, axis=2)
+    s = np.einsum("bqhd,bkhd->bhqk", qn, kn) / 4.0
+    if allowed is not None:
+        s = np.where(np.asarray(allowed), s, -np.inf)
+    p = np.exp(s - s.max(-1, keepdims=True))
+    want = np.einsum("bhqk,bkhd->bqhd", p / p.sum(-1, keepdims=True), vn)
+    np.testing.assert_allclose(np.asarray(got), want, atol=2e-5, rtol=1e-5)
+    if allowed is not None:
+        np.testing.assert_allclose(np.asarray(softmax_attention(q, k, v, allowed=allowed)), want, atol=2e-5)
+
+
+def test_splash_kernel_matches_reference_in_the_pallas_interpreter():
+    q, k, v = _qkv(B=1, S=128, nh=2, nkv=1, hd=128, seed=3)
+    got = splash_attention(q, k, v, causal=True, interpret=True)
+    want = softmax_attention(q, k, v, allowed=attention_mask(128, 128, causal=True))
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5)
