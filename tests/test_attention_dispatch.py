@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -12,6 +13,7 @@ from vla_foundry_jax.layers.attention import (
     attention_mask,
     choose_kernel,
     dot_product_attention,
+    head_major_attention,
     softmax_attention,
     splash_attention,
 )
@@ -27,7 +29,10 @@ def _qkv(B=2, S=12, nh=4, nkv=4, hd=16, dtype=jnp.float32, seed=0):
 @pytest.mark.parametrize(
     ("impl", "backend", "dtype", "S", "hd", "explicit", "expected"),
     [
-        ("auto", "cpu", jnp.bfloat16, 128, 128, False, "xla"),
+        ("auto", "cpu", jnp.float32, 12, 24, False, "head_major"),
+        ("torch_attn", "cpu", jnp.bfloat16, 12, 16, False, "head_major"),
+        ("auto", "cpu", jnp.float32, 12, 24, True, "xla"),
+        ("xla", "cpu", jnp.float32, 12, 24, False, "xla"),
         ("torch_attn", "gpu", jnp.bfloat16, 12, 16, False, "cudnn"),
         ("auto", "gpu", jnp.float16, 12, 64, False, "cudnn"),
         ("auto", "gpu", jnp.float32, 12, 16, False, "xla"),  # cuDNN flash rejects float32
@@ -74,6 +79,23 @@ def test_cpu_falls_back_to_xla_with_reference_numerics(impl, causal, padded):
     np.testing.assert_allclose(np.asarray(got), want, atol=2e-5, rtol=1e-5)
     if allowed is not None:
         np.testing.assert_allclose(np.asarray(softmax_attention(q, k, v, allowed=allowed)), want, atol=2e-5)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_head_major_gradients_match_autodiff_of_the_reference(causal):
+    q, k, v = _qkv(S=10, hd=24, seed=5)
+    allowed = attention_mask(10, 10, causal=True) if causal else None
+    cot = jnp.asarray(np.random.default_rng(9).standard_normal(q.shape), jnp.float32)
+
+    def ours(q, k, v):
+        out = head_major_attention(*(t.transpose(0, 2, 1, 3) for t in (q, k, v)), causal=causal, scale=24**-0.5)
+        return jnp.sum(out.transpose(0, 2, 1, 3) * cot)
+
+    def ref(q, k, v):
+        return jnp.sum(softmax_attention(q, k, v, allowed=allowed) * cot)
+
+    for g, w in zip(jax.grad(ours, (0, 1, 2))(q, k, v), jax.grad(ref, (0, 1, 2))(q, k, v), strict=True):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=2e-5, rtol=1e-5)
 
 
 def test_splash_kernel_matches_reference_in_the_pallas_interpreter():
