@@ -27,10 +27,10 @@ import jax
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import build_step
-
 from vla_foundry_jax.params import TrainExperimentParams, TransformerParams, ViTParams, VLMParams
 from vla_foundry_jax.params.model_params import DiffusionPolicyParams, NoiseSchedulerParams, VLMFoundryBackboneParams
+
+from common import build_step
 
 # bf16 dense peak FLOP/s per chip, by substrings of jax's device_kind (vendor datasheets).
 PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L4": 121e12, "TPU v6": 918e12, "TPU v5p": 459e12}
@@ -48,7 +48,11 @@ def presets(small: bool) -> dict[str, tuple]:
         vit = ViTParams(img_size=224, patch_size=14, hidden_dim=1152, inter_dim=4304, n_heads=16, n_layers=27)
         den = TransformerParams(hidden_dim=512, n_layers=12, n_heads=8, post_embed_norm=True, is_causal=False)
     vlm = VLMParams(vit=vit, transformer=lm, image_token_id=lm.vocab_size - 1)
-    return {"transformer_1b": lm if small else lm.replace(vocab_size=50432), "vlm_1b": vlm, "vla_diffusion_1b": (vlm, den)}
+    return {
+        "transformer_1b": lm if small else lm.replace(vocab_size=50432),
+        "vlm_1b": vlm,
+        "vla_diffusion_1b": (vlm, den),
+    }
 
 
 def lm_batch(vocab: int, batch: int, seq: int) -> dict:
