@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import resource
 import time
 from typing import Any
 
@@ -31,7 +32,8 @@ def build_step(params: ModelParams, *, batch: int, precision: str = "fp32", devi
 
 
 def time_step(state: Any, step: Any, batches: list[dict[str, Any]], steps: int) -> dict[str, float]:
-    """Compile once, warm up once, then the median of ``steps`` timed steps."""
+    """Compile once, warm up once, then the median of ``steps`` timed steps; ``peak_rss_mb`` is this process's peak
+    resident host memory so far (``getrusage``), which includes the compile and the first step."""
     t0 = time.perf_counter()
     compiled = step.lower(state, batches[0]).compile()
     compile_s = time.perf_counter() - t0
@@ -47,4 +49,5 @@ def time_step(state: Any, step: Any, batches: list[dict[str, Any]], steps: int) 
         "compile_s": round(compile_s, 3),
         "step_s_median": round(float(np.median(times)), 4),
         "params": count_params(state["params"]),
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
     }

@@ -8,11 +8,9 @@ Model: ``vit_tiny`` backbone (224 x 224 images, 14 x 14 patches -> 256 tokens of
 flow matching with T = 1000; actions ``Ta = 16`` x ``A = 7``, proprioception ``2 x 7``. The train step is the
 project's jitted step (AdamW, no EMA) on the global batch.
 
-Prints one JSON line: compile_s, step_s_median, samples_per_s, ``speedup_vs_pytorch_original`` (against the
-13.6 samples/s quoted for the PyTorch original's tiny vit-backbone policy at batch 8; > 1 is faster; the quoted
-figure's exact shapes are not known here, so treat the ratio as indicative), and the sampling figures
+Prints one JSON line: compile_s, step_s_median, samples_per_s, peak host RSS, and the sampling figures
 (``sample_compile_s``, ``sample_latency_ms_median`` for one ``sample_actions`` call at batch 1 with
-``--flow_steps`` Euler steps, backbone once).
+``--flow_steps`` Euler steps, backbone once). Against PyTorch in the same run: benchmarks/compare.py.
 """
 
 from __future__ import annotations
@@ -34,7 +32,6 @@ from vla_foundry_jax.params.model_params import (
 
 from common import build_step, time_step
 
-ORIGINAL_SAMPLES_PER_S = 13.6
 TA, A, P, PAST = 16, 7, 7, 1
 
 
@@ -83,7 +80,6 @@ def main() -> None:
     out = {"device": str(jax.devices()[0].platform), "batch": args.batch, "cameras": args.cameras}
     out |= time_step(state, step, batches, args.steps)
     out["samples_per_s"] = round(args.batch / out["step_s_median"], 2)
-    out["speedup_vs_pytorch_original"] = round(out["samples_per_s"] / ORIGINAL_SAMPLES_PER_S, 2)
 
     from flax import nnx
 

@@ -4,8 +4,8 @@
     python benchmarks/train_step.py --only transformer_11m
 
 Prints one JSON object per line: model, batch, seq_len, compile_s, step_s_median, tokens_per_s (and MFU-style
-model FLOP/s). ``compile_depth`` cases compare compile time at n_layers 2 vs 24 (scanned layers: ~equal).
-Reference (PyTorch original, same machine class): transformer_11m 1926 tokens/s (1.06 s/step) at 8 x 256.
+model FLOP/s, peak host RSS). ``compile_depth`` cases compare compile time at n_layers 2 vs 24 (scanned layers:
+~equal; benchmarks/compile_depth.py covers every scanned family). Against PyTorch: benchmarks/compare.py.
 """
 
 from __future__ import annotations
@@ -25,7 +25,6 @@ PRESETS = {
     "transformer_tiny": TransformerParams(hidden_dim=64, n_layers=2, n_heads=2, max_seq_len=2048),
     "transformer_11m": TransformerParams(hidden_dim=96, n_layers=8, n_heads=4),
 }
-TORCH_TOKENS_PER_S = {"transformer_11m": 1926.0}
 
 
 def _lm_batches(vocab: int, batch: int, seq_len: int) -> list[dict]:
@@ -55,8 +54,6 @@ def bench(
         "tokens_per_s": round(batch * seq_len / med, 1),
         "model_gflop_per_s": round(6 * r["params"] * batch * seq_len / med / 1e9, 2),
     }
-    if name in TORCH_TOKENS_PER_S:
-        out["vs_pytorch_original"] = round(out["tokens_per_s"] / TORCH_TOKENS_PER_S[name], 2)
     return out
 
 

@@ -4,12 +4,10 @@
     python benchmarks/vit.py --batch 16 --steps 20 --dtype bfloat16
 
 Prints one JSON line: compile_s, step_s_median (one jitted forward + backward of ``mean(vit(x)^2)`` w.r.t. every
-parameter), images_per_s, and two ratios (> 1 means faster than the original):
-  * ``speedup_vs_pytorch_original``: against the figure quoted for the PyTorch original on this machine class
-    (vit_tiny, batch 8, forward + backward: 0.056 s per batch, measured on an idle machine);
-  * ``speedup_vs_torch_same_run``: against a PyTorch re-implementation of the original's ViT (reference §3.4,
-    same shapes, same loss, torch's default threads) timed in this run, so that machine load cancels out
-    (skipped with ``--no_torch`` or when torch is not installed; torch is never needed by the library).
+parameter), images_per_s, and ``speedup_vs_torch_same_run`` (> 1 means faster than the original): against a
+PyTorch re-implementation of the original's ViT (same shapes, same loss, torch's default threads) timed in this
+run, so that machine load cancels out (skipped with ``--no_torch`` or when torch is not installed; torch is never
+needed by the library). With the optimizer and interleaved rounds: benchmarks/compare.py.
 """
 
 from __future__ import annotations
@@ -29,7 +27,6 @@ from vla_foundry_jax.params.model_params import ViTParams
 PRESETS = {
     "vit_tiny": ViTParams(img_size=224, patch_size=14, hidden_dim=64, inter_dim=256, n_heads=4, n_layers=4),
 }
-TORCH_STEP_S = {("vit_tiny", 8): 0.056}
 
 
 def bench(name: str, *, batch: int, steps: int, dtype: str, remat_policy: str | None) -> dict:
@@ -68,10 +65,6 @@ def bench(name: str, *, batch: int, steps: int, dtype: str, remat_policy: str | 
         "step_s_median": round(med, 4),
         "images_per_s": round(batch / med, 1),
     }
-    ref = TORCH_STEP_S.get((name, batch))
-    if ref is not None and dtype == "float32":
-        out["pytorch_original_step_s"] = ref
-        out["speedup_vs_pytorch_original"] = round(ref / med, 2)
     return out
 
 
