@@ -22,8 +22,9 @@ NORM_TYPES = (
 )
 FFN_TYPES = ("swiglu", "gelu")
 POSITIONAL_EMBEDDING_TYPES = ("rotary", "rotary_float32", "learned", "none")
-# "torch_attn"/"auto" (the original's names) and "xla" -> jax.nn.dot_product_attention(implementation=None),
-# "cudnn" -> the cuDNN flash kernel, "reference" -> explicit softmax(QK^T)V einsums (debugging / parity).
+# "torch_attn"/"auto" (the original's names) -> the backend's best kernel (cuDNN flash on GPU, splash on TPU, the
+# head-major kernel on CPU; layers.attention.choose_kernel), "xla" -> jax.nn.dot_product_attention's XLA path,
+# "cudnn" -> cuDNN flash where eligible, "reference" -> explicit softmax(QK^T)V einsums (debugging / parity).
 ATTN_NAMES = ("torch_attn", "auto", "xla", "cudnn", "reference")
 
 
