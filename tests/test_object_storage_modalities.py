@@ -103,3 +103,27 @@ def test_dataset_in_the_bucket_trains_like_the_local_copy(modality, s3, tmp_path
     assert set(got_w) == set(want_w)
     for name in want_w:
         np.testing.assert_array_equal(got_w[name], want_w[name], err_msg=name)
+
+
+def test_stats_of_a_dataset_in_the_bucket_are_computed_and_merged_there(s3, tmp_path):
+    import shutil
+
+    from vla_foundry_jax.data.stats import compute_stats, merge_dataset_stats
+
+    data = f"{s3.bucket()}/reach"
+    paths.upload_tree(os.path.join(TINY, "reach", "train"), data)
+    local = str(tmp_path / "reach")
+    shutil.copytree(os.path.join(TINY, "reach", "train"), local)
+    want = compute_stats(os.path.join(local, "manifest.jsonl"))  # written beside the manifest
+    got = compute_stats(f"{data}/manifest.jsonl")
+    assert got == want
+    assert json.loads(paths.read_text(f"{data}/stats.json")) == want
+    assert paths.exists(f"{data}/stats_sketch.npz")
+
+    # Merging: the sketches and preprocessing_config.yaml are read from the bucket and the result written there.
+    merged = merge_dataset_stats([f"{data}/stats.json"] * 2, output=f"{data}/merged/stats.json")
+    assert merged == merge_dataset_stats([os.path.join(local, "stats.json")] * 2)
+    assert all("approximate" not in e["percentile_error"]["method"] for e in merged.values())  # sketches read
+    assert json.loads(paths.read_text(f"{data}/merged/stats.json")) == merged
+    with open(os.path.join(local, "preprocessing_config.yaml")) as f:
+        assert paths.read_text(f"{data}/merged/preprocessing_config.yaml") == f.read()
