@@ -8,11 +8,9 @@ statistics of several datasets instead. Bad input prints one line ``error: ...``
 
 from __future__ import annotations
 
-import os
-
 from absl import app, flags
 
-from vla_foundry_jax import cli
+from vla_foundry_jax import cli, paths
 from vla_foundry_jax.data.stats import compute_stats, merge_dataset_stats
 
 flags.DEFINE_string("manifest", None, "manifest.jsonl of the dataset.")
@@ -40,7 +38,7 @@ def main(argv: list[str]) -> None:
             f.manifest, output=f.output, fields=f.fields, num_workers=f.num_workers,
             relative_error=f.relative_error, progress=True,
         )  # fmt: skip
-        out = f.output or os.path.join(os.path.dirname(os.path.abspath(f.manifest)), "stats.json")
+        out = f.output or paths.join(paths.dirname(f.manifest), "stats.json")
     else:
         cli.fail("give --manifest=DIR/manifest.jsonl (or --merge=... --output=...).")
     print(f"wrote {out}: fields {sorted(stats)}")

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
-import os
 from collections.abc import Sequence
 
 from absl import logging
 
-from vla_foundry_jax import gin_utils
+from vla_foundry_jax import gin_utils, paths
 from vla_foundry_jax.apps.text_generation import sample_text
 from vla_foundry_jax.training.loop import TrainResult, train
 
@@ -57,6 +56,5 @@ def train_from_gin(
     if exp.sample_prompt is not None:
         text = sample_text(result, exp.sample_prompt, max_new_tokens=exp.sample_max_new_tokens)
         if exp.output_dir:
-            with open(os.path.join(exp.output_dir, "sample.txt"), "w") as f:
-                f.write(text + "\n")
+            paths.write_text(paths.join(exp.output_dir, "sample.txt"), text + "\n")
     return GinTrainResult(result, text)

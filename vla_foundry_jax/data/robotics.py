@@ -51,13 +51,13 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import zipfile
 import zlib
 from typing import Any
 
 import numpy as np
 
+from vla_foundry_jax import paths
 from vla_foundry_jax.data.augment import augment_images
 from vla_foundry_jax.data.image_caption import decode_image
 from vla_foundry_jax.data.normalization import Normalizer, load_stats, merge_stats
@@ -81,14 +81,15 @@ def _where(sample: dict[str, Any]) -> str:
 
 
 def read_preprocessing_config(directory: str) -> dict[str, Any] | None:
-    """``<directory>/preprocessing_config.yaml`` as a dict (the first entry of an indexed collection), or None."""
+    """``<directory>/preprocessing_config.yaml`` as a dict (the first entry of an indexed collection), or None.
+
+    ``directory`` may be local or on object storage (read through ``paths``)."""
     import yaml
 
-    path = os.path.join(directory, PREPROCESSING_CONFIG)
-    if not os.path.isfile(path):
+    path = paths.join(directory, PREPROCESSING_CONFIG)
+    if not paths.exists(path):
         return None
-    with open(path, encoding="utf-8") as f:
-        cfg = yaml.safe_load(f) or {}
+    cfg = yaml.safe_load(paths.read_text(path)) or {}
     if cfg and all(isinstance(k, int) for k in cfg):  # {0: {...}, 1: {...}} from merged configs
         cfg = cfg[min(cfg)]
     return cfg
@@ -133,7 +134,7 @@ def resolve_robotics_data(data: Any) -> Any:
     if not camera_names or not image_indices:
         configs = []
         for manifest in data.dataset_manifest:
-            directory = os.path.dirname(os.path.abspath(manifest))
+            directory = paths.dirname(manifest)
             cfg = read_preprocessing_config(directory)
             if cfg is None:
                 if data.image_names:
@@ -141,10 +142,10 @@ def resolve_robotics_data(data: Any) -> Any:
                     break
                 raise ParamsError(
                     "robotics.camera_names / robotics.image_indices are unset and "
-                    f"{os.path.join(directory, PREPROCESSING_CONFIG)!r} (which gives their defaults) does not exist; "
+                    f"{paths.join(directory, PREPROCESSING_CONFIG)!r} (which gives their defaults) does not exist; "
                     "set robotics.camera_names and robotics.image_indices."
                 )
-            configs.append((os.path.join(directory, PREPROCESSING_CONFIG), cfg))
+            configs.append((paths.join(directory, PREPROCESSING_CONFIG), cfg))
         if configs:
             camera_names = camera_names or _agreed(configs, "camera_names", "camera_names")
             image_indices = image_indices or [int(i) for i in _agreed(configs, "image_indices", "image_indices")]
@@ -165,13 +166,13 @@ def resolve_robotics_data(data: Any) -> Any:
             )
     past_avail, future_avail = [], []
     for path in data.dataset_statistics:
-        directory = os.path.dirname(os.path.abspath(path))
+        directory = paths.dirname(path)
         cfg = read_preprocessing_config(directory)
         if cfg is None:
             if norm.lowdim_past_timesteps is not None and norm.lowdim_future_timesteps is not None:
                 continue
             raise ParamsError(
-                f"{os.path.join(directory, PREPROCESSING_CONFIG)!r} (beside robotics.dataset_statistics entry "
+                f"{paths.join(directory, PREPROCESSING_CONFIG)!r} (beside robotics.dataset_statistics entry "
                 f"{path!r}) does not exist; it gives the stats' window (past_lowdim_steps, future_lowdim_steps). "
                 "Add it or set normalization.lowdim_past_timesteps and normalization.lowdim_future_timesteps."
             )
@@ -180,7 +181,7 @@ def resolve_robotics_data(data: Any) -> Any:
             future_avail.append(int(cfg["future_lowdim_steps"]))
         except (KeyError, TypeError, ValueError) as e:
             raise ParamsError(
-                f"{os.path.join(directory, PREPROCESSING_CONFIG)} lacks an integer past_lowdim_steps / "
+                f"{paths.join(directory, PREPROCESSING_CONFIG)} lacks an integer past_lowdim_steps / "
                 f"future_lowdim_steps ({e})."
             ) from None
     norm_past = norm.lowdim_past_timesteps if norm.lowdim_past_timesteps is not None else min(past_avail)

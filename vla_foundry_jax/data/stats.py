@@ -43,6 +43,7 @@ from typing import Any
 
 import numpy as np
 
+from vla_foundry_jax import paths
 from vla_foundry_jax.data.normalization import PERCENTILES
 from vla_foundry_jax.data.shards import DataError, read_manifest, split_member_name
 
@@ -296,7 +297,8 @@ def shard_accumulators(
     masks: list[np.ndarray] = []
     n = 0
     try:
-        with tarfile.open(path, "r:") as tar:
+        source = {"fileobj": io.BytesIO(paths.read_bytes(path))} if paths.is_remote(path) else {"name": path}
+        with tarfile.open(mode="r:", **source) as tar:
             for info in tar:
                 split = split_member_name(info.name) if info.isfile() else None
                 if split is None or not split[1].endswith("lowdim.npz"):
@@ -400,21 +402,16 @@ def accumulate_shards(
 
 
 def save_stats(accs: dict[str, FieldAccumulator], stats_path: str) -> dict[str, Any]:
-    """Write stats.json and its ``stats_sketch.npz`` beside it (each to a temp name, then renamed)."""
+    """Write stats.json and its ``stats_sketch.npz`` beside it (each atomically, local or on object storage)."""
     stats = {name: accs[name].to_stats() for name in sorted(accs)}
-    directory = os.path.dirname(os.path.abspath(stats_path))
-    os.makedirs(directory, exist_ok=True)
-    sketch_path = os.path.join(directory, SKETCH_FILE)
     arrays = {}
     for name, acc in accs.items():
         arrays[f"{name}/codes"] = acc.sketch.codes
         arrays[f"{name}/counts"] = acc.sketch.counts
-    with open(sketch_path + ".tmp", "wb") as f:
-        np.savez(f, **arrays)
-    os.replace(sketch_path + ".tmp", sketch_path)
-    with open(stats_path + ".tmp", "w", encoding="utf-8") as f:
-        json.dump(stats, f, separators=(",", ":"))
-    os.replace(stats_path + ".tmp", stats_path)
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    paths.write_bytes(paths.join(paths.dirname(stats_path), SKETCH_FILE), buf.getvalue())
+    paths.write_text(stats_path, json.dumps(stats, separators=(",", ":")))
     return stats
 
 
@@ -429,7 +426,7 @@ def compute_stats(
 ) -> dict[str, Any]:
     """stats.json of the dataset at ``manifest`` (written to ``output``, default beside the manifest); returns it."""
     entries = read_manifest(manifest)
-    missing = [e.path for e in entries if not os.path.isfile(e.path)]
+    missing = [e.path for e in entries if not paths.exists(e.path)]
     if missing:
         raise StatsError(f"shard {missing[0]} listed in {manifest} does not exist.")
     accs, n = accumulate_shards(
@@ -438,16 +435,16 @@ def compute_stats(
     )  # fmt: skip
     if n == 0 or not accs:
         raise StatsError(f"{manifest}: no samples with numeric lowdim.npz fields; is this robotics data?")
-    return save_stats(accs, output or os.path.join(os.path.dirname(os.path.abspath(manifest)), "stats.json"))
+    return save_stats(accs, output or paths.join(paths.dirname(manifest), "stats.json"))
 
 
 def load_sketches(stats_path: str) -> dict[str, dict[str, np.ndarray]] | None:
     """The ``stats_sketch.npz`` beside ``stats_path`` as ``{field: {"codes", "counts"}}``, or None."""
-    path = os.path.join(os.path.dirname(os.path.abspath(stats_path)), SKETCH_FILE)
-    if not os.path.isfile(path):
+    path = paths.join(paths.dirname(stats_path), SKETCH_FILE)
+    if not paths.exists(path):
         return None
     out: dict[str, dict[str, np.ndarray]] = {}
-    with np.load(path, allow_pickle=False) as npz:
+    with np.load(io.BytesIO(paths.read_bytes(path)), allow_pickle=False) as npz:
         for key in npz.files:
             field, _, part = key.rpartition("/")
             out.setdefault(field, {})[part] = np.asarray(npz[key])
@@ -512,8 +509,7 @@ def merge_dataset_stats(
                     entry[key] = (wts * np.stack([np.asarray(v, np.float64) for v in vals])).sum(0).tolist()
         entry["percentile_error"] = {"method": "weighted mean of percentiles (approximate; no stats_sketch.npz)"}
     if output is not None and approximate:
-        with open(output, "w", encoding="utf-8") as f:
-            json.dump(stats, f, separators=(",", ":"))
+        paths.write_text(output, json.dumps(stats, separators=(",", ":")))
     if output is not None:
         _copy_preprocessing_config(stats_paths, output)
     return stats
@@ -522,18 +518,16 @@ def merge_dataset_stats(
 def _copy_preprocessing_config(stats_paths: Sequence[str], output: str) -> None:
     """Put the inputs' preprocessing_config.yaml beside a merged stats.json when they agree on the window (the
     robotics data reads the stats' window from it); otherwise leave it to normalization.lowdim_*_timesteps."""
-    import shutil
-
     import yaml
 
     configs = []
     for path in stats_paths:
-        cfg_path = os.path.join(os.path.dirname(os.path.abspath(path)), "preprocessing_config.yaml")
-        if not os.path.isfile(cfg_path):
+        cfg_path = paths.join(paths.dirname(path), "preprocessing_config.yaml")
+        if not paths.exists(cfg_path):
             return
-        with open(cfg_path, encoding="utf-8") as f:
-            cfg = yaml.safe_load(f) or {}
-        configs.append((cfg_path, {k: cfg.get(k) for k in ("past_lowdim_steps", "future_lowdim_steps")}))
-    target = os.path.join(os.path.dirname(os.path.abspath(output)), "preprocessing_config.yaml")
-    if all(c == configs[0][1] for _, c in configs) and not os.path.exists(target):
-        shutil.copyfile(configs[0][0], target)
+        text = paths.read_text(cfg_path)
+        cfg = yaml.safe_load(text) or {}
+        configs.append((text, {k: cfg.get(k) for k in ("past_lowdim_steps", "future_lowdim_steps")}))
+    target = paths.join(paths.dirname(output), "preprocessing_config.yaml")
+    if all(c == configs[0][1] for _, c in configs) and not paths.exists(target):
+        paths.write_text(target, configs[0][0])
