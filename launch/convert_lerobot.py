@@ -1,6 +1,6 @@
 """LeRobot dataset -> robotics shards: ``python -m launch.convert_lerobot --source=DIR_OR_REPO --output_dir=OUT``.
 
-``--source``: a LeRobot v2.x / v3.0 dataset directory, an fsspec URL or a hub dataset id. Writes ``OUT/train`` and
+``--source``: a LeRobot v2.x / v3.0 dataset directory, a URL (s3://, gs://, hf://) or a hub id. Writes ``OUT/train`` and
 ``OUT/val`` (manifest.jsonl, shards, stats.json, preprocessing_config.yaml, processing_metadata.json) in the
 original's robotics layout; rerun the same command to resume a killed conversion. Options and output:
 ``vla_foundry_jax/apps/lerobot_convert.py``. Bad input prints one line ``error: ...`` and exits with status 2.
@@ -16,7 +16,7 @@ from absl import app, flags
 from vla_foundry_jax import cli
 from vla_foundry_jax.apps.lerobot_convert import ConvertOptions, convert_lerobot
 
-flags.DEFINE_string("source", None, "LeRobot dataset: local directory, fsspec URL (s3://...) or hub id org/name.")
+flags.DEFINE_string("source", None, "LeRobot dataset: local directory, s3:// / gs:// / hf:// URL or hub id org/name.")
 flags.DEFINE_string("output_dir", None, "Output directory (train/ and val/ are written in it).")
 flags.DEFINE_list("cameras", None, "Cameras to keep (default: every video / image feature).")
 flags.DEFINE_list("action_fields", None, "Low-dim fields forming the action (default: action).")

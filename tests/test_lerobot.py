@@ -357,13 +357,13 @@ def test_resume_converts_only_unfinished_shards(datasets, converted, tmp_path):
     assert again["shards_reused"] == 0 and again["splits"]["train"]["num_samples"] > 0
 
 
-def test_parallel_conversion_and_fsspec_source(datasets, converted, tmp_path):
-    import fsspec
+def test_parallel_conversion_and_s3_source(datasets, converted, tmp_path, s3):
+    from vla_foundry_jax import paths
 
     root, _ = datasets["v3.0"]
-    fs = fsspec.filesystem("memory")
-    fs.put(root + "/", "/tiny_lerobot_v3", recursive=True)
-    opts = _options("memory://tiny_lerobot_v3", str(tmp_path / "p"), num_workers=2, cache_dir=str(tmp_path / "c"))
+    source = f"{s3.bucket()}/tiny_lerobot_v3"
+    paths.upload_tree(root, source)
+    opts = _options(source, str(tmp_path / "p"), num_workers=2, cache_dir=str(tmp_path / "c"))
     result = convert_lerobot(opts)
     ref_dir, _ = converted["v3.0"]
     for split in ("train", "val"):

@@ -512,11 +512,11 @@ def _version(info: dict[str, Any]) -> str:
     return "|".join(f"{k}={info[k]}" for k in keys if info.get(k) is not None)
 
 
-def _cache_path(path: str, version: str) -> str:
+def _cache_path(path: str, version: str, cache_dir: str | None = None) -> str:
     """Where the copy of ``path`` as of ``version`` lives: a changed object behind the same URL gets a new copy."""
     url = normalize(path)
     digest = hashlib.sha1(f"{url}\n{version}".encode()).hexdigest()[:16]
-    return os.path.join(cache_root(), "paths", f"{digest}-{basename(url)}")
+    return os.path.join(cache_dir or os.path.join(cache_root(), "paths"), f"{digest}-{basename(url)}")
 
 
 def local_file(path: str) -> str:
@@ -533,8 +533,9 @@ def local_file(path: str) -> str:
     return target
 
 
-def local_dir(path: str) -> str:
-    """A local directory holding the tree under ``path`` (itself when local; a cached, completed copy otherwise).
+def local_dir(path: str, cache_dir: str | None = None) -> str:
+    """A local directory holding the tree under ``path`` (itself when local; a cached, completed copy otherwise,
+    under ``cache_dir`` when given).
 
     The copy is made in a temporary directory and renamed into place, so an interrupted download is never taken
     for a complete one.
@@ -547,7 +548,7 @@ def local_dir(path: str) -> str:
     fs, inner = filesystem(path)
     listing = retry(lambda: fs.find(inner, detail=True), path)
     entries = sorted(listing)
-    target = _cache_path(path, "\n".join(f"{e}:{_version(listing[e])}" for e in entries))
+    target = _cache_path(path, "\n".join(f"{e}:{_version(listing[e])}" for e in entries), cache_dir)
     if os.path.isdir(target):
         return target
     if not entries:

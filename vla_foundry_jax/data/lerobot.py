@@ -19,8 +19,9 @@ scalars become ``[L, 1]``) are low-dim fields, ``dtype: video`` ones are cameras
 ``i`` = the decoded frame nearest ``from_timestamp + timestamp[i]``, within ``tolerance_s``, default half a frame
 period), ``dtype: image`` ones are cameras stored in the parquet (PNG/JPEG bytes).
 
-Sources (:func:`resolve_lerobot_source`): a local directory; an fsspec URL (``s3://``, ``gs://``, ``hf://``,
-``memory://``, ...; copied once into a local cache directory); or a hub dataset id ``org/name`` fetched through
+Sources (:func:`resolve_lerobot_source`): a local directory; an ``s3://``, ``gs://`` or ``hf://`` URL (through the
+path layer, ``vla_foundry_jax.paths``: copied into a local cache directory, again whenever its objects change);
+or a hub dataset id ``org/name`` fetched through
 ``huggingface_hub.snapshot_download(repo_type="dataset")`` (cache first; offline, the error says how to download it
 and point ``--source`` at the copy).
 
@@ -32,7 +33,6 @@ from __future__ import annotations
 
 import dataclasses
 import glob
-import hashlib
 import io
 import json
 import os
@@ -41,6 +41,7 @@ from typing import Any
 
 import numpy as np
 
+from vla_foundry_jax import paths
 from vla_foundry_jax.data.shards import DataError
 
 SUPPORTED_VERSIONS = ("v2.0", "v2.1", "v3.0")
@@ -96,27 +97,15 @@ def _hub_snapshot(repo_id: str, revision: str | None, cache_dir: str | None) -> 
         raise _offline_error(repo_id, f"{type(e).__name__}: {e}") from e
 
 
-def _fsspec_copy(url: str, cache_dir: str | None) -> str:
-    import fsspec
-
-    fs, path = fsspec.core.url_to_fs(url)
-    path = path.rstrip("/")
-    if not fs.exists(f"{path}/meta/info.json"):
+def _remote_copy(url: str, cache_dir: str | None) -> str:
+    """A local, completed copy of the dataset at ``url`` (re-fetched when its objects change), via the path layer."""
+    try:
+        found = paths.exists(paths.join(url, "meta/info.json"))
+    except paths.PathError as e:
+        raise LeRobotError(f"--source: {e}") from e
+    if not found:
         raise LeRobotError(f"--source={url!r}: no meta/info.json there; give the root directory of a LeRobot dataset.")
-    root = cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "vla_foundry_jax", "lerobot")
-    local = os.path.join(root, hashlib.sha1(url.encode()).hexdigest()[:16])
-    done = os.path.join(local, ".copied")
-    if not os.path.isfile(done):
-        os.makedirs(local, exist_ok=True)
-        for entry in fs.find(path):
-            rel = entry[len(path) :].lstrip("/")
-            target = os.path.join(local, rel)
-            os.makedirs(os.path.dirname(target), exist_ok=True)
-            fs.get_file(entry, target + ".part")
-            os.replace(target + ".part", target)
-        with open(done, "w") as f:
-            f.write(url)
-    return local
+    return paths.local_dir(url, cache_dir)
 
 
 def resolve_lerobot_source(source: str, *, revision: str | None = None, cache_dir: str | None = None) -> str:
@@ -124,7 +113,7 @@ def resolve_lerobot_source(source: str, *, revision: str | None = None, cache_di
     if not source:
         raise LeRobotError("--source is empty: give a LeRobot dataset directory, an fsspec URL or a hub id (org/name).")
     if "://" in source and not source.startswith("file://"):
-        return _fsspec_copy(source, cache_dir)
+        return _remote_copy(source, cache_dir)
     local = os.path.abspath(os.path.expanduser(source.removeprefix("file://")))
     if os.path.isdir(local):
         return local
