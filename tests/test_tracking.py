@@ -51,10 +51,15 @@ def wandb_run(tmp_path_factory):
     exp = tiny_experiment(out, steps=2).replace(
         wandb_project="vft-test", wandb_run_name="tiny", wandb_tags=("ci", "tiny"), wandb_group="g1"
     )
+    import wandb
+
     with pytest.MonkeyPatch.context() as mp:
         _wandb_env(mp, wandb_dir)
-        train(exp, gin_config=GIN)
-        result = train(exp.replace(total_train_samples=16), gin_config=GIN, allow_config_change=True)
+        try:
+            train(exp, gin_config=GIN)
+            result = train(exp.replace(total_train_samples=16), gin_config=GIN, allow_config_change=True)
+        finally:
+            wandb.teardown()  # stops this process's wandb-core and takes its address out of os.environ
     return out, wandb_dir, result
 
 
@@ -206,8 +211,8 @@ def test_tracking_failures_never_stop_training(tmp_path):
     out = str(tmp_path / "run")
     os.makedirs(os.path.join(out, "curves.png"))  # a directory where the picture goes: its rename fails
     cmd = tiny_train_command(out, steps=100, bindings=["experiment.wandb_project = 'vft-test'"])
-    env = {**subprocess_env(), "WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path), "WANDB_SILENT": "true"}
-    env.pop("WANDB_API_KEY", None)
+    env = {k: v for k, v in subprocess_env().items() if not k.startswith("WANDB_")}  # its own wandb service
+    env.update(WANDB_MODE="offline", WANDB_DIR=str(tmp_path), WANDB_SILENT="true")
     metrics = os.path.join(out, "metrics.jsonl")
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     killed, deadline = False, time.time() + 600
