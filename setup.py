@@ -9,4 +9,6 @@ setup(
     ),
     python_requires=">=3.10",
     install_requires=[line.strip() for line in open("requirements.txt") if line.strip() and not line.startswith("#")],
+    # optional trackers: experiment.wandb_project logs to Weights & Biases (pip install .[wandb])
+    extras_require={"wandb": ["wandb>=0.19"]},
 )

@@ -412,6 +412,17 @@ IMPORT_TO_REQUIREMENT = {
     "huggingface_hub": "huggingface_hub",
 }
 TEST_ONLY_IMPORTS = {"torch"}  # only to rebuild the bundled tiny CLIP (requirements-test.txt)
+OPTIONAL_IMPORTS = {"wandb"}  # extras of setup.py (pip install .[wandb]), imported only when asked for
+
+
+def setup_extras() -> dict[str, list[str]]:
+    """``extras_require`` of setup.py, read from its syntax tree."""
+    with open(os.path.join(ROOT, "setup.py")) as f:
+        tree = ast.parse(f.read())
+    for node in ast.walk(tree):
+        if isinstance(node, ast.keyword) and node.arg == "extras_require":
+            return ast.literal_eval(node.value)
+    return {}
 
 
 def test_requirements_hold_every_runtime_import():
@@ -430,9 +441,16 @@ def test_requirements_hold_every_runtime_import():
                         imported |= {a.name.split(".")[0] for a in node.names}
                     elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
                         imported.add(node.module.split(".")[0])
-    third_party = imported - set(sys.stdlib_module_names) - {"vla_foundry_jax", "launch"} - TEST_ONLY_IMPORTS
-    missing = {m for m in third_party if IMPORT_TO_REQUIREMENT.get(m, m).lower() not in names}
+    first_party = {"vla_foundry_jax", "launch", "vla_foundry_jax_client"}  # the client: its own package here
+    third_party = imported - set(sys.stdlib_module_names) - first_party - TEST_ONLY_IMPORTS
+    missing = {m for m in third_party - OPTIONAL_IMPORTS if IMPORT_TO_REQUIREMENT.get(m, m).lower() not in names}
     assert not missing, f"imported but not in requirements.txt: {sorted(missing)}"
+    extras = setup_extras()
+    for m in OPTIONAL_IMPORTS & third_party:
+        assert any(r.startswith(m) for r in extras.get(m, [])), f"{m} is imported but not the setup.py extra [{m}]"
+    with open(os.path.join(ROOT, "requirements-test.txt")) as f:
+        assert all(m in f.read() for m in OPTIONAL_IMPORTS)  # CI installs the extras to test them
+    assert "matplotlib" in names  # the run pictures
     assert "jinja2" in names  # transformers renders chat templates (robotics prompts) with it
 
 

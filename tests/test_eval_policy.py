@@ -13,7 +13,13 @@ import pytest
 from tests.fixtures.multidevice import last_json, run
 from tests.fixtures.robotics import reach_data
 from tests.fixtures.runs import train_command
-from vla_foundry_jax.apps.policy_eval import draw_predictions, evaluate, random_rollout, rollout
+from vla_foundry_jax.apps.policy_eval import (
+    draw_predictions,
+    evaluate,
+    prediction_figure,
+    random_rollout,
+    rollout,
+)
 from vla_foundry_jax.data.robotics import robotics_transform
 from vla_foundry_jax.params.data_params import NormalizationParams
 from vla_foundry_jax.testbeds.tiny_robotics import PAST, ReachEnv, expert_action, sample_setup
@@ -50,17 +56,37 @@ def test_rollout_with_an_oracle_and_a_still_policy():
 
 
 def test_draw_predictions(tmp_path, transform):
+    """The picture: scenes in world coordinates with the expert and predicted commands as given, a rollout panel
+    coloured by outcome, axis labels, legends and a title; saved as a PNG."""
     env = ReachEnv()
     images = np.stack([transform.processor.preprocess_image(env.reset(seed=s)["image"]) for s in range(2)])
     true = np.linspace(-0.5, 0.5, 18).reshape(1, 9, 2).repeat(2, 0)
     pred = -true
     mask = np.arange(9)[None].repeat(2, 0) >= PAST
-    path = draw_predictions(images, true, pred, mask, transform.processor.image_config, str(tmp_path / "p.png"))
+    rollouts = {
+        "paths": [np.array([[0.0, 0.0], [0.3, 0.4]]), np.array([[-0.5, 0.5], [-0.5, 0.2]])],
+        "targets": [np.array([0.3, 0.4]), np.array([0.8, -0.8])],
+        "successes": [True, False],
+    }
+    config = transform.processor.image_config
+    fig = prediction_figure(images, true, pred, mask, config, rollouts=rollouts, title="run1 eval")
+    axes = fig.get_axes()
+    assert len(axes) == 3 and fig._suptitle.get_text() == "run1 eval"
+    for ax, t, p in zip(axes, true, pred, strict=False):
+        assert [x.get_text() for x in ax.get_legend().get_texts()] == ["expert", "predicted"]
+        expert, predicted = ax.get_lines()
+        np.testing.assert_array_equal(np.stack(expert.get_data(), -1), t[PAST:])
+        np.testing.assert_array_equal(np.stack(predicted.get_data(), -1), p[PAST:])
+        error = np.hypot(*(2 * t[PAST:]).T).mean()  # pred = -true
+        assert ax.get_xlabel() == "x" and ax.get_ylabel() == "y" and ax.get_title().endswith(f"error {error:.3f}")
+        left, right, bottom, top = ax.get_images()[0].get_extent()
+        assert left < -1 < 1 < right and bottom < -1 < 1 < top
+    legend = [x.get_text() for x in axes[2].get_legend().get_texts()]
+    assert legend == ["success", "failure", "target"] and axes[2].get_title() == "rollouts: 1/2 succeeded"
+    path = draw_predictions(images, true, pred, mask, config, str(tmp_path / "p.png"), rollouts=rollouts)
     from PIL import Image
 
-    img = np.asarray(Image.open(path))
-    assert img.shape == (256, 512, 3)
-    assert ((img == (240, 60, 240)).all(-1)).any() and ((img == (60, 230, 90)).all(-1)).any()
+    assert Image.open(path).size == (1020, 390) and os.listdir(tmp_path) == ["p.png"]
 
 
 def test_cli_on_a_briefly_trained_policy(tmp_path):

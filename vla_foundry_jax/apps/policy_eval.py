@@ -5,8 +5,9 @@ The policy (EMA weights when the run kept them, ``use_ema``) runs as robot code 
 previous command, as in the dataset), its first ``execute_steps`` commands of each chunk executed before
 replanning (receding horizon); the episodes run in lockstep, the sessions that replan in one batch. A random policy
 (uniform commands in the square) on the same episode seeds gives ``random_success_rate``. A PNG
-(``plot``, default ``<run_dir>/eval_policy.png``) draws, for a few validation samples, the scene (upscaled), the
-expert's future commands (green) and the predicted ones (magenta). :func:`evaluate` returns every figure.
+(``plot``, default ``<run_dir>/eval_policy.png``) draws, for a few validation samples, the scene in world
+coordinates with the expert's future commands and the predicted ones, beside the rollouts' paths coloured by
+success or failure (axes, legends, a title). :func:`evaluate` returns every figure.
 """
 
 from __future__ import annotations
@@ -31,7 +32,6 @@ from vla_foundry_jax.testbeds.tiny_robotics import (
     PAST,
     PROPRIO_FIELD,
     ReachEnv,
-    to_pixels,
 )
 
 
@@ -87,13 +87,21 @@ def rollout(
     obs = [env.reset(seed + i) for i, env in enumerate(envs)]
     done, success = [False] * num_episodes, [False] * num_episodes
     steps = [0] * num_episodes
+    paths = [[o["agent_xy"]] for o in obs]
     while not all(done):
         running = [i for i in range(num_episodes) if not done[i]]
         commands = act(running, [obs[i] for i in running])
         for i, command in zip(running, commands, strict=True):
             obs[i], done[i], success[i] = envs[i].step(np.asarray(command))
+            paths[i].append(obs[i]["agent_xy"])
             steps[i] += 1
-    return {"success_rate": float(np.mean(success)), "successes": success, "steps": steps}
+    return {
+        "success_rate": float(np.mean(success)),
+        "successes": success,
+        "steps": steps,
+        "paths": [np.stack(p) for p in paths],
+        "targets": [env.setup.target for env in envs],
+    }
 
 
 def policy_actor(
@@ -125,6 +133,65 @@ def random_rollout(*, num_episodes: int, seed: int = 0, max_steps: int = 24) -> 
     return wins / max(num_episodes, 1)
 
 
+def prediction_figure(
+    pixel_values: np.ndarray,
+    true_actions: np.ndarray,
+    pred_actions: np.ndarray,
+    future_mask: np.ndarray,
+    image_config: Any,
+    *,
+    rollouts: dict[str, Any] | None = None,
+    title: str = "policy evaluation",
+) -> Any:
+    """A matplotlib figure: one panel per validation scene (drawn in world coordinates, x and y in [-1, 1]) with the
+    expert's future commands and the predicted ones over the rows where ``future_mask`` holds, and, given
+    ``rollouts`` (:func:`rollout`'s result), one panel of the rollout paths coloured by success or failure with their
+    targets. ``pixel_values [k, H, W, 3]`` processor-normalised; actions ``[k, Ta, 2]`` in raw units."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    mean, std = np.asarray(image_config.mean), np.asarray(image_config.std)
+    panels = len(pixel_values) + (rollouts is not None)
+    fig = Figure(figsize=(3.4 * panels, 3.9), dpi=100, layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = [fig.add_subplot(1, panels, i + 1) for i in range(panels)]
+    for i, (ax, img, true, pred, mask) in enumerate(
+        zip(axes, pixel_values, true_actions, pred_actions, future_mask, strict=False)
+    ):
+        raw = np.clip(((img * std + mean) / image_config.rescale_factor).round(), 0, 255).astype(np.uint8)
+        half = 1.0 / (raw.shape[0] - 1)  # pixel centres sit on the world square's edges (testbeds.to_pixels)
+        ax.imshow(raw, extent=(-1 - half, 1 + half, -1 - half, 1 + half), interpolation="nearest")
+        ax.plot(*true[mask].T, "-o", color="#ffd400", markersize=3, label="expert")
+        ax.plot(*pred[mask].T, "-o", color="#f03cf0", markersize=3, label="predicted")
+        err = float(np.linalg.norm(pred[mask] - true[mask], axis=-1).mean()) if mask.any() else float("nan")
+        ax.set_title(f"validation sample {i}: error {err:.3f}", fontsize="medium")
+        ax.set_xlim(-1 - half, 1 + half)  # commands outside the square are clipped by the environment anyway
+        ax.set_ylim(-1 - half, 1 + half)
+    if rollouts is not None:
+        ax = axes[-1]
+        ax.set_facecolor("0.96")
+        for path, target, ok in zip(rollouts["paths"], rollouts["targets"], rollouts["successes"], strict=True):
+            style = {"color": "tab:green", "ls": "-"} if ok else {"color": "tab:red", "ls": "--"}
+            ax.plot(*np.asarray(path).T, **style, lw=1.2, label="success" if ok else "failure")
+            ax.plot(*target, "*", color=style["color"], markersize=9)
+            ax.plot(*path[0], ".", color="0.3")
+        ax.plot([], [], "*", color="0.3", label="target")
+        wins = int(sum(rollouts["successes"]))
+        ax.set_title(f"rollouts: {wins}/{len(rollouts['successes'])} succeeded", fontsize="medium")
+        ax.set_xlim(-1.05, 1.05)
+        ax.set_ylim(-1.05, 1.05)
+        ax.set_aspect("equal")
+    for ax in axes:
+        ax.set_xlabel("x")
+        ax.set_ylabel("y")
+        handles, labels = ax.get_legend_handles_labels()
+        unique = dict(zip(labels, handles, strict=True))  # one entry per kind
+        if unique:
+            ax.legend(unique.values(), unique.keys(), fontsize="small", framealpha=0.7)
+    fig.suptitle(title)
+    return fig
+
+
 def draw_predictions(
     pixel_values: np.ndarray,
     true_actions: np.ndarray,
@@ -133,32 +200,16 @@ def draw_predictions(
     image_config: Any,
     path: str,
     *,
-    scale: int = 8,
+    rollouts: dict[str, Any] | None = None,
+    title: str = "policy evaluation",
 ) -> str:
-    """A PNG grid: each validation scene upscaled ``scale`` times with the expert's future commands (green) and
-    the predicted ones (magenta) over the rows where ``future_mask`` holds. ``pixel_values [k, H, W, 3]``
-    processor-normalised; actions ``[k, Ta, 2]`` in raw units."""
-    from PIL import Image, ImageDraw
-
-    mean, std = np.asarray(image_config.mean), np.asarray(image_config.std)
-    tiles = []
-    for img, true, pred, mask in zip(pixel_values, true_actions, pred_actions, future_mask, strict=True):
-        raw = np.clip(((img * std + mean) / image_config.rescale_factor).round(), 0, 255).astype(np.uint8)
-        size = raw.shape[0]
-        tile = Image.fromarray(raw).resize((size * scale, size * scale), Image.NEAREST)
-        draw = ImageDraw.Draw(tile)
-
-        for traj, colour in ((true[mask], (60, 230, 90)), (pred[mask], (240, 60, 240))):
-            p = [tuple((np.asarray(to_pixels(xy, size)) + 0.5) * scale) for xy in traj]
-            if len(p) > 1:
-                draw.line(p, fill=colour, width=2)
-            for x, y in p:
-                draw.ellipse([x - 3, y - 3, x + 3, y + 3], outline=colour)
-        tiles.append(np.asarray(tile))
-    grid = np.concatenate(tiles, axis=1)
+    """:func:`prediction_figure` saved as the PNG ``path`` (local, s3:// or gs://; written whole)."""
+    fig = prediction_figure(
+        pixel_values, true_actions, pred_actions, future_mask, image_config, rollouts=rollouts, title=title
+    )
     buffer = io.BytesIO()
-    Image.fromarray(grid).save(buffer, format="PNG")
-    paths.write_bytes(path, buffer.getvalue())  # local, s3:// or gs:// (beside a run on a store)
+    fig.savefig(buffer, format="png")
+    paths.write_bytes(path, buffer.getvalue())  # beside a run on a store too
     return path
 
 
@@ -211,7 +262,15 @@ def evaluate(
         err = np.linalg.norm(pred - true, axis=-1)[mask]
         out["val_action_error"] = float(err.mean())
         path = plot or paths.join(run_dir, "eval_policy.png")
+        name = paths.basename(run_dir)
         out["plot"] = draw_predictions(
-            batch["pixel_values"][:, 0], true, pred, mask, transform.processor.image_config, path
+            batch["pixel_values"][:, 0],
+            true,
+            pred,
+            mask,
+            transform.processor.image_config,
+            path,
+            rollouts=result,
+            title=f"{name}: expert vs predicted future commands on validation scenes; ReachEnv rollouts",
         )
     return out

@@ -182,6 +182,14 @@ class TrainExperimentParams(BaseParams):
     # (JAX) prompt and length of the text sample generated at the end of an LLM run (None: skip).
     sample_prompt: str | None = None
     sample_max_new_tokens: int = 32
+    # (JAX) Weights & Biases: a project logs every metric of metrics.jsonl, the operative gin config and these
+    # params to that project (process 0 only; ``pip install .[wandb]``; WANDB_MODE=offline / disabled honoured).
+    # A rerun of the same output_dir resumes the same wandb run (its id is kept in <output_dir>/wandb_run_id.txt).
+    wandb_project: str | None = None
+    wandb_entity: str | None = None
+    wandb_run_name: str | None = None  # None: the experiment name, else the output_dir's last part
+    wandb_tags: tuple[str, ...] = ()
+    wandb_group: str | None = None
     data: DataParams | None = None
     distributed: DistributedParams = dataclasses.field(default_factory=DistributedParams)
     ema: EMAParams = dataclasses.field(default_factory=EMAParams)
@@ -212,6 +220,13 @@ class TrainExperimentParams(BaseParams):
             )
         if self.total_train_samples is not None and self.total_train_samples <= 0:
             raise ParamsError(f"experiment.total_train_samples must be positive, got {self.total_train_samples}.")
+        wandb_only = ("wandb_entity", "wandb_run_name", "wandb_tags", "wandb_group")
+        if not self.wandb_project and any(getattr(self, f) for f in wandb_only):
+            given = [f"experiment.{f}" for f in wandb_only if getattr(self, f)]
+            raise ParamsError(
+                f"{', '.join(given)} set without experiment.wandb_project: name the wandb project to log to "
+                "(experiment.wandb_project = 'my-project'), or drop them."
+            )
 
 
 def check_warmup(exp: TrainExperimentParams) -> None:

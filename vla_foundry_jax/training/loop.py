@@ -27,8 +27,9 @@ from vla_foundry_jax.models import load_weights
 from vla_foundry_jax.models.build import submodels
 from vla_foundry_jax.params import ParamsError, TrainExperimentParams
 from vla_foundry_jax.registry import get_loss, model_record
+from vla_foundry_jax.training import curves
 from vla_foundry_jax.training.ema import model_from_state
-from vla_foundry_jax.training.metrics import MetricsWriter
+from vla_foundry_jax.training.flops import peak_flops, step_flops
 from vla_foundry_jax.training.optimizer import make_optimizer
 from vla_foundry_jax.training.reliability import (
     NonFiniteError,
@@ -41,6 +42,7 @@ from vla_foundry_jax.training.resolve import resolve_experiment
 from vla_foundry_jax.training.run_data import write_run_data
 from vla_foundry_jax.training.state import ModelSpec, count_params, init_train_state, make_model_spec
 from vla_foundry_jax.training.step import make_train_step
+from vla_foundry_jax.training.tracking import MetricsWriter, check_tracking, input_bound
 from vla_foundry_jax.training.validation import make_validator
 
 
@@ -135,6 +137,11 @@ OPERATIONAL_FIELDS = (
     "data.num_workers",
     "data.prefetch_factor",
     "data.max_bad_sample_fraction",
+    "wandb_project",
+    "wandb_entity",
+    "wandb_run_name",
+    "wandb_tags",
+    "wandb_group",
 )
 
 
@@ -189,6 +196,7 @@ def train(
     paths.check_writable(output_dir, "experiment.output_dir")
     exp = exp.replace(output_dir=output_dir)
     check_rerun(output_dir, exp, allow_config_change=allow_config_change)
+    check_tracking(exp)
     hp = exp.hparams
     logging.info(
         "mesh %s on %d devices (%d processes); %d steps, %d accumulation step(s), checkpoints at %s",
@@ -276,7 +284,7 @@ def train(
         iterator.set_state(data_state)
 
     start = int(jax.device_get(state["step"]))
-    writer = MetricsWriter(output_dir)
+    writer = MetricsWriter(output_dir, exp=exp, gin_config=gin_config)
     bar = tqdm(total=budget.total_steps, initial=start, disable=jax.process_index() != 0, desc="train")
     monitor = NonFiniteMonitor(hp, skipped_before=skipped_so_far(output_dir, start))
     run = _Run(budget, hp, writer, checkpointer, monitor, bar, iterator)
@@ -285,13 +293,26 @@ def train(
     try:
         with PreemptionWatcher() as preemption:
             for step in range(start, budget.total_steps):
+                t0 = time.perf_counter()
                 host_batch = next(iterator)
                 if batch_check is not None:
                     batch_check(exp.model, host_batch)
                 if "input_ids" in host_batch:
                     run.tokens_per_step = hp.global_batch_size * (host_batch["input_ids"].shape[1] - 1)
-                state, metrics = train_step(state, parallel.host_batch_to_global(host_batch, mesh))
+                global_batch = parallel.host_batch_to_global(host_batch, mesh)
+                run.data_wait += time.perf_counter() - t0
                 done = step + 1
+                if run.flops_per_step is None and step == start:
+                    run.flops_per_step = _flops_or_none(train_step, state, global_batch)
+                if done % exp.log_every_n_steps == 0 or done == budget.total_steps or step == start:
+                    # A log step times the device alone: the queue drained before, the result awaited after.
+                    jax.block_until_ready(state)
+                    t0 = time.perf_counter()
+                    state, metrics = train_step(state, global_batch)
+                    jax.block_until_ready(metrics)
+                    run.compute_s = time.perf_counter() - t0
+                else:
+                    state, metrics = train_step(state, global_batch)
                 run.add(done, metrics)
                 bar.update(1)
                 checkpointer.check_for_errors()  # a failed background save stops the run now, not a save later
@@ -305,13 +326,19 @@ def train(
                     last = run.log()
                 if save_now and done not in checkpointer.all_steps():
                     writer.flush()  # on object storage: the records up to a checkpoint are stored before it
+                    t0 = time.perf_counter()
                     checkpointer.save(done, state, exp, iterator.get_state())
+                    run.checkpoint_wait += time.perf_counter() - t0  # in the next record: its window holds it
+                t0 = time.perf_counter()
                 if done in budget.checkpoint_steps and validator is not None:
                     index = budget.checkpoint_steps.index(done) + 1
                     if validator.due(index):
                         val = validator(state)
                         writer.write(done, val)
                         logging.info("step %d validation: %s", done, " ".join(f"{k} {v:.4g}" for k, v in val.items()))
+                if save_now:
+                    curves.write_curves_quietly(output_dir)
+                run.eval_wait += time.perf_counter() - t0
                 if stop:
                     checkpointer.wait()
                     message = (
@@ -331,6 +358,15 @@ def train(
     if start >= budget.total_steps:
         logging.info("nothing to do: the run in %s already finished %d steps", output_dir, budget.total_steps)
     return TrainResult(last, state, spec, exp)
+
+
+def _flops_or_none(train_step: Any, state: Any, batch: Any) -> float | None:
+    """The step's FLOPs (``training.flops``); a model the counter cannot trace gets no MFU, never a failed run."""
+    try:
+        return step_flops(train_step, state, batch)
+    except Exception as e:
+        logging.warning("could not count the train step's FLOPs (no MFU in the log): %s: %s", type(e).__name__, e)
+        return None
 
 
 class _Run:
@@ -357,6 +393,14 @@ class _Run:
         self.unchecked: list[tuple[int, dict[str, Any]]] = []  # ... whose non-finite flag is not yet read
         self.tokens_per_step = 0
         self.t_last = time.perf_counter()
+        # Host seconds of the current log window spent waiting for batches, in checkpoint saves and in validation
+        # plus curves; the device seconds of the window's last step (timed alone).
+        self.data_wait = self.checkpoint_wait = self.eval_wait = 0.0
+        self.compute_s: float | None = None
+        self.flops_per_step: float | None = None
+        self.peak_flops = peak_flops(jax.devices()[0].device_kind)
+        self.records = 0
+        self.input_bound_warnings = 0
 
     def add(self, step: int, metrics: dict[str, Any]) -> None:
         self.pending.append((step, metrics))
@@ -396,22 +440,74 @@ class _Run:
         last["nonfinite_skipped"] = float(self.monitor.skipped)  # running total over the run
         # Samples the data pipeline skipped as corrupt so far (data.max_bad_sample_fraction), over every host.
         last["bad_samples"] = float(np.sum(multihost_utils.process_allgather(np.int64(self.iterator.bad_samples))))
-        last["samples_per_s"] = n * self.hp.global_batch_size / dt
-        last["tokens_per_s"] = n * self.tokens_per_step / dt
-        last["step_time_s"] = dt / n
+        last.update(self._timing(n, dt))
         self.writer.write(done, last)
+        mfu = f"{last['mfu']:.1%}" if "mfu" in last else "n/a"
         logging.info(
-            "step %d/%d loss %.4f lr %.3e grad_norm %.3f tokens/s %.0f",
+            "step %d/%d loss %.4f lr %.3e grad_norm %.3f tokens/s %.0f step %.3fs (data %.3fs, compute %.3fs, "
+            "checkpoint %.3fs) mfu %s",
             done,
             self.budget.total_steps,
             last["loss"],
             last["lr"],
             last["grad_norm"],
             last["tokens_per_s"],
+            last["step_time_s"],
+            last["data_wait_s"],
+            last.get("compute_s", float("nan")),
+            last["checkpoint_s"],
+            mfu,
         )
+        self._check_input_bound(done, last)
         self.bar.set_postfix(loss=f"{last['loss']:.4f}", lr=f"{last['lr']:.2e}")
         self.pending, self.t_last = [], time.perf_counter()
+        self.data_wait = self.checkpoint_wait = self.eval_wait = 0.0
+        self.compute_s = None
+        self.records += 1
         return last
+
+    def _timing(self, n: int, dt: float) -> dict[str, float]:
+        """Where the window's ``dt`` seconds over ``n`` steps went, per step, and the throughput they give."""
+        devices = jax.device_count()
+        out = {
+            "step_time_s": dt / n,
+            "data_wait_s": self.data_wait / n,
+            "checkpoint_s": self.checkpoint_wait / n,
+            "eval_s": self.eval_wait / n,
+            "samples_per_s": n * self.hp.global_batch_size / dt,
+            "samples_per_s_per_device": n * self.hp.global_batch_size / dt / devices,
+            "tokens_per_s": n * self.tokens_per_step / dt,
+        }
+        if self.compute_s is not None:
+            out["compute_s"] = self.compute_s
+        if self.tokens_per_step:
+            out["tokens_per_s_per_device"] = out["tokens_per_s"] / devices
+        if self.flops_per_step:
+            achieved = n * self.flops_per_step / dt / devices
+            out["tflops_per_s_per_device"] = achieved / 1e12
+            if self.peak_flops:
+                out["mfu"] = achieved / self.peak_flops
+        return out
+
+    def _check_input_bound(self, step: int, last: dict[str, float]) -> None:
+        """Warn when a log window is input-bound (``tracking.input_bound``; the first window, which holds the
+        compile and the pipeline's start, is left out). Said at most once every 10 such windows."""
+        data, total, compute = last["data_wait_s"], last["step_time_s"], last.get("compute_s")
+        if self.records == 0 or compute is None:
+            return
+        if not input_bound(data_wait_s=data, step_time_s=total, compute_s=compute):
+            return
+        if self.input_bound_warnings % 10 == 0:
+            logging.warning(
+                "input-bound at step %d: %.0f%% of the step time (%.3fs of %.3fs) waits for data while a step "
+                "computes in %.3fs; raise data.num_workers / data.prefetch_factor or make samples cheaper to load.",
+                step,
+                100 * data / total,
+                data,
+                total,
+                compute,
+            )
+        self.input_bound_warnings += 1
 
     def close_quietly(self) -> None:
         """On the way out of a stopped run: let in-flight saves commit (they hold good states), release files."""
