@@ -407,15 +407,14 @@ wandb_tags: [vlm]
 """
 SAVED_IGNORED = {
     *(f"data.{f}" for f in ("dataloader_in_order", "dataset_cache", "hf_fast_tokenizer_rayon_threads")),
-    *(f"data.{f}" for f in ("hf_fast_tokenizers_parallelism", "shuffle_buffer_size", "shuffle_initial")),
+    "data.hf_fast_tokenizers_parallelism",
     *(f"data.{f}" for f in ("use_hf_fast_tokenizer", "val_dataset_weighting")),
     *(f"distributed.{f}" for f in ("ddp_static_graph", "device", "dist_backend", "dist_url", "fsdp")),
     *(f"distributed.{f}" for f in ("fsdp_cpu_offload", "fsdp_reshard_after_forward", "local_rank", "rank")),
     *(f"distributed.{f}" for f in ("use_distributed", "world_size")),
     "hparams.torchcompile",
     "hparams.world_size",
-    *("db_logging", "remote_sync", "remote_sync_fixed_path", "resolve_configs", "resolve_configs_path", "wandb"),
-    *("wandb_entity", "wandb_project_name", "wandb_tags"),
+    *("db_logging", "remote_sync", "remote_sync_fixed_path", "resolve_configs", "resolve_configs_path"),
 }
 
 
@@ -728,3 +727,18 @@ def test_configs_and_their_includes_read_from_s3(s3_bucket, presets):
     paths.write_text(f"{s3_bucket}/broken.yaml", "model: !include models/missing.yaml\n")
     with pytest.raises(fy.FoundryConfigError, match=re.escape("s3://presets/models/missing.yaml")):
         fy.load_foundry_config(f"{s3_bucket}/broken.yaml")
+
+
+def test_wandb_switch_maps_onto_experiment_wandb_fields_and_back(tmp_path):
+    """``wandb: true`` with the original's project / entity / tags becomes experiment.wandb_*; off, they are ignored."""
+    on = tmp_path / "on.yaml"
+    on.write_text("wandb: true\nwandb_project_name: robots\nwandb_entity: lab\nwandb_tags: [a, b]\n")
+    exp = fy.load_foundry_config(str(on)).experiment
+    assert (exp.wandb_project, exp.wandb_entity, exp.wandb_tags) == ("robots", "lab", ("a", "b"))
+    back = fy.params_to_foundry_yaml(exp)
+    assert back["wandb"] is True and back["wandb_project_name"] == "robots" and back["wandb_tags"] == ["a", "b"]
+    assert not {"wandb_project", "wandb_run_name", "wandb_group"} & set(back)
+    off = tmp_path / "off.yaml"
+    off.write_text("wandb: false\nwandb_project_name: robots\n")
+    cfg = fy.load_foundry_config(str(off))
+    assert cfg.experiment.wandb_project is None and "wandb_project_name" in cfg.ignored

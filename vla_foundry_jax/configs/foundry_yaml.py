@@ -78,11 +78,11 @@ IGNORED_FIELDS: dict[type, dict[str, str]] = {
     TrainExperimentParams: {
         "resolve_configs": "a dry-run switch of the original's main.py",
         "resolve_configs_path": "a dry-run switch of the original's main.py",
-        "wandb": "experiment tracking is not wired here (metrics.jsonl in the run)",
+        "wandb": "wandb is off in this config (with `wandb: true` it maps onto experiment.wandb_*)",
         "db_logging": "the original's DynamoDB dashboard",
-        "wandb_entity": "experiment tracking is not wired here",
-        "wandb_project_name": "experiment tracking is not wired here",
-        "wandb_tags": "experiment tracking is not wired here",
+        "wandb_entity": "wandb is off in this config",
+        "wandb_project_name": "wandb is off in this config",
+        "wandb_tags": "wandb is off in this config",
         "remote_sync": "output_dir may itself be s3:// or gs://",
         "remote_sync_fixed_path": "output_dir may itself be s3:// or gs://",
     },
@@ -104,8 +104,6 @@ IGNORED_FIELDS: dict[type, dict[str, str]] = {
         "world_size": "derived at run time",
     },
     DataParams: {
-        "shuffle_buffer_size": "webdataset buffer; grain shuffles sample indices globally",
-        "shuffle_initial": "webdataset buffer; grain shuffles sample indices globally",
         "use_hf_fast_tokenizer": "the tokenizer is loaded by transformers' AutoTokenizer",
         "hf_fast_tokenizers_parallelism": "tokenizers thread setting",
         "hf_fast_tokenizer_rayon_threads": "tokenizers thread setting",
@@ -124,10 +122,20 @@ IGNORED_FIELDS: dict[type, dict[str, str]] = {
 
 # Our fields the original lacks: never written to its YAML.
 OURS_ONLY: dict[type, set[str]] = {
-    TrainExperimentParams: {"output_dir", "async_checkpointing", "sample_prompt", "sample_max_new_tokens"},
+    TrainExperimentParams: {
+        "output_dir",
+        "async_checkpointing",
+        "sample_prompt",
+        "sample_max_new_tokens",
+        "wandb_project",
+        "wandb_entity",
+        "wandb_run_name",
+        "wandb_tags",
+        "wandb_group",
+    },
     DistributedParams: {f.name for f in dataclasses.fields(DistributedParams)},
     HyperParams: {"remat_policy", "nonfinite_policy", "max_consecutive_nonfinite"},
-    DataParams: {"max_bad_sample_fraction"},
+    DataParams: {"max_bad_sample_fraction", "streaming", "num_streams"},
     TextDataParams: {"tokenizer"},
     RoboticsDataParams: {"tokenizer"},
     UNetParams: {"hf_pretrained"},
@@ -462,7 +470,17 @@ def _convert_experiment(raw: dict, ctx: _Context) -> TrainExperimentParams:
     for key in ("model", "data"):
         if raw.get(key) is not None and not isinstance(raw[key], dict):
             raise ctx.error(f"{key} must be a mapping with a `type`, got {raw[key]!r}.")
-    return _convert(raw, TrainExperimentParams, "", ctx)
+    tracked: dict[str, Any] = {}
+    if raw.get("wandb") and raw.get("wandb_project_name"):  # the original's switch + names -> experiment.wandb_*
+        del raw["wandb"]
+        tracked["wandb_project"] = str(raw.pop("wandb_project_name"))
+        entity, tags = raw.pop("wandb_entity", None), raw.pop("wandb_tags", None)
+        if entity is not None:
+            tracked["wandb_entity"] = str(entity)
+        if tags:
+            tracked["wandb_tags"] = tuple(str(t) for t in tags)
+    experiment = _convert(raw, TrainExperimentParams, "", ctx)
+    return experiment.replace(**tracked) if tracked else experiment
 
 
 def _unshared(value: Any) -> Any:
@@ -659,6 +677,9 @@ def params_to_foundry_yaml(experiment: TrainExperimentParams) -> dict:
     model or data section is left out."""
     out = _export(experiment)
     out.pop("distributed", None)
+    if experiment.wandb_project:
+        out.update(wandb=True, wandb_project_name=experiment.wandb_project, wandb_entity=experiment.wandb_entity)
+        out["wandb_tags"] = list(experiment.wandb_tags)
     for key in ("model", "data"):
         if out.get(key) is None:
             out.pop(key, None)
