@@ -303,13 +303,13 @@ def test_qwen3vl_vla_preset(ckpts):
     parse_gin(["vla_diffusion_qwen3vl_2b.gin"], dims)
     model = build_experiment().model
     bb, tp = model.vision_language_backbone, model.transformer
-    assert (bb.type, bb.hf_pretrained, bb.num_vlm_layers_to_use) == ("vlm_backbone", "Qwen/Qwen3-VL-2B-Thinking", 1)
-    assert (tp.hidden_dim, tp.n_layers, tp.n_heads, tp.is_causal) == (1024, 24, 16, False)
+    assert (bb.type, bb.hf_pretrained, bb.num_vlm_layers_to_use) == ("vlm_backbone", "Qwen/Qwen3-VL-2B-Thinking", 4)
+    assert (tp.hidden_dim, tp.n_layers, tp.n_heads, tp.is_causal) == (512, 12, 8, False)  # transformer_100m
     assert model.use_flow_matching_scheduler and model.noise_scheduler.clamp_range == (-3.0, 3.0)
     parse_gin(["vla_diffusion_qwen3vl_2b.gin"], [*dims, f"vlm_backbone.hf_pretrained = '{ckpts['qwen3_vl'][0]}'"])
     params = build_experiment().model
     abstract = nnx.eval_shape(lambda: build_model(params, rngs=nnx.Rngs(0), load_weights=False))
-    assert abstract.vision_language_backbone.conditioning_dim == 32
+    assert abstract.vision_language_backbone.conditioning_dim == 4 * 32
     table = abstract.vision_language_backbone.language_model.embed_tokens
     assert table.shape == (161, 32)  # the checkpoint's 160 rows + the action token
 

@@ -11,6 +11,11 @@ Per sample (in grain's reader threads)::
                                [seq_len + 1], pixel_values float32 [1, H, W, 3] (one image; the leading axis
                                is the image axis, so several cameras fit later)
 
+With a Qwen-VL processor (``data.qwen_processor``) the text is its chat template over the image and the caption
+(the original's ``apply_chat_template``; longer texts are truncated to ``seq_len + 1`` tokens, never through image
+tokens) and the image flat patches: ``pixel_values float32 [max_patches_per_image, patch_dim]`` (zero rows past
+the image) and ``image_grid_thw int32 [1, 3]``.
+
 With the ``stable_diffusion`` processor (``image_caption.processor = "stable_diffusion"``) the transform gives
 ``pixel_values float32 [s, s, 3]`` in [-1, 1] (randomly mirrored in training), ``input_ids`` and
 ``attention_mask`` int32 ``[seq_len + 1]`` (CLIP tokens of the bare caption; see
@@ -35,6 +40,7 @@ import numpy as np
 from vla_foundry_jax.data.augment import augment_images
 from vla_foundry_jax.data.bad_samples import MAX_CONSECUTIVE_BAD, BadSampleLog, SkipBadSamples
 from vla_foundry_jax.data.processor import StableDiffusionProcessor, VLMProcessor, caption_text
+from vla_foundry_jax.data.qwen_processor import QwenVLProcessor
 from vla_foundry_jax.data.shards import BadSampleError, ShardDataSource
 from vla_foundry_jax.data.text import pad_or_truncate, sample_where, untokenized_text
 from vla_foundry_jax.params.data_params import DataAugmentationParams
@@ -172,6 +178,11 @@ class ImageCaptionTransform:
         (image,) = augment_images([sample["image"]], self.augmentation, rng, train=self.train, where=where)
         if isinstance(self.processor, StableDiffusionProcessor):  # [s, s, 3] in [-1, 1] (+ ids, attention_mask)
             return self.processor(image, sample["caption"], rng, train=self.train)
+        if isinstance(self.processor, QwenVLProcessor):  # chat template, flat patches padded + image_grid_thw
+            text = self.processor.prompt(1, sample["caption"])
+            length = self.seq_len + 1
+            out = self.processor([image], text, length, append_eos=self.append_eos, truncate=True, where=where)
+            return {k: out[k] for k in ("input_ids", "loss_mask", "pixel_values", "image_grid_thw")}
         out = self.processor([image], [caption_text(sample["caption"])], self.seq_len + 1, append_eos=self.append_eos)
         return {
             "input_ids": out["input_ids"][0],

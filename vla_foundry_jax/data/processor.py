@@ -25,6 +25,10 @@ In both VLM kinds, a tokenizer without a pad token gets ``"[PAD]"`` (the origina
 (SmolVLM/Idefics3 ``longest_edge``) and chat templates are not supported: captions use the original's
 fallback template, ``"<image> " + caption`` (:func:`caption_text`).
 
+A processor whose image processor is Qwen2-VL's (Qwen2-VL, Qwen2.5-VL, Qwen3-VL checkpoints) is a third kind,
+:class:`~vla_foundry_jax.data.qwen_processor.QwenVLProcessor` (variable image sizes as flat patches, its chat
+template; see that module).
+
 Output per text (``__call__``): ``input_ids`` int32 ``[max_length]`` right-padded with the pad id / truncated,
 where each ``<image>`` became ``img_num_tokens`` copies of ``image_token_id``; ``loss_mask`` bool, True exactly
 on real tokens that are not image tokens; ``pixel_values`` float32 **channels-last** ``[H, W, 3]`` per image.
@@ -45,6 +49,7 @@ from typing import Any
 import numpy as np
 
 from vla_foundry_jax import paths
+from vla_foundry_jax.data.qwen_processor import QwenVLProcessor, is_qwen_image_processor, load_qwen_processor
 from vla_foundry_jax.data.shards import DataError
 
 IMAGE_TOKEN = "<image>"
@@ -290,13 +295,14 @@ def _size_hw(size: Any, what: str) -> tuple[tuple[int, int] | None, int | None]:
     )
 
 
-def _hf_image_config(name: str) -> ImageConfig:
+def _auto_image_processor(name: str) -> Any:
+    """Hugging Face's image processor of ``name`` (its PIL / numpy backend: no torch needed)."""
     try:
         from transformers import AutoImageProcessor
     except ImportError as e:  # pragma: no cover
         raise ImportError("image_caption data needs `transformers` (pip install transformers).") from e
     try:
-        ip = AutoImageProcessor.from_pretrained(name)
+        return AutoImageProcessor.from_pretrained(name, backend="pil")
     except (OSError, ValueError) as e:
         where = "" if os.path.isdir(name) else f" ({_not_local(name)}; as a hub id)"
         raise DataError(
@@ -304,6 +310,9 @@ def _hf_image_config(name: str) -> ImageConfig:
             "processor saved with save_pretrained (preprocessor_config.json + tokenizer files); hub ids only work "
             "where the Hugging Face hub or its cache is reachable (offline, HF_HUB_OFFLINE=1 skips the retries)."
         ) from e
+
+
+def _hf_image_config(name: str, ip: Any) -> ImageConfig:
     hw, shortest = _size_hw(getattr(ip, "size", None), f"processor {name!r}")
     if shortest is not None:
         if not getattr(ip, "do_center_crop", False):
@@ -330,10 +339,21 @@ def _hf_image_config(name: str) -> ImageConfig:
 @functools.cache
 def _load_cached(
     name: str, image_size: int, img_num_tokens: int, tokenizer: str | None, kwargs_json: str
-) -> VLMProcessor:
+) -> VLMProcessor | QwenVLProcessor:
     kwargs = json.loads(kwargs_json)
     if paths.is_remote(name):  # s3://, gs://, hf://: a cached local copy
         name = paths.local_dir(name)
+    image_processor = None
+    if name != SIMPLE_VLM:
+        if _looks_like_path(name) and not os.path.isdir(name):
+            raise DataError(
+                f"Processor directory {name!r} not found (cwd {os.getcwd()!r}). data.processor must be 'simple_vlm', "
+                "a local directory written by save_pretrained (image processor + tokenizer) or a hub id."
+            )
+        image_processor = _auto_image_processor(name)
+        if is_qwen_image_processor(image_processor):
+            what = "the tokenizer of processor" if tokenizer is None else "tokenizer"
+            return load_qwen_processor(name, image_processor, _load_tokenizer(tokenizer or name, what), kwargs)
     unknown = sorted(set(kwargs) - set(_PROCESSOR_KWARGS))
     if unknown:
         raise DataError(f"Unknown processor_kwargs {unknown}; supported: {list(_PROCESSOR_KWARGS)}.")
@@ -343,12 +363,7 @@ def _load_cached(
         tok = _load_tokenizer(tok_name, "the simple_vlm tokenizer (data.tokenizer)")
         image = ImageConfig(size=(image_size, image_size))
     else:
-        if _looks_like_path(name) and not os.path.isdir(name):
-            raise DataError(
-                f"Processor directory {name!r} not found (cwd {os.getcwd()!r}). data.processor must be 'simple_vlm', "
-                "a local directory written by save_pretrained (image processor + tokenizer) or a hub id."
-            )
-        image = _hf_image_config(name)
+        image = _hf_image_config(name, image_processor)
         tok = _load_tokenizer(tokenizer or name, "the tokenizer of processor" if tokenizer is None else "tokenizer")
         if image.size != (image_size, image_size):
             logging.info("Processor %s makes %s images; data.image_size=%d is not used.", name, image.size, image_size)
@@ -370,8 +385,9 @@ def load_processor(
     img_num_tokens: int,
     tokenizer: str | None = None,
     **kwargs: Any,
-) -> VLMProcessor:
-    """Load (once per argument set; shared by threads) the processor ``name_or_path``.
+) -> VLMProcessor | QwenVLProcessor:
+    """Load (once per argument set; shared by threads) the processor ``name_or_path`` (a Qwen-VL image processor
+    gives a :class:`~vla_foundry_jax.data.qwen_processor.QwenVLProcessor`).
 
     ``kwargs`` (the data params' ``processor_kwargs``): ``image_token`` (default ``"<image>"``),
     ``add_special_tokens`` (tokenizer's BOS/EOS post-processing, default True). Raises ``DataError`` with
@@ -383,7 +399,7 @@ def load_processor(
         )
 
 
-def processor_for_data(data: Any) -> VLMProcessor | StableDiffusionProcessor:
+def processor_for_data(data: Any) -> VLMProcessor | QwenVLProcessor | StableDiffusionProcessor:
     """The processor an ``image_caption`` data params object names (``"stable_diffusion"``: the
     :class:`StableDiffusionProcessor` with ``data.tokenizer``, ``data.image_size`` and ``seq_len + 1`` tokens)."""
     if data.processor == STABLE_DIFFUSION:

@@ -33,6 +33,10 @@ Per sample (:class:`RoboticsTransform`, in grain's reader threads, with grain's 
   when that is None, to ``seq_len`` (a longer text raises). The original pads each batch to its longest text;
   static shapes need a fixed length.
 
+With a Qwen-VL processor (``data.qwen_processor``) images and text go through it instead: its chat template with
+one image entry per image, each image smart-resized and cut into flat patches, so ``pixel_values`` is float32
+``[N * max_patches_per_image, patch_dim]`` (zero rows past the images) with ``image_grid_thw`` int32 [N, 3].
+
 Output: ``input_ids`` int32 [S], ``attention_mask`` int32 [S], ``pixel_values`` float32 [N, H, W, 3],
 ``attention_mask_images`` bool [N], ``actions`` float32 [Ta, A], ``past_mask`` / ``future_mask`` bool [Ta],
 ``proprioception`` float32 [past + 1, P]. Batched by the pipeline to the shared robotics batch contract.
@@ -62,6 +66,7 @@ from vla_foundry_jax.data.augment import augment_images
 from vla_foundry_jax.data.image_caption import decode_image
 from vla_foundry_jax.data.normalization import Normalizer, load_stats, merge_stats
 from vla_foundry_jax.data.processor import VLMProcessor
+from vla_foundry_jax.data.qwen_processor import QwenVLProcessor
 from vla_foundry_jax.data.shards import BadSampleError, DataError
 from vla_foundry_jax.params.base import ParamsError
 from vla_foundry_jax.params.data_params import FieldNormalizationParams
@@ -431,12 +436,22 @@ class RoboticsTransform:
         if instr_field is not None:
             instructions = _load_json(sample, instr_field, where)
         instruction = select_instruction(instructions, self.data.language_instruction_types, rng)
-        input_ids, attention_mask = self.text_tokens(instruction, len(images), where)
-        pixels = np.stack([self.processor.preprocess_image(im) for im in images]).astype(np.float32)
+        extra = {}
+        if isinstance(self.processor, QwenVLProcessor):
+            text = self.processor.prompt(len(images), instruction)
+            qwen = self.processor(
+                images, text, self.text_length, truncate=self.data.max_text_seq_len is not None, where=where
+            )
+            input_ids, attention_mask, pixels = qwen["input_ids"], qwen["attention_mask"], qwen["pixel_values"]
+            extra["image_grid_thw"] = qwen["image_grid_thw"]
+        else:
+            input_ids, attention_mask = self.text_tokens(instruction, len(images), where)
+            pixels = np.stack([self.processor.preprocess_image(im) for im in images]).astype(np.float32)
         out = {
             "input_ids": input_ids,
             "attention_mask": attention_mask,
             "pixel_values": pixels,
+            **extra,
             "attention_mask_images": image_mask,
             "actions": np.concatenate([lowdim[f] for f in self.data.action_fields], axis=-1),
             "past_mask": lowdim["past_mask"],
@@ -449,7 +464,7 @@ class RoboticsTransform:
         return out
 
 
-def robotics_processor(data: Any) -> VLMProcessor:
+def robotics_processor(data: Any) -> VLMProcessor | QwenVLProcessor:
     """The VLM processor ``robotics.processor`` names (loaded once; errors name the field)."""
     from vla_foundry_jax.data.processor import processor_for_data
 
@@ -459,7 +474,7 @@ def robotics_processor(data: Any) -> VLMProcessor:
             "robotics.processor = 'tiny_data/vlm_processor' (a save_pretrained directory), 'simple_vlm' or a hub id."
         )
     processor = processor_for_data(data)
-    if not isinstance(processor, VLMProcessor):
+    if not isinstance(processor, (VLMProcessor, QwenVLProcessor)):
         raise DataError(f"robotics.processor = {data.processor!r} is not a VLM processor (it has no image tokens).")
     return processor
 

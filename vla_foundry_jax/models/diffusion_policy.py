@@ -27,17 +27,19 @@ proprioception tokens (``past + 1``), then the ``Ta`` action tokens. The predict
 
 Training (:func:`diffusion_policy_loss`, registered; batch as the robotics contract: ``input_ids``,
 ``attention_mask``, ``pixel_values [B, N, H, W, 3]``, ``attention_mask_images``, ``actions [B, Ta, A]``,
-``past_mask`` / ``future_mask [B, Ta]``, ``proprioception [B, p, P]``): with ``R = num_action_head_repeats``
-(None = 1) the action side (actions, masks, proprioception) is repeated ``R`` times per sample (rows ``iR ..
-iR+R-1``, ``jnp.repeat``) with fresh noise while the backbone runs once per unrepeated sample and its tokens are
-repeated; ``t ~ U{0..T-1}`` per action row; ``noisy = add_noise(actions, noise, t, mask=future_mask)`` (clamped),
-past / padded steps reset to the clean actions; ``input_noise_std`` adds ``N(0, std^2)`` to the noisy actions
-*before* ``action_encode`` (every position) and to the proprioception tokens *after* ``proprioception_encode``; a
-ViT backbone's dropout (``vit_backbone.dropout``) is active (sampling is deterministic). Loss = masked MSE over
-``future_mask`` (mean over valid elements). **Difference**: the original's target is the velocity
-``noise - actions`` whatever the scheduler, which is the wrong target for its epsilon-predicting DDPM step; here
-the target is the scheduler's own (:meth:`NoiseScheduler.training_target`: velocity for flow matching, as the
-original, epsilon for both DDPMs). ``hparams.loss_function`` is not read (the loss is MSE by definition).
+``past_mask`` / ``future_mask [B, Ta]``, ``proprioception [B, p, P]``; with a Qwen-VL processor ``pixel_values [B,
+P, D]`` flat patches and ``image_grid_thw [B, N, 3]``, passed on to the backbone): with ``R =
+num_action_head_repeats`` (None = 1) the action side (actions, masks, proprioception) is repeated ``R`` times per
+sample (rows ``iR .. iR+R-1``, ``jnp.repeat``) with fresh noise while the backbone runs once per unrepeated sample
+and its tokens are repeated; ``t ~ U{0..T-1}`` per action row; ``noisy = add_noise(actions, noise, t,
+mask=future_mask)`` (clamped), past / padded steps reset to the clean actions; ``input_noise_std`` adds ``N(0,
+std^2)`` to the noisy actions *before* ``action_encode`` (every position) and to the proprioception tokens *after*
+``proprioception_encode``; a ViT backbone's dropout (``vit_backbone.dropout``) is active (sampling is
+deterministic). Loss = masked MSE over ``future_mask`` (mean over valid elements). **Difference**: the original's
+target is the velocity ``noise - actions`` whatever the scheduler, which is the wrong target for its
+epsilon-predicting DDPM step; here the target is the scheduler's own (:meth:`NoiseScheduler.training_target`:
+velocity for flow matching, as the original, epsilon for both DDPMs). ``hparams.loss_function`` is not read (the
+loss is MSE by definition).
 
 Sampling (:func:`sample_actions`, one ``jax.jit``, one ``lax.fori_loop``): backbone tokens and proprioception
 tokens computed once (no input noise, no repeats); ``x = where(past_mask, actions, N(0, 1))``; for
@@ -224,6 +226,7 @@ class DiffusionPolicy(nnx.Module):
         proprio_noise: jax.Array | None = None,
         train: bool = False,
         rngs: jax.Array | None = None,
+        image_grid_thw: jax.Array | None = None,
     ) -> jax.Array:
         """One denoiser forward: ``noisy_actions [B*R, Ta, A]`` at ``t [B*R]`` -> prediction ``[B*R, Ta, A]``.
 
@@ -231,10 +234,11 @@ class DiffusionPolicy(nnx.Module):
         (``R = num_action_head_repeats``): the action side (``noisy_actions``, ``t``, ``proprioception``,
         ``proprio_noise``) must hold exactly ``B * R`` rows. ``train`` turns a ViT backbone's dropout
         (``vit_backbone.dropout``) on, with the key ``rngs``; the other backbones have no dropout.
+        ``image_grid_thw`` goes to a Qwen-VL backbone with its flat ``pixel_values``.
         """
-        extra = {}
+        extra = {} if image_grid_thw is None else {"image_grid_thw": image_grid_thw}
         if train and isinstance(self.vision_language_backbone, ViTBackbone):
-            extra = {"deterministic": False, "rngs": rngs}
+            extra |= {"deterministic": False, "rngs": rngs}
         cond = self.condition(input_ids, pixel_values, attention_mask, attention_mask_images, **extra)
         R, B = self.num_action_head_repeats, cond.shape[0]
         if noisy_actions.shape[0] != B * R:
@@ -310,6 +314,7 @@ def training_forward(
         proprio_noise=prop_noise,
         train=True,
         rngs=k_drop,
+        image_grid_thw=batch.get("image_grid_thw"),
     )
     return pred, sched.training_target(actions, noise), {"t": t, "noise": noise, "future_mask": future}
 
@@ -352,8 +357,20 @@ def check_policy_batch(params: DiffusionPolicyParams, batch: dict[str, Any]) -> 
                 f"diffusion_policy.proprioception_dim = {P} needs proprioception [B, past + 1, {P}] with B = {B}, "
                 f"got {got}."
             )
-    px = batch.get("pixel_values")
-    if px is not None:
+    px, grid = batch.get("pixel_values"), batch.get("image_grid_thw")
+    if px is not None and grid is not None:  # a Qwen-VL processor's flat patches, per sample
+        m = batch.get("attention_mask_images")
+        if np.ndim(px) != 3 or np.shape(px)[0] != B or np.ndim(grid) != 3 or np.shape(grid)[0] != B:
+            raise ValueError(
+                f"diffusion_policy with image_grid_thw needs per-sample flat patches pixel_values [B, P, D] and "
+                f"image_grid_thw [B, N, 3] with B = {B}, got {np.shape(px)} and {np.shape(grid)}."
+            )
+        if m is not None and tuple(np.shape(m)) != tuple(np.shape(grid)[:2]):
+            raise ValueError(
+                f"attention_mask_images has shape {tuple(np.shape(m))} but image_grid_thw has [B, N] = "
+                f"{tuple(np.shape(grid)[:2])}."
+            )
+    elif px is not None:
         if np.ndim(px) not in (4, 5) or np.shape(px)[0] != B or np.shape(px)[-1] != 3:
             raise ValueError(
                 f"diffusion_policy needs channels-last pixel_values [B, N, H, W, 3] with B = {B}, got {np.shape(px)}."
@@ -414,11 +431,13 @@ def _sample(graphdef: Any, state: Any, batch: dict[str, jax.Array], rng: jax.Arr
     ts_np, k = inference_timesteps(sched, num_inference_steps)
     ts = jnp.asarray(ts_np)
     actions = batch["actions"]
+    grid = {"image_grid_thw": batch["image_grid_thw"]} if "image_grid_thw" in batch else {}
     cond = model.condition(
         batch.get("input_ids"),
         batch.get("pixel_values"),
         batch.get("attention_mask"),
         batch.get("attention_mask_images"),
+        **grid,
     )
     proprio = model.encode_proprioception(batch.get("proprioception"))
     per_row = rng.ndim == 2  # one key per row: each row's noise does not depend on the rest of the batch
@@ -484,7 +503,8 @@ def action_sampler(
     so a row samples the same actions whatever else is in the batch.
     """
     inference_timesteps(model.scheduler, num_inference_steps)  # clear error before tracing
-    keys = ("input_ids", "attention_mask", "pixel_values", "attention_mask_images", "actions", "past_mask")
+    keys = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "attention_mask_images", "actions")
+    keys += ("past_mask",)
     keys += ("proprioception",) if model.proprioception_dim > 0 else ()
     graphdef, state = nnx.split(model)
 

@@ -15,10 +15,15 @@ so the model runs under ``jax.jit`` with a traced grid (one compile per (``N``, 
 attention is :func:`~vla_foundry_jax.layers.attention.segment_attention`: patches see the patches of their own
 image frame (Qwen2.5-VL's windowed layers: of their own window). Attention is banded by blocks: full layers by
 the largest image frame when the grid is concrete (cost ``3 * max_patches * N`` instead of ``N^2``, and
-``max_patches * N`` when all images have one size; with a traced grid ``vision_chunk``, None: dense), Qwen2.5-VL's
+``max_patches * N`` when all images have one size; with a traced grid ``vision_chunk``, None: dense, or blocks of
+``P`` for per-sample inputs), Qwen2.5-VL's
 windowed layers by one window (static; one block per window when every window is whole). For those, the merge units
 are reordered so that each window is contiguous, as HF's ``window_index`` does (any such order gives the same
 attention, and the merger's 2 x 2 blocks stay together), and put back in order before the merger.
+
+Per-sample inputs (the data pipeline's layout, ``data.qwen_processor``): ``pixel_values [B, P, D]`` (each sample's
+images' patches, then zero rows) with ``image_grid_thw [B, n, 3]``. :func:`pack_sample_patches` gathers them into
+the packed layout above inside the model, so a batch split along its first axis (micro-batches, hosts) stays whole.
 
 Vision tower (``visual``): 3-D patch embedding (a linear map of each flat row: HF's ``Conv3d`` with stride =
 kernel), Qwen3-VL's learned position table bilinearly resized (``align_corners``) to each grid, ``depth`` pre-norm
@@ -151,6 +156,40 @@ def mrope_position_ids(
     pos = jnp.where(mask[None], pos, 0)
     deltas = jnp.max(pos, axis=(0, 2)) + 1 - jnp.sum(mask, axis=1, dtype=jnp.int32)
     return pos, deltas
+
+
+def pack_sample_patches(pixel_values: jax.Array, image_grid_thw: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Per-sample padded patches ``[B, P, D]`` (the data pipeline's layout: sample ``b``'s images first, zero rows
+    after) and ``image_grid_thw [B, n, 3]`` -> the packed ``[B * P, D]`` (every sample's valid rows in (sample,
+    image) order, zero rows last) and ``[B * n, 3]``. A gather computed from the grid, so it runs under ``jit``."""
+    B, P, _ = pixel_values.shape
+    grid = jnp.asarray(image_grid_thw, jnp.int32).reshape(B, -1, 3)
+    counts = jnp.sum(jnp.prod(grid, axis=-1), axis=-1)  # valid rows per sample
+    ends = jnp.cumsum(counts)
+    k = jnp.arange(B * P, dtype=jnp.int32)
+    sample = jnp.searchsorted(ends, k, side="right").astype(jnp.int32)
+    b = jnp.minimum(sample, B - 1)
+    row = jnp.clip(k - (ends - counts)[b], 0, P - 1)
+    packed = jnp.where((sample < B)[:, None], pixel_values[b, row], jnp.zeros((), pixel_values.dtype))
+    return packed, grid.reshape(-1, 3)
+
+
+def check_sample_inputs(config: QwenVLConfig, input_ids: Any, pixel_values: Any, image_grid_thw: Any) -> None:
+    """:func:`check_inputs` for the per-sample layout (``pixel_values [B, P, D]``, ``image_grid_thw [B, n, 3]``):
+    each sample on its own, the error naming the sample."""
+    if image_grid_thw is None:
+        check_inputs(config, input_ids, pixel_values, None)
+    ids, pv, grid = np.asarray(input_ids), np.asarray(pixel_values), np.asarray(image_grid_thw)
+    if grid.ndim != 3 or grid.shape[0] != pv.shape[0] or ids.shape[0] != pv.shape[0]:
+        raise QwenVLInputError(
+            f"per-sample Qwen-VL inputs need input_ids [B, S], pixel_values [B, P, D] and image_grid_thw [B, n, 3] "
+            f"with one B; got {ids.shape}, {pv.shape} and {grid.shape}."
+        )
+    for b in range(pv.shape[0]):
+        try:
+            check_inputs(config, ids[b : b + 1], pv[b], grid[b])
+        except QwenVLInputError as e:
+            raise QwenVLInputError(f"sample {b}: {e}") from None
 
 
 def check_inputs(config: QwenVLConfig, input_ids: Any, pixel_values: Any, image_grid_thw: Any) -> None:
@@ -440,13 +479,23 @@ class QwenVL(nnx.Module):
             return int(frames.max()), bool(np.all(frames == frames[0])), whole
         return self.vision_chunk, False, False
 
-    def encode_images(self, pixel_values: jax.Array, image_grid_thw: jax.Array) -> tuple[jax.Array, jax.Array | None]:
-        """Merged image tokens ``[N / 4, H]`` (packed, padding rows last) and DeepStack features or None."""
+    def encode_images(
+        self, pixel_values: jax.Array, image_grid_thw: jax.Array, chunk: int | None = None
+    ) -> tuple[jax.Array, jax.Array | None]:
+        """Merged image tokens ``[N / 4, H]`` (packed, padding rows last) and DeepStack features or None
+        (``chunk``: a bound on any image's rows, used when the grid is traced)."""
         grid = jnp.asarray(image_grid_thw, jnp.int32).reshape(-1, 3)
-        return self.visual(jnp.asarray(pixel_values), grid, *self._blocks(image_grid_thw))
+        blocks = self._blocks(image_grid_thw)
+        if chunk is not None and not _concrete(image_grid_thw):
+            blocks = (chunk, False, False)
+        return self.visual(jnp.asarray(pixel_values), grid, *blocks)
 
     def embed(
-        self, input_ids: jax.Array, pixel_values: jax.Array | None, image_grid_thw: jax.Array | None
+        self,
+        input_ids: jax.Array,
+        pixel_values: jax.Array | None,
+        image_grid_thw: jax.Array | None,
+        chunk: int | None = None,
     ) -> tuple[jax.Array, jax.Array | None]:
         """LM input embeddings ``[B, S, H]`` with the image positions replaced by the packed image tokens (in
         (sample, position) order), and the DeepStack additions ``[K, B, S, H]`` (or None)."""
@@ -454,7 +503,7 @@ class QwenVL(nnx.Module):
         tokens = self.language_model.embed(input_ids)
         if pixel_values is None:
             return tokens, None
-        merged, deep = self.encode_images(pixel_values, image_grid_thw)
+        merged, deep = self.encode_images(pixel_values, image_grid_thw, chunk)
         slot = jnp.clip(jnp.cumsum(is_img.reshape(-1)) - 1, 0, merged.shape[0] - 1).reshape(is_img.shape)
         x = jnp.where(is_img[..., None], merged.astype(tokens.dtype)[slot], tokens)
         if deep is not None:
@@ -481,12 +530,18 @@ class QwenVL(nnx.Module):
         ``token_type_ids`` (not an HF input here): prefix-LM attention where it is 0, as PaliGemma's.
         """
         del deterministic  # no dropout
-        if _concrete(input_ids, pixel_values, image_grid_thw):
+        chunk = None
+        if pixel_values is not None and jnp.ndim(pixel_values) == 3:  # per-sample padded (the data pipeline's)
+            if _concrete(input_ids, pixel_values, image_grid_thw):
+                check_sample_inputs(self.config, input_ids, pixel_values, image_grid_thw)
+            chunk = pixel_values.shape[1]  # no image is longer than one sample's rows
+            pixel_values, image_grid_thw = pack_sample_patches(jnp.asarray(pixel_values), image_grid_thw)
+        elif _concrete(input_ids, pixel_values, image_grid_thw):
             check_inputs(self.config, input_ids, pixel_values, image_grid_thw)
         c = self.config
         B, S = input_ids.shape
         mask = jnp.ones((B, S), bool) if attention_mask is None else attention_mask.astype(bool)
-        x, deep = self.embed(input_ids, pixel_values, image_grid_thw)
+        x, deep = self.embed(input_ids, pixel_values, image_grid_thw, chunk=chunk)
         deltas = jnp.zeros((B,), jnp.int32) if cache is None else cache["rope_deltas"]
         if position_ids is None or pixel_values is not None:
             grid = None if image_grid_thw is None else jnp.asarray(image_grid_thw, jnp.int32).reshape(-1, 3)

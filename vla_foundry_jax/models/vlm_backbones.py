@@ -68,7 +68,13 @@ from vla_foundry_jax.models.backbones import as_cameras
 from vla_foundry_jax.models.hf_decoder import HFDecoder
 from vla_foundry_jax.models.hf_vlm_common import check_image_tokens as check_hf_image_tokens
 from vla_foundry_jax.models.idefics3 import Idefics3
-from vla_foundry_jax.models.qwen_vl import QwenVL, QwenVLInputError, check_inputs, patchify_images
+from vla_foundry_jax.models.qwen_vl import (
+    QwenVL,
+    QwenVLInputError,
+    check_inputs,
+    check_sample_inputs,
+    patchify_images,
+)
 from vla_foundry_jax.models.transformer import Transformer
 from vla_foundry_jax.models.vlm import VLM, check_image_tokens, vision_geometry
 from vla_foundry_jax.models.vlm_hf import PaliGemma
@@ -228,7 +234,8 @@ class QwenVLBackbone(_HFBackboneMixin, QwenVL):
     """``vlm_backbone`` over a Qwen2-VL / Qwen2.5-VL / Qwen3-VL checkpoint. Camera images ``[B, N, h, w, 3]``
     (normalised as the checkpoint's processor does, sides multiples of ``patch_size * spatial_merge_size``) are
     patchified in the model as HF's processor does (:func:`~vla_foundry_jax.models.qwen_vl.patchify_images`); flat
-    ``pixel_values`` with ``image_grid_thw`` (a Qwen processor's output) are taken as they are."""
+    ``pixel_values`` with ``image_grid_thw`` (a Qwen processor's output) are taken as they are, packed
+    ``[N, D]`` + ``[n, 3]`` or per sample ``[B, P, D]`` + ``[B, n, 3]`` (the robotics data's layout)."""
 
     def __call__(
         self,
@@ -320,7 +327,10 @@ def check_vlm_backbone_batch(params: VLMBackboneParams, batch: dict[str, np.ndar
                 pixels, grid = patchify_images(as_cameras(pixels, params.gin_name), config.vision)
             except QwenVLInputError as e:
                 raise QwenVLInputError(f"{params.gin_name}: {e}") from None
-        check_inputs(config, batch["input_ids"], pixels, grid)
+        if grid is not None and np.ndim(pixels) == 3:  # per-sample padded patches (data.qwen_processor)
+            check_sample_inputs(config, batch["input_ids"], pixels, grid)
+        else:
+            check_inputs(config, batch["input_ids"], pixels, grid)
         return
     check_hf_image_tokens(config, batch["input_ids"], batch.get("pixel_values"))
 

@@ -45,7 +45,7 @@ from vla_foundry_jax.convert.vlm_hf_maps import load_vlm_hf_weights
 from vla_foundry_jax.layers.losses import cross_entropy_with_z_loss
 from vla_foundry_jax.models.hf_vlm_common import HFVLM, check_image_tokens
 from vla_foundry_jax.models.idefics3 import Idefics3
-from vla_foundry_jax.models.qwen_vl import QwenVL, check_inputs
+from vla_foundry_jax.models.qwen_vl import QwenVL, check_inputs, check_sample_inputs
 from vla_foundry_jax.params.model_params import VLMHFParams
 from vla_foundry_jax.registry import ModelRecord, register_model
 
@@ -90,7 +90,9 @@ def check_batch(params: Any, batch: dict[str, np.ndarray]) -> None:
     """Host-side check of a training batch (registered for ``vlm_hf``)."""
     config = vlm_hf_config(params)
     if isinstance(config, QwenVLConfig):
-        check_inputs(config, batch["input_ids"], batch.get("pixel_values"), batch.get("image_grid_thw"))
+        pixels, grid = batch.get("pixel_values"), batch.get("image_grid_thw")
+        check = check_sample_inputs if grid is not None and np.ndim(pixels) == 3 else check_inputs
+        check(config, batch["input_ids"], pixels, grid)
         return
     check_image_tokens(config, batch["input_ids"], batch.get("pixel_values"))
 

@@ -41,6 +41,7 @@ import jax
 import numpy as np
 
 from vla_foundry_jax.data.augment import augment_images
+from vla_foundry_jax.data.qwen_processor import QwenVLProcessor
 from vla_foundry_jax.data.robotics import RoboticsTransform, robotics_transform
 from vla_foundry_jax.errors import UsageError, VLAFoundryError
 from vla_foundry_jax.models.diffusion_policy import action_sampler
@@ -243,6 +244,11 @@ class Policy:
                 "diffusion_policy trained on robotics data."
             )
         transform = robotics_transform(exp.data, train=False)
+        if isinstance(transform.processor, QwenVLProcessor):
+            raise UsageError(
+                f"{run_dir} reads its images with a Qwen-VL processor (flat patches + image_grid_thw); serving does "
+                "not build such observations yet: evaluate it with launch.eval_policy_offline."
+            )
         pre = run_preprocessing_config(run_dir_of(run_dir))
         return cls(model, exp, transform, pre, num_flow_steps=num_flow_steps, seed=seed, batch_sizes=batch_sizes)
 

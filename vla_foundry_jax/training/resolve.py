@@ -9,7 +9,10 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from vla_foundry_jax.configs.qwen_vl import QwenVLConfig
+from vla_foundry_jax.configs.vlm_hf import vlm_hf_config
 from vla_foundry_jax.data.processor import STABLE_DIFFUSION, processor_for_data
+from vla_foundry_jax.data.qwen_processor import QwenVLProcessor
 from vla_foundry_jax.data.robotics import resolve_robotics_data
 from vla_foundry_jax.data.text import tokenizer_info
 from vla_foundry_jax.models.clip import clip_config
@@ -36,6 +39,8 @@ def resolve_experiment(exp: TrainExperimentParams) -> TrainExperimentParams:
         data = resolve_robotics_data(data)
     if model.type == "vlm":
         model = resolve_vlm(model, data)
+    if model.type == "vlm_hf":
+        check_processor_family(model, data)
     if model.type == "diffusion_policy":
         model = resolve_diffusion_policy(model, data)
     if model.type == "stable_diffusion":
@@ -131,6 +136,9 @@ def resolve_diffusion_policy(model, data):
                 f"{list(fields)} in {list(data.dataset_statistics)}); remove the diffusion_policy.{name} binding "
                 "(it is filled from the data) or fix robotics.action_fields / proprioception_fields."
             )
+    backbone = model.vision_language_backbone
+    if backbone is not None and backbone.type == "vlm_backbone":
+        check_processor_family(backbone, data)
     clamp = model.noise_scheduler.clamp_range
     if clamp is not None:
         if not data.normalization.enabled:
@@ -143,6 +151,37 @@ def resolve_diffusion_policy(model, data):
                 "normalised to [0, 1]); set normalization.centered_norm = True or a different clamp_range."
             )
     return model.replace(**changes) if changes else model
+
+
+def check_processor_family(params: Any, data: Any) -> None:
+    """An HF VLM (``vlm_hf`` / ``vlm_backbone``) and the data's processor must be of one family: a Qwen-VL model
+    reads a Qwen-VL processor's flat patches (same patch, merge and temporal sizes, same image token), any other
+    model fixed-size images. One ``ParamsError`` naming both fields otherwise."""
+    name = getattr(data, "processor", None)
+    if not name or name == STABLE_DIFFUSION or not params.hf_pretrained:
+        return
+    config = vlm_hf_config(params)
+    processor = processor_for_data(data)
+    qwen_model, qwen_processor = isinstance(config, QwenVLConfig), isinstance(processor, QwenVLProcessor)
+    model_kind = getattr(config, "model_type", None) or type(config).__name__
+    where = f"{data.gin_name}.processor = {name!r}"
+    if qwen_model != qwen_processor:
+        kind = "a Qwen-VL processor (flat patches)" if qwen_processor else "not a Qwen-VL processor"
+        raise ParamsError(
+            f"{where} is {kind} but {params.gin_name}.hf_pretrained = {params.hf_pretrained!r} is a {model_kind} "
+            f"model; set {data.gin_name}.processor to the processor of the same checkpoint (e.g. "
+            f"{params.hf_pretrained!r} or its local save_pretrained directory)."
+        )
+    if qwen_model:
+        v = config.vision
+        got = (processor.patch_size, processor.merge_size, processor.temporal_patch_size, processor.image_token_id)
+        want = (v.patch_size, v.spatial_merge_size, v.temporal_patch_size, config.image_token_id)
+        if got != want:
+            raise ParamsError(
+                f"{where} makes (patch_size, merge_size, temporal_patch_size, image_token_id) = {got} but "
+                f"{params.gin_name}.hf_pretrained = {params.hf_pretrained!r} expects {want}; use the processor of the "
+                "same checkpoint."
+            )
 
 
 def resolve_stable_diffusion(model: StableDiffusionParams, data: Any) -> tuple[StableDiffusionParams, Any]:
