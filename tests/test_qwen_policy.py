@@ -133,6 +133,11 @@ def test_tiny_qwen3_vl_policy_trains_resumes_and_shards(tiny, tmp_path):
     assert sorted(again) == [3, 4]
     for s in (3, 4):
         assert again[s] == pytest.approx(losses[s], rel=1e-6, abs=1e-7)
+    from vla_foundry_jax.errors import UsageError
+    from vla_foundry_jax.serving import Policy
+
+    with pytest.raises(UsageError, match=r"Qwen-VL processor .* serving does not build such observations yet"):
+        Policy.from_run(one)
 
     eight = str(tmp_path / "eight")
     mesh = ["distributed.fsdp_parallelism = 4", "distributed.tensor_parallelism = 2"]
