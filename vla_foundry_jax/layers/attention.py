@@ -160,26 +160,35 @@ def _head_major(q: jax.Array, k: jax.Array, v: jax.Array, causal: bool, scale: f
 def _head_major_fwd(
     q: jax.Array, k: jax.Array, v: jax.Array, causal: bool, scale: float
 ) -> tuple[jax.Array, tuple[jax.Array, ...]]:
+    scores = _head_major_scores(q, k, causal, scale)
+    row_max = jax.lax.stop_gradient(jnp.max(scores, axis=-1, keepdims=True))
+    unnormalised = jnp.exp(scores - row_max)
+    row_sum = jnp.sum(unnormalised, axis=-1, keepdims=True)
+    probs = (unnormalised / row_sum).astype(v.dtype)  # as jax.nn.softmax
+    lse = row_max + jnp.log(row_sum)
+    out = jnp.matmul(probs, v)
+    return out, (q, k, v, out, lse)
+
+
+def _head_major_scores(q: jax.Array, k: jax.Array, causal: bool, scale: float) -> jax.Array:
     scores = jnp.matmul(q, k.swapaxes(-1, -2), preferred_element_type=jnp.float32)
     if scale != 1.0:
         scores = scores * scale
-    if causal:
-        scores = _causal_scores(scores)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.matmul(probs, v)
-    return out, (q, k, v, probs, out)
+    return _causal_scores(scores) if causal else scores
 
 
 def _head_major_bwd(
     causal: bool, scale: float, res: tuple[jax.Array, ...], d_out: jax.Array
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    del causal  # masked probabilities are exactly 0, so their score gradients are too
-    q, k, v, probs, out = res
+    q, k, v, out, lse = res
     f32 = jnp.float32
-    d_v = jnp.einsum("bhqk,bhqd->bhkd", probs, d_out)
+    # the [Sq, Sk] probabilities are rebuilt from the saved row log-sum-exp instead of being saved (scanned layers
+    # would otherwise stack one [b, nh, Sq, Sk] residual per layer); masked ones are exactly 0, so are their grads
+    probs = jnp.exp(_head_major_scores(q, k, causal, scale) - lse)
+    d_v = jnp.einsum("bhqk,bhqd->bhkd", probs.astype(v.dtype), d_out)
     d_probs = jnp.matmul(d_out, v.swapaxes(-1, -2), preferred_element_type=f32)
     delta = jnp.sum(d_out.astype(f32) * out.astype(f32), axis=-1, keepdims=True)
-    d_scores = probs.astype(f32) * (d_probs - delta)
+    d_scores = probs * (d_probs - delta)
     d_scores = (d_scores * scale if scale != 1.0 else d_scores).astype(q.dtype)
     d_q = jnp.matmul(d_scores, k)
     d_k = jnp.einsum("bhqk,bhqd->bhkd", d_scores, q)

@@ -58,16 +58,17 @@ def scan_layers(
     in_axes: tuple[Any, ...] = (),
     out_axes: Any = nnx.Carry,
     remat_policy: str | None = None,
+    unroll: int | bool = 1,
 ) -> Any:
     """Apply ``step(layer, carry, *args)`` over the stacked ``layers`` with ``nnx.scan``.
 
     ``in_axes`` gives one entry per ``args`` (0: sliced per layer, None: broadcast); ``step`` returns the new
     carry (``out_axes = nnx.Carry``) or ``(carry, per-layer outputs)`` (``out_axes = (nnx.Carry, 0)``).
-    ``remat_policy`` rematerialises each step (:func:`remat`).
+    ``remat_policy`` rematerialises each step (:func:`remat`); ``unroll`` as ``jax.lax.scan``'s.
     """
     step = remat(step, remat_policy)
 
-    @nnx.scan(in_axes=(0, nnx.Carry, *in_axes), out_axes=out_axes, transform_metadata={nnx.PARTITION_NAME: LAYERS_AXIS})
+    @nnx.scan(in_axes=(0, nnx.Carry, *in_axes), out_axes=out_axes, unroll=unroll, transform_metadata={nnx.PARTITION_NAME: LAYERS_AXIS})
     def run(layer: nnx.Module, carry: Any, *a: Any) -> Any:
         return step(layer, carry, *a)
 
