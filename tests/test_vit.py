@@ -273,10 +273,33 @@ def test_scanned_hlo_does_not_grow_with_depth():
         gd, st = nnx.split(ViT(vit_params(n_layers=n_layers), rngs=nnx.Rngs(0), remat_policy=remat))
         return len(jax.jit(lambda s, x: nnx.merge(gd, s)(x)).lower(st, x).as_text())
 
-    assert hlo_size(8) < 1.05 * hlo_size(2)
+    # above CPU_UNROLL_MAX_LAYERS the blocks stay one scanned loop
+    assert hlo_size(8) < 1.05 * hlo_size(5)
     gd, st = nnx.split(ViT(vit_params(), rngs=nnx.Rngs(0), remat_policy="dots_saveable"))
     loss = jax.jit(jax.grad(lambda s: jnp.sum(nnx.merge(gd, s)(x) ** 2)))
     assert float(jnp.abs(loss(st)["blocks"]["mlp"]["fc1"]["kernel"][...]).sum()) > 0
+
+
+def test_cpu_unrolled_blocks_match_the_scan(monkeypatch):
+    from vla_foundry_jax.models import vit as vit_module
+
+    gd, st = nnx.split(ViT(vit_params(), rngs=nnx.Rngs(0)))
+    x = jnp.asarray(np.random.default_rng(0).uniform(-1, 1, (2, IMG, IMG, 3)), jnp.float32)
+
+    def loss(s):
+        return jnp.sum(nnx.merge(gd, s)(x) ** 2)
+
+    def run():
+        lowered = jax.jit(jax.value_and_grad(loss)).lower(st)
+        return "while" in lowered.as_text(), lowered.compile()(st)
+
+    looped, (val, grads) = run()  # 2 blocks <= CPU_UNROLL_MAX_LAYERS: unrolled
+    monkeypatch.setattr(vit_module, "CPU_UNROLL_MAX_LAYERS", 0)
+    scan_looped, (want_val, want_grads) = run()
+    assert (looped, scan_looped) == (False, True)
+    np.testing.assert_allclose(val, want_val, rtol=1e-5)
+    for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(want_grads), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
 
 
 # ------------------------------------------------------------------------------------------- pixel shuffle
