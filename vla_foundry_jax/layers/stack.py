@@ -68,7 +68,12 @@ def scan_layers(
     """
     step = remat(step, remat_policy)
 
-    @nnx.scan(in_axes=(0, nnx.Carry, *in_axes), out_axes=out_axes, unroll=unroll, transform_metadata={nnx.PARTITION_NAME: LAYERS_AXIS})
+    @nnx.scan(
+        in_axes=(0, nnx.Carry, *in_axes),
+        out_axes=out_axes,
+        unroll=unroll,
+        transform_metadata={nnx.PARTITION_NAME: LAYERS_AXIS},
+    )
     def run(layer: nnx.Module, carry: Any, *a: Any) -> Any:
         return step(layer, carry, *a)
 
