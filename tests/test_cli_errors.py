@@ -175,8 +175,16 @@ def test_ctrl_c_before_the_loop_is_one_line_and_status_130(tmp_path):
     import signal
     import time
 
+    def default_sigint() -> None:  # a test worker may run with SIGINT ignored, which a child would inherit
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+
     proc = subprocess.Popen(
-        [sys.executable, *_train(tmp_path)], cwd=ROOT, env=subprocess_env(), stderr=subprocess.PIPE, text=True
+        [sys.executable, *_train(tmp_path)],
+        cwd=ROOT,
+        env=subprocess_env(),
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=default_sigint,
     )
     time.sleep(1.5)  # past interpreter start-up, inside absl's main (imports, gin, model build)
     proc.send_signal(signal.SIGINT)

@@ -7,8 +7,11 @@ environment shows the traceback instead. Anything else is a bug and keeps its tr
 
 from __future__ import annotations
 
+import atexit
 import os
+import signal
 import sys
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -17,6 +20,8 @@ from absl import app, flags
 from vla_foundry_jax.errors import VLAFoundryError
 
 EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+INTERRUPT_GRACE_S = 10.0
 TRACEBACK_ENV = "VLA_FOUNDRY_TRACEBACK"
 FILE_ERRORS = (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
 
@@ -44,10 +49,26 @@ def fail(message: str) -> None:
     sys.exit(EXIT_USAGE)
 
 
+def _interrupted(signum: int, frame: object) -> None:
+    print("interrupted (Ctrl-C); exiting", file=sys.stderr, flush=True)
+    # ``finally`` blocks run as SystemExit unwinds; then leave before interpreter teardown, which can crash while
+    # XLA's compile threads are still running.
+    atexit.register(os._exit, EXIT_INTERRUPTED)
+    # A callback that swallows exceptions (a gc callback, a library's bare ``except:``) may eat the SystemExit:
+    # then exit anyway a few seconds later (writes are atomic, so nothing is left half-written).
+    timer = threading.Timer(INTERRUPT_GRACE_S, os._exit, [EXIT_INTERRUPTED])
+    timer.daemon = True
+    timer.start()
+    raise SystemExit(EXIT_INTERRUPTED)
+
+
 def guarded(main: Callable[[list[str]], Any]) -> Callable[[list[str]], Any]:
-    """``main`` with expected errors turned into ``error: ...`` and exit status 2."""
+    """``main`` with expected errors turned into ``error: ...`` and exit status 2, and Ctrl-C (until a run installs
+    its own handling) into status 130 and one line."""
 
     def wrapped(argv: list[str]) -> Any:
+        if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
+            signal.signal(signal.SIGINT, _interrupted)
         try:
             return main(argv)
         except (VLAFoundryError, app.UsageError, *FILE_ERRORS) as exc:
