@@ -211,3 +211,24 @@ class BadSampleBudget:
             "bad_sample_fraction": self.count / max(self.planned, 1),
             "bad_samples_by_shard": dict(self.log.per_shard),
         }
+
+
+class BadSampleCounters:
+    """The bad-sample counters every training iterator exposes, read off its ``_budget`` (a BadSampleBudget)."""
+
+    _budget: BadSampleBudget
+
+    @property
+    def bad_samples(self) -> int:
+        """Bad samples skipped (replaced by the next good one) to fill this host's batches returned so far."""
+        return self._budget.count
+
+    @property
+    def bad_sample_stats(self) -> dict[str, Any]:
+        """``{"bad_samples", "bad_sample_fraction", "bad_samples_by_shard"}`` (see ``BadSampleBudget.stats``)."""
+        return self._budget.stats()
+
+    @property
+    def corrupt_images_skipped(self) -> int:
+        """Bad samples skipped so far (the former image-only counter; every modality counts now)."""
+        return self.bad_samples

@@ -58,7 +58,7 @@ from typing import Any
 import grain
 import numpy as np
 
-from vla_foundry_jax.data.bad_samples import BadSampleBudget, BadSampleLog, SkipBadSamples
+from vla_foundry_jax.data.bad_samples import BadSampleBudget, BadSampleCounters, BadSampleLog, SkipBadSamples
 from vla_foundry_jax.data.image_caption import ImageCaptionTransform, ProcessorTextTransform
 from vla_foundry_jax.data.shards import DataError, ShardDataSource
 from vla_foundry_jax.data.streaming import StreamingTrainIterator, build_streaming_iterator
@@ -170,7 +170,7 @@ class _Fingerprint:
     global_batch_size: int
 
 
-class TrainIterator(Iterator[dict[str, np.ndarray]]):
+class TrainIterator(BadSampleCounters, Iterator[dict[str, np.ndarray]]):
     """This host's batches ``{"input_ids": int32 [b, seq_len+1], "loss_mask": bool [b, seq_len+1]}``, plus
     ``"pixel_values": float32 [b, 1, H, W, 3]`` for image_caption batches; robotics batches hold the arrays of
     ``data.robotics`` (``input_ids``, ``attention_mask``, ``pixel_values [b, N, H, W, 3]``, ``actions``, masks, ...).
@@ -216,21 +216,6 @@ class TrainIterator(Iterator[dict[str, np.ndarray]]):
         self._it: Any = None
         planned = self.num_batches * host_batch_size
         self._budget = budget or BadSampleBudget(BadSampleLog(), fraction=1.0, planned=planned, field="data")
-
-    @property
-    def bad_samples(self) -> int:
-        """Bad samples skipped (replaced by the next good one) to fill this host's batches returned so far."""
-        return self._budget.count
-
-    @property
-    def bad_sample_stats(self) -> dict[str, Any]:
-        """``{"bad_samples", "bad_sample_fraction", "bad_samples_by_shard"}`` (see ``BadSampleBudget.stats``)."""
-        return self._budget.stats()
-
-    @property
-    def corrupt_images_skipped(self) -> int:
-        """Bad samples skipped so far (the former image-only counter; every modality counts now)."""
-        return self.bad_samples
 
     def _start(self) -> None:
         self.close()

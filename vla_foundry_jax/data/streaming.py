@@ -63,6 +63,7 @@ from vla_foundry_jax.data.bad_samples import (
     BAD_SAMPLES_KEY,
     MAX_CONSECUTIVE_BAD,
     BadSampleBudget,
+    BadSampleCounters,
     BadSampleLog,
 )
 from vla_foundry_jax.data.shards import BadSampleError, DataError, ManifestEntry, parse_shard, read_manifest
@@ -514,7 +515,7 @@ class _RowStream:
             self.datasets[d].restore(snap)
 
 
-class StreamingTrainIterator(Iterator[dict[str, np.ndarray]]):
+class StreamingTrainIterator(BadSampleCounters, Iterator[dict[str, np.ndarray]]):
     """This host's batches, read by streaming (same batch layout, counters and state API as ``TrainIterator``).
 
     ``get_state()`` is a *global* position (every stream's), so it can be restored with any process count."""
@@ -556,20 +557,6 @@ class StreamingTrainIterator(Iterator[dict[str, np.ndarray]]):
         self._log = log
         self._pools = pools
         self._next = 0
-
-    # ------------------------------------------------------------ counters (as TrainIterator)
-
-    @property
-    def bad_samples(self) -> int:
-        return self._budget.count
-
-    @property
-    def bad_sample_stats(self) -> dict[str, Any]:
-        return self._budget.stats()
-
-    @property
-    def corrupt_images_skipped(self) -> int:
-        return self.bad_samples
 
     def __len__(self) -> int:
         return self.num_batches
