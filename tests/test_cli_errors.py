@@ -191,3 +191,14 @@ def test_ctrl_c_before_the_loop_is_one_line_and_status_130(tmp_path):
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 130, (proc.returncode, err[-3000:])
     assert "Traceback" not in err, err[-3000:]
+
+
+def test_convert_hf_to_an_object_store_url_is_refused_not_written_locally(tmp_path):
+    """The conversion assembles its output by renames on a local disk: a bucket URL is one error, no ``./s3:`` dir."""
+    tail = _fails_cleanly(
+        ["-m", "launch.convert_hf", f"--hf_pretrained={tmp_path}", "--output_dir=s3://bucket/converted"],
+        "--output_dir='s3://bucket/converted'",
+        cwd=str(tmp_path),
+    )
+    assert "local directory" in tail
+    assert not os.path.exists(tmp_path / "s3:")
