@@ -347,6 +347,10 @@ def run_one(name: str, *, quick: bool, rounds: int, steps: int, threads: int) ->
     """Build both sides of ``name`` in this process, warm them up, then interleave ``rounds`` timed rounds."""
     import torch
 
+    from vla_foundry_jax import host_memory
+
+    host_memory.keep_freed_host_memory()  # as launch/ does; process-wide, so PyTorch runs under it too
+
     torch.set_num_threads(threads)
     with tempfile.TemporaryDirectory() as tmp:
         if name == "hf_llama_11m":

@@ -4,6 +4,9 @@ Ctrl-C while a command is still importing (nothing written yet) exits at once wi
 libraries' import-time ``except:`` clauses would swallow an exception raised there. Once ``main`` runs,
 ``cli.run`` switches to an exception (so ``finally`` blocks clean up), and a training run installs its own handling
 (``training/reliability.py``).
+
+Before any command imports JAX, the host allocator is set to keep freed memory for reuse on the CPU backend
+(``vla_foundry_jax.host_memory``; ``VLA_FOUNDRY_KEEP_HOST_MEMORY=0`` turns it off).
 """
 
 import os
@@ -20,3 +23,11 @@ def _interrupted_while_starting(signum: int, frame: object) -> None:
 
 if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
     signal.signal(signal.SIGINT, _interrupted_while_starting)
+
+from vla_foundry_jax import host_memory  # noqa: E402  (after the handler: the package import takes seconds)
+
+try:
+    host_memory.keep_freed_host_memory()
+except ValueError as exc:  # UsageError
+    print(f"error: {exc}", file=sys.stderr, flush=True)
+    sys.exit(2)
