@@ -56,10 +56,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from vla_foundry_jax.configs.hf_decoder import ACTIVATION_NAMES, HFDecoderConfig, hf_decoder_config
+from vla_foundry_jax.configs.hf_decoder import ACTIVATION_NAMES, FULL_WINDOW, HFDecoderConfig, hf_decoder_config
 from vla_foundry_jax.convert.hf_decoder_maps import load_transformer_hf_weights
 from vla_foundry_jax.layers.activations import activations
-from vla_foundry_jax.layers.attention import empty_kv_cache, softmax_attention
+from vla_foundry_jax.layers.attention import dot_product_attention, empty_kv_cache, softmax_attention
 from vla_foundry_jax.layers.dense import Dense, trunc_normal
 from vla_foundry_jax.layers.feed_forward import GatedMLP
 from vla_foundry_jax.layers.losses import next_token_loss
@@ -144,6 +144,9 @@ class Attention(nnx.Module):
             keys = jax.lax.dynamic_update_slice(kv[0], k.astype(kv[0].dtype), (0, off, 0, 0))
             values = jax.lax.dynamic_update_slice(kv[1], v.astype(kv[1].dtype), (0, off, 0, 0))
             new_kv = (keys, values)
+        if ctx["allowed"] is None:  # plain causal self-attention: the backend's fastest kernel (layers/attention.py)
+            out = dot_product_attention(q, keys, values, causal=True, impl="auto")
+            return self.o_proj(out.astype(x.dtype).reshape(B, S, c.num_heads * hd)), new_kv
         allowed = ctx["allowed"] & (ctx["distance"] < window)[None]  # [B, S, T]
         if ctx["bidirectional"] is not None:  # prefix-LM: prefix pairs see each other, whatever the window
             allowed = allowed | ctx["bidirectional"]
@@ -308,10 +311,18 @@ class HFDecoder(nnx.Module):
                 prefix if cache is None else jax.lax.dynamic_update_slice(jnp.zeros_like(key_mask), prefix, (0, offset))
             )
             bidirectional = prefix[:, :, None] & prefix_keys[:, None, :]  # [B, S, T]
+        plain_causal = (
+            cache is None
+            and attention_mask is None
+            and prefix_mask is None
+            and all(w == FULL_WINDOW for w in c.windows)
+            and c.attn_softcap is None
+            and c.attn_scale == float(c.head_dim) ** -0.5
+        )
         ctx = {
             "rope_positions": positions if position_ids is None else position_ids,
             "offset": offset,
-            "allowed": allowed,
+            "allowed": None if plain_causal else allowed,  # None: no mask to build (Attention's fast path)
             "distance": distance,
             "bidirectional": bidirectional,
         }
