@@ -10,7 +10,8 @@ warmed up (compile / first step), then ``--rounds`` rounds alternate ``--steps``
 One table row per workload: ours and PyTorch median seconds per step (median over rounds of the per-round median),
 and ``torch / ours`` (> 1: ours faster) as the min and median of the per-round ratios. Also printed: our compile
 time and our peak host RSS after the first step (before PyTorch is built). Threads are set equal on both sides:
-``torch.set_num_threads(N)`` and XLA:CPU's intra-op pool (``--threads``, default: all cores).
+``torch.set_num_threads(N)`` and XLA:CPU's intra-op pool (``--threads``, default: all cores). Both sides run under
+the host allocator setting that ``launch/`` applies to CPU runs (``vla_foundry_jax.host_memory``; process-wide).
 
 The PyTorch side (benchmarks/torch_original.py) follows the original's numerics: its decoder / ViT / VLM / policy /
 UNet, float32, its loss and its AdamW (two groups, warmup + cosine). ``--json`` prints one JSON line per workload
