@@ -3,11 +3,12 @@
 XLA:CPU allocates each execution's temporary buffer (95 MB for the ViT-tiny train step, gigabytes for a UNet) with
 ``posix_memalign`` from one of its worker threads. glibc serves a block that large from a per-thread arena only by a
 fresh ``mmap`` and returns it with ``munmap`` when the step ends, so every step faults in and zeroes every page of
-the buffer again: 23,000 page faults, a third of the ViT-tiny step on 2 cores. PyTorch's per-op tensors fit under
-glibc's adaptive mmap threshold and do not pay this.
+the buffer again: 23,000 page faults, a third of the ViT-tiny step on 2 cores; 256,000 for the preset UNet. PyTorch's
+per-op tensors mostly fit under glibc's adaptive mmap threshold (32 MB at most); its larger ones pay the same.
 
 :func:`keep_freed_host_memory` makes glibc serve every thread from the main heap (``M_ARENA_MAX = 1``), never by
-``mmap`` (``M_MMAP_MAX = 0``) and never give freed memory back (``M_TRIM_THRESHOLD``), so the second step reuses
+``mmap`` (``M_MMAP_MAX = 0``) and never give freed memory back (``M_TRIM_THRESHOLD = -1``; any finite threshold,
+at most 2 GB through ``mallopt``, lets a UNet's buffer be trimmed again each step), so the second step reuses
 the first step's pages. The cost: resident memory stays at its peak instead of shrinking between steps. It must run
 before JAX starts its CPU client (threads that already hold an arena keep it); ``launch/`` calls it before anything
 imports JAX. Where the backend is an accelerator the big buffers live on the device, so ``"auto"`` leaves the
@@ -62,7 +63,7 @@ def keep_freed_host_memory(mode: str | None = None) -> bool:
     if sys.platform != "linux" or platform.libc_ver()[0] != "glibc":
         return False
     libc = ctypes.CDLL(None)
-    settings = ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, 2**31 - 1))  # mallopt takes a C int
+    settings = ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, -1))  # -1: never trim
     ok = all(libc.mallopt(param, value) == 1 for param, value in settings)
     applied = applied or ok
     if ok:
