@@ -87,6 +87,16 @@ def test_unreachable_endpoint_is_retried_then_names_the_variable(s3, fast_retrie
     assert paths.RETRIES["s3"] == paths.MAX_ATTEMPTS - 1
 
 
+@pytest.mark.parametrize("port", [40355, 40412, 50012])
+def test_a_port_that_contains_a_status_code_is_not_read_as_one(port):
+    # the endpoint's port once read as HTTP 403 (access denied) / 404 (no such file) / 500 (transient)
+    refused = ConnectionError(f'Could not connect to the endpoint URL: "http://127.0.0.1:{port}/bucket/x"')
+    assert "unreachable after" in str(paths.explain(refused, "s3://bucket/x"))
+    assert "access denied" in str(paths.explain(OSError("An error occurred (403) when calling GetObject"), "s3://b/x"))
+    assert "no such file" in str(paths.explain(OSError("HTTP 404 for gs://b/x"), "gs://b/x"))
+    assert not paths._is_transient(ValueError(f"bad value in http://127.0.0.1:{port}/x"))
+
+
 def test_no_credentials_names_the_variables(s3, monkeypatch, tmp_path):
     for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
         monkeypatch.delenv(key)

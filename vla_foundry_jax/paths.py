@@ -20,6 +20,7 @@ import hashlib
 import logging
 import os
 import posixpath
+import re
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -101,6 +102,12 @@ def _chain(e: BaseException | None) -> Iterator[BaseException]:
         e = e.__cause__ or e.__context__
 
 
+def _status(text: str, *codes: str) -> bool:
+    """Whether ``text`` names one of the HTTP status ``codes`` as a number of its own (not inside a port, say
+    ``127.0.0.1:40355``)."""
+    return re.search(r"(?<![\d.:])(" + "|".join(codes) + r")(?!\d)", text) is not None
+
+
 def _is_transient(e: BaseException) -> bool:
     for cause in _chain(e):  # s3fs wraps a botocore 500 as a bare OSError; the cause keeps the status
         response = getattr(cause, "response", None)
@@ -123,7 +130,7 @@ def _is_transient(e: BaseException) -> bool:
     if isinstance(status, int) and (status >= 500 or status == 429):
         return True
     text = f"{type(e).__name__} {e}".lower()
-    return any(
+    return _status(text, "500", "503") or any(
         s in text
         for s in (
             "timeout",
@@ -131,8 +138,6 @@ def _is_transient(e: BaseException) -> bool:
             "throttl",
             "slowdown",
             "slow down",
-            "503",
-            "500 ",
             "internal error",
             "internalerror",
             "serviceunavailable",
@@ -159,12 +164,14 @@ def explain(e: BaseException, path: str, what: str = "") -> PathError:
     label = f"{what} {path!r}" if what else repr(path)
     text = f"{type(e).__name__}: {e}".splitlines()[0][:300]
     lowered = text.lower()
-    if isinstance(e, FileNotFoundError) or "nosuchkey" in lowered or "not found" in lowered or "404" in lowered:
+    if isinstance(e, FileNotFoundError) or "nosuchkey" in lowered or "not found" in lowered or _status(lowered, "404"):
         if "nosuchbucket" in lowered or ("bucket" in lowered and "not" in lowered):
             return PathError(f"{label}: the bucket does not exist ({text}); check the bucket name.")
         return PathError(f"{label}: no such file or directory; check the path.")
-    if isinstance(e, PermissionError) or any(
-        s in lowered for s in ("credential", "accessdenied", "access denied", "forbidden", "403", "401", "unauthor")
+    if (
+        isinstance(e, PermissionError)
+        or any(s in lowered for s in ("credential", "accessdenied", "access denied", "forbidden", "unauthor"))
+        or _status(lowered, "401", "403")
     ):
         return PathError(f"{label}: access denied or no credentials ({text}); {_FIX.get(kind, 'check permissions')}.")
     if _is_transient(e):
