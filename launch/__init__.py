@@ -5,13 +5,14 @@ libraries' import-time ``except:`` clauses would swallow an exception raised the
 ``cli.run`` switches to an exception (so ``finally`` blocks clean up), and a training run installs its own handling
 (``training/reliability.py``).
 
-Before any command imports JAX, the host allocator is set to keep freed memory for reuse on the CPU backend
-(``vla_foundry_jax.host_memory``; ``VLA_FOUNDRY_KEEP_HOST_MEMORY=0`` turns it off).
+Importing ``vla_foundry_jax`` sets the host allocator to keep freed memory for reuse on the CPU backend
+(``vla_foundry_jax.host_memory``); a bad ``VLA_FOUNDRY_KEEP_HOST_MEMORY`` is one error line here.
 """
 
 import os
 import signal
 import sys
+import warnings
 
 EXIT_INTERRUPTED = 130
 
@@ -23,6 +24,8 @@ def _interrupted_while_starting(signum: int, frame: object) -> None:
 
 if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
     signal.signal(signal.SIGINT, _interrupted_while_starting)
+
+warnings.filterwarnings("ignore", message="VLA_FOUNDRY_KEEP_HOST_MEMORY")  # reported below as one error line
 
 from vla_foundry_jax import host_memory  # noqa: E402  (after the handler: the package import takes seconds)
 
