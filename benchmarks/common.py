@@ -9,14 +9,12 @@ from typing import Any
 import jax
 import numpy as np
 
-from vla_foundry_jax import host_memory, parallel
+from vla_foundry_jax import parallel
 from vla_foundry_jax.params import DistributedParams, EMAParams, HyperParams, ModelParams
 from vla_foundry_jax.registry import get_loss
 from vla_foundry_jax.training.optimizer import make_optimizer
 from vla_foundry_jax.training.state import count_params, init_train_state, make_model_spec
 from vla_foundry_jax.training.step import make_train_step
-
-host_memory.keep_freed_host_memory()  # as launch/ does, before JAX starts its CPU client
 
 
 def build_step(params: ModelParams, *, batch: int, precision: str = "fp32", devices: int = 1) -> tuple[Any, Any]:

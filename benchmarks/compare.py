@@ -11,7 +11,7 @@ One table row per workload: ours and PyTorch median seconds per step (median ove
 and ``torch / ours`` (> 1: ours faster) as the min and median of the per-round ratios. Also printed: our compile
 time and our peak host RSS after the first step (before PyTorch is built). Threads are set equal on both sides:
 ``torch.set_num_threads(N)`` and XLA:CPU's intra-op pool (``--threads``, default: all cores). Both sides run under
-the host allocator setting that ``launch/`` applies to CPU runs (``vla_foundry_jax.host_memory``; process-wide).
+the host allocator setting that importing ``vla_foundry_jax`` applies on CPU (``host_memory``; process-wide).
 
 The PyTorch side (benchmarks/torch_original.py) follows the original's numerics: its decoder / ViT / VLM / policy /
 UNet, float32, its loss and its AdamW (two groups, warmup + cosine). ``--json`` prints one JSON line per workload
@@ -350,7 +350,7 @@ def run_one(name: str, *, quick: bool, rounds: int, steps: int, threads: int) ->
 
     from vla_foundry_jax import host_memory
 
-    host_memory.keep_freed_host_memory()  # as launch/ does; process-wide, so PyTorch runs under it too
+    host_memory.keep_freed_host_memory()  # as importing the package does (torch came first); PyTorch runs under it too
 
     torch.set_num_threads(threads)
     with tempfile.TemporaryDirectory() as tmp:
