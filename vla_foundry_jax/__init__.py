@@ -10,7 +10,7 @@ import warnings
 from vla_foundry_jax import host_memory
 from vla_foundry_jax.errors import UsageError
 
-# Before anything imports jaxlib, whose import starts a thread that would hold its own malloc arena.
+# Before anything imports jaxlib: its import starts a thread, and a thread that already took a malloc arena keeps it.
 try:
     host_memory.keep_freed_host_memory()
 except UsageError as exc:  # launch/ reports it as one error line and exits 2

@@ -10,9 +10,9 @@ per-op tensors mostly fit under glibc's adaptive mmap threshold (32 MB at most);
 ``mmap`` (``M_MMAP_MAX = 0``) and never give freed memory back (``M_TRIM_THRESHOLD = -1``; any finite threshold,
 at most 2 GB through ``mallopt``, lets a UNet's buffer be trimmed again each step), so the second step reuses
 the first step's pages. The cost: resident memory stays at its peak instead of shrinking between steps. It must run
-before jaxlib is imported: that import starts a thread that takes a malloc arena of its own, and glibc then hands
-that arena to XLA's worker threads too. ``import vla_foundry_jax`` calls it first thing. Where the backend is an
-accelerator the big buffers live on the device, so ``"auto"`` leaves the allocator alone there.
+before jaxlib is imported: that import starts a thread, and a thread that already took a malloc arena of its own
+keeps it (glibc may also hand that arena to later threads). ``import vla_foundry_jax`` calls it first thing. Where
+the backend is an accelerator the big buffers live on the device, so ``"auto"`` leaves the allocator alone there.
 
 Not a guarantee: under heavy concurrent load the main heap can fragment (small blocks carved out of the freed buffer),
 and some steps then take fresh pages again (seen in 2 of 6 runs of a 64 MB-buffer loop beside a running test suite).
