@@ -473,6 +473,14 @@ def download_tree(remote: str, local: str, files: list[tuple[str, int]]) -> None
         raise
 
 
+def local_output_dir(path: str, flag: str) -> str:
+    """The absolute local directory ``path`` of an output assembled by local renames (converted and imported runs);
+    an object-store or hub URL is one error line naming ``flag``."""
+    if is_remote(path):
+        raise PathError(f"{flag}={path!r}: give a local directory (copy it to remote storage after).")
+    return os.path.abspath(os.path.expanduser(path))
+
+
 def check_writable(path: str, what: str) -> None:
     """Fail now, with one line, when the output location ``path`` cannot be written: hf://, a missing bucket, no
     credentials or an unreachable endpoint (checked by writing and removing a small probe object)."""

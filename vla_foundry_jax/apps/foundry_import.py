@@ -232,9 +232,7 @@ def _write_vlm_dir(directory: str, vlm: ModelParams) -> None:
 
 
 def _check_output_dir(output_dir: str, flag: str) -> str:
-    if paths.is_remote(output_dir):
-        raise FoundryImportError(f"{flag}={output_dir!r}: give a local directory (copy it to remote storage after).")
-    output_dir = os.path.abspath(os.path.expanduser(output_dir))
+    output_dir = paths.local_output_dir(output_dir, flag)
     if os.path.exists(output_dir) and (not os.path.isdir(output_dir) or os.listdir(output_dir)):
         raise FoundryImportError(f"{flag}={output_dir} already exists and is not empty; give a new directory.")
     return output_dir

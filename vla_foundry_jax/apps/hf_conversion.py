@@ -74,13 +74,6 @@ SIDE_FILES = (
 _DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": None}
 
 
-def _local_output(path: str, flag: str) -> str:
-    """The absolute local directory ``path``; an object-store URL is refused (the output is assembled by renames)."""
-    if paths.is_remote(path):
-        raise UsageError(f"{flag}={path!r}: give a local directory (copy it to remote storage after).")
-    return os.path.abspath(os.path.expanduser(path))
-
-
 def copy_side_files(src: str, dst: str, *, with_config: bool = True) -> list[str]:
     """Copy ``config.json`` (optional) and the tokenizer / generation files present in ``src`` to ``dst``."""
     os.makedirs(dst, exist_ok=True)
@@ -103,7 +96,7 @@ def convert_hf(hf_pretrained: str, output_dir: str, *, model_type: str = "transf
     if model_type not in SUPPORTED_TYPES:
         raise UsageError(f"model type {model_type!r}: only {', '.join(SUPPORTED_TYPES)} can be converted.")
     t0 = time.perf_counter()
-    output_dir = _local_output(output_dir, "--output_dir")
+    output_dir = paths.local_output_dir(output_dir, "--output_dir")
     if os.path.isdir(os.path.join(output_dir, "checkpoints")):
         raise UsageError(f"{output_dir} already holds checkpoints; give a new output directory.")
     if os.path.exists(output_dir) and (not os.path.isdir(output_dir) or os.listdir(output_dir)):
@@ -208,7 +201,7 @@ def export_transformer_hf(run_dir_or_model: Any, out_dir: str, *, dtype: str | N
     """
     from safetensors.numpy import save_file
 
-    out_dir = _local_output(out_dir, "--out_dir")
+    out_dir = paths.local_output_dir(out_dir, "--out_dir")
     flat, params, hf_dir = _model_and_config(run_dir_or_model)
     if os.path.realpath(out_dir) == os.path.realpath(hf_dir):
         raise UsageError(
