@@ -348,9 +348,7 @@ def run_one(name: str, *, quick: bool, rounds: int, steps: int, threads: int) ->
     """Build both sides of ``name`` in this process, warm them up, then interleave ``rounds`` timed rounds."""
     import torch
 
-    from vla_foundry_jax import host_memory
-
-    host_memory.keep_freed_host_memory()  # as importing the package does (torch came first); PyTorch runs under it too
+    import vla_foundry_jax  # noqa: F401  (the import sets the host allocator, process-wide: PyTorch runs under it too)
 
     torch.set_num_threads(threads)
     with tempfile.TemporaryDirectory() as tmp:

@@ -30,7 +30,7 @@ warnings.filterwarnings("ignore", message="VLA_FOUNDRY_KEEP_HOST_MEMORY")  # rep
 from vla_foundry_jax import host_memory  # noqa: E402  (after the handler: the package import takes seconds)
 
 try:
-    host_memory.keep_freed_host_memory()
+    host_memory.setting()  # the package import applied it, or warned about a bad value
 except ValueError as exc:  # UsageError
     print(f"error: {exc}", file=sys.stderr, flush=True)
     sys.exit(2)

@@ -51,16 +51,23 @@ def jax_will_use_cpu() -> bool:
     return not any(importlib.util.find_spec(name) is not None for name in _ACCELERATOR_PLUGINS)
 
 
-def keep_freed_host_memory(mode: str | None = None) -> bool:
-    """Apply the allocator settings of the module docstring; returns whether they were applied.
-
-    ``mode``: ``"1"`` always, ``"0"`` never, ``"auto"`` when JAX will run on the CPU (default: the
-    ``VLA_FOUNDRY_KEEP_HOST_MEMORY`` variable, else ``"auto"``). A no-op on anything but Linux with glibc.
-    """
-    global applied
+def setting(mode: str | None = None) -> str:
+    """``mode``, else the ``VLA_FOUNDRY_KEEP_HOST_MEMORY`` variable, else ``"auto"``: one of ``"1"``, ``"0"``,
+    ``"auto"``; anything else is a UsageError naming the variable."""
     mode = (mode if mode is not None else os.environ.get(ENV, "auto")).strip().lower()
     if mode not in ("1", "0", "auto"):
         raise UsageError(f"{ENV}={mode!r} is not a setting; use 1 (always), 0 (never) or auto (on the CPU backend)")
+    return mode
+
+
+def keep_freed_host_memory(mode: str | None = None) -> bool:
+    """Apply the allocator settings of the module docstring; returns whether they were applied.
+
+    ``mode``: ``"1"`` always, ``"0"`` never, ``"auto"`` when JAX will run on the CPU (default: :func:`setting`). A
+    no-op on anything but Linux with glibc.
+    """
+    global applied
+    mode = setting(mode)
     if mode == "0" or (mode == "auto" and not jax_will_use_cpu()):
         return False
     if sys.platform != "linux" or platform.libc_ver()[0] != "glibc":
