@@ -11,9 +11,10 @@ for kernel and bias (a transposed conv's fan-in counts its *output* channels, as
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from vla_foundry_jax.layers.dense import torch_uniform
@@ -70,15 +71,73 @@ def conv2d(x: jax.Array, kernel: jax.Array, stride: int, padding: tuple[tuple[in
     """``NHWC`` x ``HWIO`` cross-correlation. On CPU, maps of at most :data:`MATMUL_CONV_MAX_POSITIONS` output
     positions (a UNet's 8x8 levels) go through :func:`conv_as_matmul`: there the kernel outweighs the activations,
     and XLA's CPU convolution gradient spends most of its time reversing and transposing the kernel (measured
-    about 2x slower for a 3x3 1024 -> 1024 conv on 4 x 8 x 8; no gain at 16 x 16, a loss at 64 x 64)."""
+    about 2x slower for a 3x3 1024 -> 1024 conv on 4 x 8 x 8; no gain at 16 x 16, a loss at 64 x 64). Larger
+    stride-1 maps keep XLA's convolution but take their kernel gradient from :func:`kernel_grad_by_taps`."""
     kh, kw = kernel.shape[:2]
     ho = (x.shape[1] + sum(padding[0]) - kh) // stride + 1
     wo = (x.shape[2] + sum(padding[1]) - kw) // stride + 1
-    if jax.default_backend() == "cpu" and ho * wo <= MATMUL_CONV_MAX_POSITIONS:
-        return conv_as_matmul(x, kernel, stride, padding)
+    if jax.default_backend() == "cpu":
+        if ho * wo <= MATMUL_CONV_MAX_POSITIONS:
+            return conv_as_matmul(x, kernel, stride, padding)
+        if stride == 1:
+            return _conv_with_tap_kernel_grad(x, kernel, padding)
+    return _conv(x, kernel, stride, padding)
+
+
+def _conv(x: jax.Array, kernel: jax.Array, stride: int, padding: tuple[tuple[int, int], tuple[int, int]]) -> jax.Array:
     return jax.lax.conv_general_dilated(
         x, kernel, (stride, stride), padding, dimension_numbers=("NHWC", "HWIO", "NHWC")
     )
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _conv_with_tap_kernel_grad(x: jax.Array, kernel: jax.Array, padding: tuple[tuple[int, int], tuple[int, int]]):
+    """A stride-1 :func:`_conv` whose kernel gradient is :func:`kernel_grad_by_taps` (input gradient: XLA's)."""
+    return _conv(x, kernel, 1, padding)
+
+
+def _tap_fwd(x, kernel, padding):
+    return _conv(x, kernel, 1, padding), (x, kernel)
+
+
+def _tap_bwd(padding, res, g):
+    x, kernel = res
+    (dx,) = jax.vjp(lambda x: _conv(x, kernel, 1, padding), x)[1](g)
+    return dx, kernel_grad_by_taps(x, g, kernel.shape[:2], padding).astype(kernel.dtype)
+
+
+_conv_with_tap_kernel_grad.defvjp(_tap_fwd, _tap_bwd)
+
+
+def kernel_grad_by_taps(
+    x: jax.Array, g: jax.Array, taps: tuple[int, int], padding: tuple[tuple[int, int], tuple[int, int]]
+) -> jax.Array:
+    """Kernel gradient ``[kh, kw, C, O]`` of a stride-1 ``NHWC`` conv with output gradient ``g``, as ``kh * kw``
+    plain matmuls. Flattened over ``(batch, padded row, padded column)``, tap ``(i, j)`` pairs input position
+    ``q + i * Wp + j`` with output position ``q`` (``g`` zero-padded to the padded map, so no pair crosses a row or
+    an image), so each tap is one ``[C, N] @ [N, O]`` product with one operand shifted by whole rows. The larger of
+    ``x`` / ``g`` is transposed once (held by an optimization barrier: XLA:CPU would otherwise fold the transpose
+    into the dot and run it on its slow transposed-operand path) and the smaller is shifted per tap. XLA:CPU's own
+    kernel gradient, a convolution whose window is the whole map, ran 1.2-4x slower on a UNet's shapes."""
+    kh, kw = taps
+    B, _, _, C = x.shape
+    Ho, Wo, O = g.shape[1:]
+    xp = jnp.pad(x, ((0, 0), padding[0], padding[1], (0, 0)))
+    Hp, Wp = xp.shape[1:3]
+    n = B * Hp * Wp
+    xf = xp.reshape(n, C)
+    gf = jnp.pad(g, ((0, 0), (0, Hp - Ho), (0, Wp - Wo), (0, 0))).reshape(n, O)
+    offsets = [i * Wp + j for i in range(kh) for j in range(kw)]
+    last = offsets[-1]
+    if C >= O:  # transpose x, shift g down by each offset: sum_q x[q] g[q - o]
+        xT = jax.lax.optimization_barrier(xf.T)
+        gs = jnp.pad(gf, ((last, 0), (0, 0)))
+        grads = [xT @ gs[last - o : last - o + n] for o in offsets]
+        return jnp.stack(grads).reshape(kh, kw, C, O)
+    gT = jax.lax.optimization_barrier(gf.T)  # transpose g, shift x up by each offset: sum_q x[q + o] g[q]
+    xs = jnp.pad(xf, ((0, last), (0, 0)))
+    grads = [gT @ xs[o : o + n] for o in offsets]
+    return jnp.stack(grads).reshape(kh, kw, O, C).transpose(0, 1, 3, 2)
 
 
 def conv_as_matmul(
@@ -131,7 +190,7 @@ def transposed_conv_by_phases(x: jax.Array, kernel: jax.Array, s: int, p: int) -
         cols = []
         for b in range(s):
             tb, pad_w, nw = _phase_taps(k, s, p, b, W)
-            sub = kernel[np.asarray(ta)][:, np.asarray(tb)]
+            sub = kernel[ta[0] : ta[-1] + 1 : s, tb[0] : tb[-1] + 1 : s]  # taps are s apart: a slice, not a gather
             y = conv2d(x, sub, 1, (pad_h, pad_w))
             cols.append(y[:, :nh, :nw])
         rows.append(cols)
