@@ -13,13 +13,14 @@ from vla_foundry_jax.layers.conv import MATMUL_CONV_MAX_POSITIONS, conv2d, kerne
 # (batch, height, width, in, out, k, stride, padding): maps above and below the patch-matmul limit, 1x1 / 2x2 /
 # 3x3 kernels, asymmetric padding (the transposed conv's phases), more input than output channels and the reverse.
 CASES = [
-    (2, 9, 11, 5, 7, 3, 1, ((1, 1), (1, 1))),
-    (2, 12, 10, 9, 4, 3, 1, ((1, 1), (1, 1))),
-    (1, 10, 9, 3, 6, 2, 1, ((1, 0), (0, 1))),
-    (2, 9, 9, 6, 3, 1, 1, ((0, 0), (0, 0))),
-    (2, 11, 12, 4, 4, 3, 1, ((0, 2), (2, 0))),
+    (2, 17, 19, 5, 7, 3, 1, ((1, 1), (1, 1))),
+    (2, 20, 18, 9, 4, 3, 1, ((1, 1), (1, 1))),
+    (1, 18, 17, 3, 6, 2, 1, ((1, 0), (0, 1))),
+    (2, 17, 17, 6, 3, 1, 1, ((0, 0), (0, 0))),
+    (2, 19, 18, 4, 4, 3, 1, ((0, 2), (2, 0))),
     (2, 6, 6, 4, 5, 3, 1, ((1, 1), (1, 1))),
-    (2, 17, 16, 3, 4, 3, 2, ((1, 1), (1, 1))),
+    (2, 9, 11, 5, 7, 3, 2, ((1, 1), (1, 1))),
+    (2, 34, 33, 3, 4, 3, 2, ((1, 1), (1, 1))),
 ]
 
 

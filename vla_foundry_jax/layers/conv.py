@@ -64,15 +64,16 @@ class Conv2d(nnx.Module):
 
 
 # Output positions up to which a CPU convolution runs as one matmul over gathered patches (below).
-MATMUL_CONV_MAX_POSITIONS = 64
+MATMUL_CONV_MAX_POSITIONS = 256
 
 
 def conv2d(x: jax.Array, kernel: jax.Array, stride: int, padding: tuple[tuple[int, int], tuple[int, int]]) -> jax.Array:
     """``NHWC`` x ``HWIO`` cross-correlation. On CPU, maps of at most :data:`MATMUL_CONV_MAX_POSITIONS` output
-    positions (a UNet's 8x8 levels) go through :func:`conv_as_matmul`: there the kernel outweighs the activations,
-    and XLA's CPU convolution gradient spends most of its time reversing and transposing the kernel (measured
-    about 2x slower for a 3x3 1024 -> 1024 conv on 4 x 8 x 8; no gain at 16 x 16, a loss at 64 x 64). Larger
-    stride-1 maps keep XLA's convolution but take their kernel gradient from :func:`kernel_grad_by_taps`."""
+    positions (a UNet's 8x8 and 16x16 levels) go through :func:`conv_as_matmul`: there the kernel outweighs the
+    activations, and XLA's CPU convolution gradient spends most of its time reversing and transposing the kernel
+    (fwd + bwd of a 3x3 conv on 4 x 8 x 8, 1024 -> 1024: 57 -> 25 ms; 4 x 16 x 16, 1536 -> 512: 91 -> 76 ms; no
+    gain at 32 x 32). Larger stride-1 maps keep XLA's convolution but take their kernel gradient from
+    :func:`kernel_grad_by_taps`."""
     kh, kw = kernel.shape[:2]
     ho = (x.shape[1] + sum(padding[0]) - kh) // stride + 1
     wo = (x.shape[2] + sum(padding[1]) - kw) // stride + 1
