@@ -98,6 +98,43 @@ def test_head_major_gradients_match_autodiff_of_the_reference(causal):
         np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=2e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("causal", [False, True])
+def test_head_major_in_cpu_head_groups_matches_the_reference(causal, monkeypatch):
+    """A score budget of 2 heads' scores splits the 2 x 4 heads into 4 sequential groups (``lax.map``); values and
+    gradients stay those of the reference, also for end-aligned causal attention with fewer queries than keys."""
+    from vla_foundry_jax.layers import attention
+
+    q, _, _ = _qkv(S=6, hd=8, seed=2)
+    _, k, v = _qkv(S=10, hd=8, seed=3)
+    monkeypatch.setattr(attention, "CPU_SCORE_BLOCK_BYTES", 2 * 6 * 10 * 4)
+    assert attention._cpu_head_group(2 * 4, 6 * 10 * 4) == 2
+    allowed = attention_mask(6, 10, causal=True) if causal else None
+    cot = jnp.asarray(np.random.default_rng(4).standard_normal(q.shape), jnp.float32)
+
+    def ours(q, k, v):
+        out = head_major_attention(*(t.transpose(0, 2, 1, 3) for t in (q, k, v)), causal=causal, scale=8**-0.5)
+        return out.transpose(0, 2, 1, 3)
+
+    def ref(q, k, v):
+        return softmax_attention(q, k, v, allowed=allowed)
+
+    np.testing.assert_allclose(np.asarray(ours(q, k, v)), np.asarray(ref(q, k, v)), atol=2e-6)
+    grads = [jax.grad(lambda *a, f=f: jnp.sum(f(*a) * cot), (0, 1, 2))(q, k, v) for f in (ours, ref)]
+    for g, w in zip(*grads, strict=True):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=2e-5, rtol=1e-5)
+
+
+def test_cpu_head_group_is_the_largest_divisor_within_the_budget(monkeypatch):
+    from vla_foundry_jax.layers import attention
+
+    monkeypatch.setattr(attention, "CPU_SCORE_BLOCK_BYTES", 5 << 20)
+    assert attention._cpu_head_group(64, 256 * 256 * 4) == 16  # vit_tiny at batch 16: 4 MiB groups
+    assert attention._cpu_head_group(16, 531 * 531 * 4) == 4  # the policy denoiser: 4.3 MiB groups
+    assert attention._cpu_head_group(6, 2 << 20) == 2  # 3 would exceed the budget
+    assert attention._cpu_head_group(4, 8 << 20) == 1  # one head over the budget still runs, alone
+    assert attention._cpu_head_group(8, 1024) == 8  # everything fits: one call, no map
+
+
 def test_splash_kernel_matches_reference_in_the_pallas_interpreter():
     q, k, v = _qkv(B=1, S=128, nh=2, nkv=1, hd=128, seed=3)
     got = splash_attention(q, k, v, causal=True, interpret=True)

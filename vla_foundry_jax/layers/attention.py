@@ -144,8 +144,30 @@ def head_major_attention(
     log-sum-exp) instead of saving them, so scanned layers stack no ``[b, nh, Sq, Sk]`` residual (XLA:CPU zero-fills
     and copies every stacked residual each step); ~1.5x faster than autodiff on XLA:CPU, and the head-major layout
     keeps XLA:CPU's batched dots free of transposes.
+
+    On CPU the ``b * nh`` heads go through in groups (``jax.lax.map``) whose float32 scores stay within
+    :data:`CPU_SCORE_BLOCK_BYTES`, so each group's score passes run in cache instead of streaming the whole
+    ``[b, nh, Sq, Sk]`` block through memory (forward + backward: ``[16, 4, 256, 16]`` 10.3 -> 8.5 ms, ``[8, 2, 531,
+    32]`` 14.3 -> 11.5 ms, 2 threads).
     """
-    return _head_major(q, k, v, causal, float(scale))
+    b, nh, sq = q.shape[:3]
+    group = _cpu_head_group(b * nh, sq * k.shape[2] * 4) if jax.default_backend() == "cpu" else b * nh
+    if group == b * nh:
+        return _head_major(q, k, v, causal, float(scale))
+    parts = tuple(t.reshape(b * nh // group, 1, group, *t.shape[2:]) for t in (q, k, v))
+    out = jax.lax.map(lambda qkv: _head_major(*qkv, causal, float(scale)), parts)
+    return out.reshape(b, nh, sq, v.shape[-1])
+
+
+# Bytes of float32 scores per head group on CPU (:func:`head_major_attention`): measured best at 2-4.5 MB on a
+# 2-core EPYC (1 MB L2 per core, 32 MB L3); twice that was slower.
+CPU_SCORE_BLOCK_BYTES = 5 << 20
+
+
+def _cpu_head_group(heads: int, score_bytes_per_head: int) -> int:
+    """The largest divisor of ``heads`` whose scores fit :data:`CPU_SCORE_BLOCK_BYTES` (at least 1)."""
+    fits = [c for c in range(1, heads + 1) if heads % c == 0 and c * score_bytes_per_head <= CPU_SCORE_BLOCK_BYTES]
+    return max(fits, default=1)
 
 
 def _causal_scores(scores: jax.Array) -> jax.Array:
