@@ -367,9 +367,40 @@ def test_scan_compile_size_independent_of_depth(deep):
         fn = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x).logits)
         return len(fn.lower(state, jnp.zeros((1, 4), jnp.int32)).as_text())
 
-    small = lowered_size(Transformer(TransformerParams(**BASE), rngs=nnx.Rngs(0)))
+    # 5 layers: above stack.CPU_UNROLL_MAX_LAYERS, so both stay one scanned loop
+    small = lowered_size(Transformer(TransformerParams(**{**BASE, "n_layers": 5}), rngs=nnx.Rngs(0)))
     big = lowered_size(deep)
     assert abs(big / small - 1) < 0.05, (small, big)
+
+
+def test_cpu_unrolled_layers_match_the_scan(model, monkeypatch):
+    """On CPU a stack of <= CPU_UNROLL_MAX_LAYERS layers is unrolled; loss, gradients and the KV cache of a
+    decode step equal the scanned loop's."""
+    from vla_foundry_jax.layers import stack
+
+    graphdef, state = nnx.split(model)
+    ids = jnp.asarray(IDS)
+
+    def run():
+        def loss(s):
+            return jnp.mean(nnx.merge(graphdef, s)(ids).logits ** 2)
+
+        lowered = jax.jit(jax.value_and_grad(loss)).lower(state)
+        m = nnx.merge(graphdef, state)
+        cache = m.init_cache(ids.shape[0], MAX)
+        out = nnx.jit(lambda m, x, c: m(x, cache=c))(m, ids, cache)
+        return "while" in lowered.as_text(), lowered.compile()(state), out
+
+    looped, (val, grads), out = run()  # L = 2 layers: unrolled
+    monkeypatch.setattr(stack, "CPU_UNROLL_MAX_LAYERS", 0)
+    scan_looped, (want_val, want_grads), want_out = run()
+    assert (looped, scan_looped) == (False, True)
+    np.testing.assert_allclose(val, want_val, rtol=1e-5)
+    for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(want_grads), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(out.logits, want_out.logits, rtol=1e-5, atol=1e-6)
+    for k in ("k", "v"):
+        np.testing.assert_allclose(out.cache[k], want_out.cache[k], rtol=1e-5, atol=1e-6)
 
 
 def test_remat_policy_same_gradients(model):

@@ -273,7 +273,7 @@ def test_scanned_hlo_does_not_grow_with_depth():
         gd, st = nnx.split(ViT(vit_params(n_layers=n_layers), rngs=nnx.Rngs(0), remat_policy=remat))
         return len(jax.jit(lambda s, x: nnx.merge(gd, s)(x)).lower(st, x).as_text())
 
-    # above CPU_UNROLL_MAX_LAYERS the blocks stay one scanned loop
+    # above stack.CPU_UNROLL_MAX_LAYERS the blocks stay one scanned loop
     assert hlo_size(8) < 1.05 * hlo_size(5)
     gd, st = nnx.split(ViT(vit_params(), rngs=nnx.Rngs(0), remat_policy="dots_saveable"))
     loss = jax.jit(jax.grad(lambda s: jnp.sum(nnx.merge(gd, s)(x) ** 2)))
@@ -281,7 +281,7 @@ def test_scanned_hlo_does_not_grow_with_depth():
 
 
 def test_cpu_unrolled_blocks_match_the_scan(monkeypatch):
-    from vla_foundry_jax.models import vit as vit_module
+    from vla_foundry_jax.layers import stack
 
     gd, st = nnx.split(ViT(vit_params(), rngs=nnx.Rngs(0)))
     x = jnp.asarray(np.random.default_rng(0).uniform(-1, 1, (2, IMG, IMG, 3)), jnp.float32)
@@ -294,7 +294,7 @@ def test_cpu_unrolled_blocks_match_the_scan(monkeypatch):
         return "while" in lowered.as_text(), lowered.compile()(st)
 
     looped, (val, grads) = run()  # 2 blocks <= CPU_UNROLL_MAX_LAYERS: unrolled
-    monkeypatch.setattr(vit_module, "CPU_UNROLL_MAX_LAYERS", 0)
+    monkeypatch.setattr(stack, "CPU_UNROLL_MAX_LAYERS", 0)
     scan_looped, (want_val, want_grads) = run()
     assert (looped, scan_looped) == (False, True)
     np.testing.assert_allclose(val, want_val, rtol=1e-5)

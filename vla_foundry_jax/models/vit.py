@@ -59,10 +59,6 @@ from vla_foundry_jax.params.model_params import ViTParams
 from vla_foundry_jax.registry import ModelRecord, register_model
 
 INIT_STD = 0.02
-# On CPU, scans of at most this many blocks are unrolled: XLA:CPU zero-fills and copies every stacked per-layer
-# residual of a scan on each step (~10-30% of a small ViT's train step); unrolled, they are plain buffers.
-# Accelerators, and deeper stacks (compile time grows with depth), keep the loop.
-CPU_UNROLL_MAX_LAYERS = 4
 
 
 def _gelu_tanh(x: jax.Array) -> jax.Array:
@@ -285,15 +281,8 @@ class ViT(nnx.Module):
         def step(block: ViTBlock, x: jax.Array, key: jax.Array | None) -> jax.Array:
             return block(x, key)
 
-        unroll = jax.default_backend() == "cpu" and p.n_layers <= CPU_UNROLL_MAX_LAYERS
         x = scan_layers(
-            step,
-            self.blocks,
-            x,
-            layer_keys,
-            in_axes=(0 if active else None,),
-            remat_policy=self.remat_policy,
-            unroll=unroll,
+            step, self.blocks, x, layer_keys, in_axes=(0 if active else None,), remat_policy=self.remat_policy
         )
         x = self.layer_norm(x[:, 0] if p.cls_flag else x)
         return x.reshape(*lead, *x.shape[1:])
