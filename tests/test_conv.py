@@ -1,5 +1,5 @@
-"""layers/conv: every CPU route of ``conv2d`` (patch matmul, XLA convolution with the per-tap kernel gradient, XLA's
-strided convolution) against torch's ``conv2d``: values, input gradient and kernel gradient."""
+"""layers/conv: every CPU route of ``conv2d`` (Winograd F(2x2, 3x3), patch matmul, XLA convolution with the per-tap
+kernel gradient, XLA's strided convolution) against torch's ``conv2d``: values, input gradient and kernel gradient."""
 
 from __future__ import annotations
 
@@ -8,10 +8,17 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vla_foundry_jax.layers.conv import MATMUL_CONV_MAX_POSITIONS, conv2d, kernel_grad_by_taps
+from vla_foundry_jax.layers.conv import (
+    MATMUL_CONV_MAX_POSITIONS,
+    WINOGRAD_MIN_CHANNELS,
+    WINOGRAD_MIN_TILES,
+    conv2d,
+    kernel_grad_by_taps,
+)
 
 # (batch, height, width, in, out, k, stride, padding): maps above and below the patch-matmul limit, 1x1 / 2x2 /
-# 3x3 kernels, asymmetric padding (the transposed conv's phases), more input than output channels and the reverse.
+# 3x3 kernels, asymmetric padding (the transposed conv's phases), more input than output channels and the reverse;
+# the last two are wide enough for Winograd, with an odd output (a cropped tile row / column).
 CASES = [
     (2, 17, 19, 5, 7, 3, 1, ((1, 1), (1, 1))),
     (2, 20, 18, 9, 4, 3, 1, ((1, 1), (1, 1))),
@@ -21,7 +28,14 @@ CASES = [
     (2, 6, 6, 4, 5, 3, 1, ((1, 1), (1, 1))),
     (2, 9, 11, 5, 7, 3, 2, ((1, 1), (1, 1))),
     (2, 34, 33, 3, 4, 3, 2, ((1, 1), (1, 1))),
+    (1, 31, 33, 256, 5, 3, 1, ((1, 1), (1, 1))),
+    (1, 34, 33, 6, 256, 3, 1, ((0, 2), (2, 0))),
 ]
+
+
+def _winograd(b, h, w, cin, cout, k, stride, padding):
+    tiles = b * -(-(h + sum(padding[0]) - 2) // 2) * -(-(w + sum(padding[1]) - 2) // 2)
+    return (k, stride) == (3, 1) and tiles >= WINOGRAD_MIN_TILES and max(cin, cout) >= WINOGRAD_MIN_CHANNELS
 
 
 def _torch_conv(x, w, stride, padding):
@@ -43,7 +57,7 @@ def _torch_conv(x, w, stride, padding):
 def test_conv2d_values_and_gradients_match_torch(b, h, w, cin, cout, k, stride, padding):
     rng = np.random.default_rng(h * w + k)
     x = rng.normal(size=(b, h, w, cin)).astype(np.float32)
-    kernel = rng.normal(size=(k, k, cin, cout)).astype(np.float32)
+    kernel = (rng.normal(size=(k, k, cin, cout)) / np.sqrt(k * k * cin)).astype(np.float32)
     want_y, want_dx, want_dw = _torch_conv(x, kernel, stride, padding)
 
     def loss(x, kernel):
@@ -57,8 +71,10 @@ def test_conv2d_values_and_gradients_match_torch(b, h, w, cin, cout, k, stride, 
 
 
 def test_the_cases_cover_each_route():
-    positions = [((h + sum(p[0]) - k) // s + 1) * ((w + sum(p[1]) - k) // s + 1) for _, h, w, _, _, k, s, p in CASES]
-    strides = [s for *_, s, _ in CASES]
+    assert sum(_winograd(*c) for c in CASES) == 2
+    cases = [c for c in CASES if not _winograd(*c)]
+    positions = [((h + sum(p[0]) - k) // s + 1) * ((w + sum(p[1]) - k) // s + 1) for _, h, w, _, _, k, s, p in cases]
+    strides = [s for *_, s, _ in cases]
     assert any(n <= MATMUL_CONV_MAX_POSITIONS for n in positions)  # patch matmul
     assert any(
         n > MATMUL_CONV_MAX_POSITIONS and s == 1 for n, s in zip(positions, strides, strict=True)
