@@ -285,3 +285,24 @@ def test_linear_init_trunc_normal():
     assert tuple(lin.kernel.out_sharding) == ("embed", "mlp")
     y = Dense(4, 2, bias=False, std=1.0, names=(None, None), rngs=nnx.Rngs(0), dtype=jnp.bfloat16)(jnp.ones((3, 4)))
     assert y.dtype == jnp.bfloat16
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_matmul_gradients_match_torch(dtype):
+    """``dense.matmul`` (plain-form gradients on CPU) against torch autograd of ``x @ w`` on a 3-D ``x``."""
+    import torch
+
+    from vla_foundry_jax.layers.dense import matmul
+
+    x = RNG.normal(size=(2, 5, 7)).astype(np.float32)
+    w = RNG.normal(size=(7, 3)).astype(np.float32)
+    g = RNG.normal(size=(2, 5, 3)).astype(np.float32)
+    xt, wt = torch.from_numpy(x).requires_grad_(), torch.from_numpy(w).requires_grad_()
+    yt = xt @ wt
+    yt.backward(torch.from_numpy(g))
+    y, vjp = jax.vjp(matmul, jnp.asarray(x, dtype), jnp.asarray(w, dtype))
+    dx, dw = vjp(jnp.asarray(g, dtype))
+    assert (y.dtype, dx.dtype, dw.dtype) == (dtype, dtype, dtype)
+    tol = 1e-5 if dtype == jnp.float32 else 5e-2
+    for got, want in ((y, yt.detach()), (dx, xt.grad), (dw, wt.grad)):
+        np.testing.assert_allclose(np.asarray(got, np.float32), want.numpy(), rtol=tol, atol=tol * 4)

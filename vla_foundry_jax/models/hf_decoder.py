@@ -60,7 +60,7 @@ from vla_foundry_jax.configs.hf_decoder import ACTIVATION_NAMES, FULL_WINDOW, HF
 from vla_foundry_jax.convert.hf_decoder_maps import load_transformer_hf_weights
 from vla_foundry_jax.layers.activations import activations
 from vla_foundry_jax.layers.attention import dot_product_attention, empty_kv_cache, softmax_attention
-from vla_foundry_jax.layers.dense import Dense, trunc_normal
+from vla_foundry_jax.layers.dense import Dense, matmul, trunc_normal
 from vla_foundry_jax.layers.feed_forward import GatedMLP
 from vla_foundry_jax.layers.losses import next_token_loss
 from vla_foundry_jax.layers.positional import mrope_axes, mrope_positions
@@ -357,7 +357,7 @@ class HFDecoder(nnx.Module):
         )
         x = self.norm(x)
         head = self.embed_tokens[...].T if self.lm_head is None else self.lm_head[...]
-        logits = jnp.dot(x, head.astype(self.dtype)).astype(jnp.float32)
+        logits = matmul(x, head.astype(self.dtype)).astype(jnp.float32)
         if c.final_softcap is not None:
             logits = jnp.tanh(logits / c.final_softcap) * c.final_softcap
 

@@ -43,7 +43,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from vla_foundry_jax.layers.attention import dot_product_attention, empty_kv_cache
-from vla_foundry_jax.layers.dense import Dense, trunc_normal
+from vla_foundry_jax.layers.dense import Dense, matmul, trunc_normal
 from vla_foundry_jax.layers.feed_forward import FeedForward
 from vla_foundry_jax.layers.losses import next_token_loss
 from vla_foundry_jax.layers.norms import make_norm
@@ -308,7 +308,7 @@ class Transformer(nnx.Module):
 
         x = self.norm(x)
         head = self.embeddings[...].T if self.output is None else self.output[...]
-        logits = jnp.dot(x, head.astype(self.dtype))
+        logits = matmul(x, head.astype(self.dtype))
         if p.cast_output_to_float32:
             logits = logits.astype(jnp.float32)
 

@@ -18,6 +18,7 @@ from flax import nnx
 
 from vla_foundry_jax.configs.hf_vision import load_vision_config
 from vla_foundry_jax.errors import VLAFoundryError
+from vla_foundry_jax.layers.dense import matmul
 from vla_foundry_jax.layers.losses import cross_entropy_with_z_loss
 from vla_foundry_jax.layers.pixel_shuffle import pixel_shuffle
 from vla_foundry_jax.models.transformer import TransformerOutput
@@ -143,7 +144,7 @@ class VLM(nnx.Module):
         if feats.ndim == 3:
             feats = feats[:, :, None]
         feats = pixel_shuffle(feats, self.params.vit.projector_pixel_shuffle_factor)  # [B, N*n', s^2 H_vit]
-        return jnp.dot(feats.astype(self.dtype), self.projection[...].astype(self.dtype))
+        return matmul(feats.astype(self.dtype), self.projection[...].astype(self.dtype))
 
     def embed(self, input_ids: jax.Array, pixel_values: jax.Array | None, *, deterministic: bool = True) -> jax.Array:
         """Token embeddings with the image positions replaced by image tokens, ``[B, S, H_lm]``."""
