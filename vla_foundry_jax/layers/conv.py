@@ -73,15 +73,14 @@ WINOGRAD_MIN_CHANNELS = 256
 
 
 def conv2d(x: jax.Array, kernel: jax.Array, stride: int, padding: tuple[tuple[int, int], tuple[int, int]]) -> jax.Array:
-    """``NHWC`` x ``HWIO`` cross-correlation. On CPU, maps of at most :data:`MATMUL_CONV_MAX_POSITIONS` output
-    positions (a UNet's 8x8 and 16x16 levels) go through :func:`conv_as_matmul`: there the kernel outweighs the
-    activations, and XLA's CPU convolution gradient spends most of its time reversing and transposing the kernel
-    (fwd + bwd of a 3x3 conv on 4 x 8 x 8, 1024 -> 1024: 57 -> 25 ms; 4 x 16 x 16, 1536 -> 512: 91 -> 76 ms; no
-    gain at 32 x 32). Larger stride-1 maps keep XLA's convolution but take their kernel gradient from
-    :func:`kernel_grad_by_taps`. Float32 3x3 stride-1 convolutions with enough tiles and channels (above the
-    constants) take :func:`winograd_conv3x3` instead of either (fwd + bwd on 4 x 32 x 32, 256 -> 256: 25 -> 18 ms;
-    4 x 16 x 16, 1536 -> 512: 76 -> 53 ms; level on 4 x 64 x 64, 128 -> 128 and slower on 4 x 8 x 8, which the
-    constants exclude)."""
+    """``NHWC`` x ``HWIO`` cross-correlation. On CPU, float32 3x3 stride-1 convolutions with enough tiles and
+    channels (the constants above) run as :func:`winograd_conv3x3` (fwd + bwd on 4 x 32 x 32, 256 -> 256: 25 -> 18
+    ms; 4 x 16 x 16, 1536 -> 512: 76 -> 53 ms; level on 4 x 64 x 64, 128 -> 128 and slower on 4 x 8 x 8, which the
+    constants exclude). Other maps of at most :data:`MATMUL_CONV_MAX_POSITIONS` output positions (a UNet's 8x8
+    level) go through :func:`conv_as_matmul`: there the kernel outweighs the activations, and XLA's CPU convolution
+    gradient spends most of its time reversing and transposing the kernel (fwd + bwd of a 3x3 conv on 4 x 8 x 8,
+    1024 -> 1024: 57 -> 25 ms; no gain at 32 x 32). Larger stride-1 maps keep XLA's convolution but take their
+    kernel gradient from :func:`kernel_grad_by_taps`."""
     kh, kw, C, O = kernel.shape
     ho = (x.shape[1] + sum(padding[0]) - kh) // stride + 1
     wo = (x.shape[2] + sum(padding[1]) - kw) // stride + 1
