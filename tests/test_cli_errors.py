@@ -193,6 +193,37 @@ def test_ctrl_c_before_the_loop_is_one_line_and_status_130(tmp_path):
     assert "Traceback" not in err, err[-3000:]
 
 
+_SIGINT_IN_GC_CALLBACK = """
+import gc, signal, sys, time
+from vla_foundry_jax import cli
+
+def main(argv):
+    def land_here(phase, info):  # the signal handler runs inside a gc callback, which swallows its SystemExit
+        gc.callbacks.remove(land_here)
+        signal.raise_signal(signal.SIGINT)
+    gc.callbacks.append(land_here)
+    gc.collect()
+    time.sleep(60)
+    print("still running", flush=True)
+
+cli.run(main)
+"""
+
+
+def test_ctrl_c_swallowed_by_a_gc_callback_still_exits_130_at_once_without_a_traceback():
+    """Where XLA's gc callback eats the handler's SystemExit, the unraisable hook exits, not the 10 s grace timer."""
+    import time
+
+    start = time.monotonic()
+    proc = subprocess.run(
+        [sys.executable, "-c", _SIGINT_IN_GC_CALLBACK], cwd=ROOT, env=subprocess_env(), capture_output=True, text=True
+    )
+    assert proc.returncode == 130, (proc.returncode, proc.stderr[-3000:])
+    assert time.monotonic() - start < 8.0, "exited by the grace timer, not when the exit was swallowed"
+    assert proc.stderr.strip() == "interrupted (Ctrl-C); exiting", proc.stderr[-3000:]
+    assert "still running" not in proc.stdout
+
+
 def test_convert_hf_to_an_object_store_url_is_refused_not_written_locally(tmp_path):
     """The conversion assembles its output by renames on a local disk: a bucket URL is one error, no ``./s3:`` dir."""
     tail = _fails_cleanly(

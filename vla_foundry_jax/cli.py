@@ -8,6 +8,7 @@ environment shows the traceback instead. Anything else is a bug and keeps its tr
 from __future__ import annotations
 
 import atexit
+import functools
 import os
 import signal
 import sys
@@ -54,12 +55,23 @@ def _interrupted(signum: int, frame: object) -> None:
     # ``finally`` blocks run as SystemExit unwinds; then leave before interpreter teardown, which can crash while
     # XLA's compile threads are still running.
     atexit.register(os._exit, EXIT_INTERRUPTED)
-    # A callback that swallows exceptions (a gc callback, a library's bare ``except:``) may eat the SystemExit:
-    # then exit anyway a few seconds later (writes are atomic, so nothing is left half-written).
+    # The SystemExit may be swallowed where the signal lands: a gc callback or ``__del__`` reports it as
+    # "unraisable" (exit at once, without its traceback), a library's bare ``except:`` eats it silently (exit a
+    # few seconds later). Writes are atomic, so neither leaves anything half-written.
+    if getattr(sys.unraisablehook, "func", None) is not _exit_if_interrupt_swallowed:
+        sys.unraisablehook = functools.partial(_exit_if_interrupt_swallowed, sys.unraisablehook)
     timer = threading.Timer(INTERRUPT_GRACE_S, os._exit, [EXIT_INTERRUPTED])
     timer.daemon = True
     timer.start()
     raise SystemExit(EXIT_INTERRUPTED)
+
+
+def _exit_if_interrupt_swallowed(previous_hook: Callable[[Any], None], unraisable: Any) -> None:
+    if isinstance(unraisable.exc_value, SystemExit) and unraisable.exc_value.code == EXIT_INTERRUPTED:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(EXIT_INTERRUPTED)
+    previous_hook(unraisable)
 
 
 def guarded(main: Callable[[list[str]], Any]) -> Callable[[list[str]], Any]:
