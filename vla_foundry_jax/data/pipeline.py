@@ -232,7 +232,11 @@ class TrainIterator(BadSampleCounters, Iterator[dict[str, np.ndarray]]):
             raise StopIteration
         if self._it is None:
             self._start()
-        batch = self._budget.take(next(self._it))
+        try:
+            batch = self._budget.take(next(self._it))
+        except BaseException:  # over budget, a read error, Ctrl-C: stop the read-ahead threads now, not at GC
+            self.close()
+            raise
         self._next += 1
         if self._next == self.num_batches and (summary := self._budget.summary()):
             logging.warning("Data iterator finished: %s", summary)
@@ -506,11 +510,16 @@ class EvalIterator:
     def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
         budget = self._new_budget() if self._new_budget is not None else None
         self.bad_samples = 0
-        for batch in self._ds.to_iter_dataset(self._read_options):
-            if budget is not None:
-                batch = budget.take(batch)
-                self.bad_samples = budget.count
-            yield batch
+        batches = iter(self._ds.to_iter_dataset(self._read_options))
+        try:
+            for batch in batches:
+                if budget is not None:
+                    batch = budget.take(batch)
+                    self.bad_samples = budget.count
+                yield batch
+        finally:  # a pass stopped early (over budget, a break) stops its read-ahead threads now, not at GC
+            if hasattr(batches, "close"):
+                batches.close()
         if budget is not None and (summary := budget.summary()):
             logging.warning("Evaluation pass finished: %s", summary)
 
