@@ -380,6 +380,21 @@ def test_flow_sampling_matches_a_hand_euler_loop_and_keeps_past_actions(policy):
     assert np.all(np.isfinite(np.asarray(dp.sample_actions(policy, no_past, rng, num_inference_steps=4))))
 
 
+def test_the_bound_sampler_matches_sample_actions_and_checks_actions_alike(policy):
+    batch = make_batch()
+    rng = jax.random.PRNGKey(5)
+    sample = dp.action_sampler(policy, num_inference_steps=4)
+    want = np.asarray(dp.sample_actions(policy, batch, rng, num_inference_steps=4))
+    np.testing.assert_array_equal(np.asarray(sample(batch, rng)), want)
+    wrong_dim = {**batch, "actions": batch["actions"][..., :-1]}
+    no_actions = {k: v for k, v in batch.items() if k != "actions"}
+    for fn in (sample, lambda b, r: dp.sample_actions(policy, b, r, num_inference_steps=4)):
+        with pytest.raises(ValueError, match=rf"\[B, Ta, {A}\] \(action_dim\), got \({B}, {TA}, {A - 1}\)"):
+            fn(wrong_dim, rng)
+        with pytest.raises(ValueError, match=r"needs batch\['actions'\]"):
+            fn(no_actions, rng)
+
+
 @pytest.mark.parametrize("diffusers_kind", [False, True])
 def test_ddpm_sampling_runs_full_and_strided(diffusers_kind):
     model = build_model(

@@ -36,7 +36,7 @@ def offline_action_error(
     """The figures of the module docstring for the run at ``run_dir``."""
     import jax
 
-    from vla_foundry_jax.models.diffusion_policy import sample_actions
+    from vla_foundry_jax.models.diffusion_policy import action_sampler
 
     model, exp, used_ema = load_run_model(run_dir, use_ema=use_ema)
     if exp.model.type != "diffusion_policy" or exp.data.type != "robotics":
@@ -51,15 +51,14 @@ def offline_action_error(
         )
     transform = robotics_transform(exp.data, train=False)
     normalizer, first = transform.normalizer, transform.past  # row of the current step in the action window
+    sample = action_sampler(model, num_inference_steps=num_inference_steps)  # one compile for the fixed batch shape
     key = jax.random.PRNGKey(seed)
     dist, dist_first, abs_err, n_rows, n_first, n_samples = 0.0, 0.0, None, 0, 0, 0
     for i, batch in enumerate(build_eval_iterator(exp.data, manifests, global_batch_size=batch_size)):
         if max_batches is not None and i >= max_batches:
             break
         key, sub = jax.random.split(key)
-        pred = normalizer.denormalize_actions(
-            np.asarray(sample_actions(model, batch, sub, num_inference_steps=num_inference_steps))
-        )
+        pred = normalizer.denormalize_actions(np.asarray(sample(batch, sub)))
         true = normalizer.denormalize_actions(np.asarray(batch["actions"]))
         valid = np.asarray(batch["valid"], bool)
         mask = np.asarray(batch["future_mask"], bool) & valid[:, None]

@@ -485,17 +485,21 @@ def sample_actions(
     its past steps are kept where ``past_mask`` is True, the rest is ignored), optional ``past_mask [B, Ta]`` and
     ``proprioception``. Other keys (``future_mask``, ...) are ignored. One jit per (model graph, steps, shapes).
     """
+    _check_actions(model, batch)
+    inference_timesteps(model.scheduler, num_inference_steps)  # clear error before tracing
+    graphdef, state = nnx.split(model)  # the jit below is cached by graph (a static argument)
+    return _sample(graphdef, state, _sampler_inputs(model, batch), rng, num_inference_steps=num_inference_steps)
+
+
+def _check_actions(model: DiffusionPolicy, batch: dict[str, Any]) -> None:
     if "actions" not in batch:
         raise ValueError(
-            "sample_actions needs batch['actions'] [B, Ta, A]: it fixes Ta and carries the known past actions "
+            "sampling needs batch['actions'] [B, Ta, A]: it fixes Ta and carries the known past actions "
             "(zeros are fine where past_mask is False)."
         )
     acts = np.shape(batch["actions"])
     if len(acts) != 3 or acts[-1] != model.action_dim:
         raise ValueError(f"batch['actions'] must be [B, Ta, {model.action_dim}] (action_dim), got {acts}.")
-    inference_timesteps(model.scheduler, num_inference_steps)  # clear error before tracing
-    graphdef, state = nnx.split(model)  # the jit below is cached by graph (a static argument)
-    return _sample(graphdef, state, _sampler_inputs(model, batch), rng, num_inference_steps=num_inference_steps)
 
 
 def _sampler_inputs(model: DiffusionPolicy, batch: dict[str, Any]) -> dict[str, jax.Array]:
@@ -520,6 +524,7 @@ def action_sampler(
     run = jax.jit(functools.partial(_sample_body, graphdef, num_inference_steps=num_inference_steps))
 
     def sample(batch: dict[str, Any], rng: jax.Array) -> jax.Array:
+        _check_actions(model, batch)
         return run(state, _sampler_inputs(model, batch), rng)
 
     return sample
