@@ -15,7 +15,7 @@ REPO = ROOT.parent
 
 # Bottom -> top. A module may import from its own layer or a lower one (docs/architecture.md).
 LAYERS = [
-    ("registry", "errors", "params", "paths", "host_memory"),
+    ("registry", "errors", "params", "paths", "host_memory", "cpu_threads"),
     ("configs",),
     ("layers", "parallel"),
     ("checkpoint",),

@@ -90,6 +90,16 @@ def test_run_holds_its_data_and_loads_without_the_dataset(run_dir):
     assert summary["num_episodes"] == 2 and "plot" not in summary  # no validation data left to plot
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="thread affinity is Linux")
+def test_the_policy_pins_the_cpu_workers_one_per_core(policy):
+    from vla_foundry_jax.cpu_threads import xla_cpu_worker_threads
+
+    pinned = policy.pinned_cpu_threads
+    assert pinned and set(pinned) == set(xla_cpu_worker_threads())
+    assert all(os.sched_getaffinity(tid) == {core} for tid, core in pinned.items())
+    assert len(set(pinned.values())) == len(pinned)
+
+
 def test_policy_input_is_the_training_sample(policy):
     """The model input a session builds from robot observations equals the training transform of the same step
     written in the dataset's layout (previous position and command as the past row)."""

@@ -40,6 +40,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from vla_foundry_jax.cpu_threads import pin_xla_cpu_workers
 from vla_foundry_jax.data.augment import augment_images
 from vla_foundry_jax.data.qwen_processor import QwenVLProcessor
 from vla_foundry_jax.data.robotics import RoboticsTransform, robotics_transform
@@ -187,6 +188,7 @@ class Policy:
         num_flow_steps: int | None,
         seed: int = 0,
         batch_sizes: Sequence[int] = (1,),
+        pin_cpu_threads: bool = True,
     ) -> None:
         data = transform.data
         self.model = model
@@ -221,6 +223,8 @@ class Policy:
         self._sample = action_sampler(model, num_inference_steps=num_flow_steps)
         self._tokens: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         self.batch_sizes = tuple(sorted(set(int(b) for b in batch_sizes)))
+        # a call after an idle gap otherwise may run its two workers on one core (cpu_threads); CPU backend only
+        self.pinned_cpu_threads = pin_xla_cpu_workers() if pin_cpu_threads else {}
         for b in self.batch_sizes:  # compile every batch size now: no compile while serving
             jax.block_until_ready(self._sample(self._dummy_batch(b), self._keys([(0, 0)] * b)))
 
@@ -233,10 +237,13 @@ class Policy:
         use_ema: bool = True,
         seed: int = 0,
         batch_sizes: Sequence[int] = (1,),
+        pin_cpu_threads: bool = True,
     ) -> Policy:
         """The policy of ``run_dir`` (run, ``checkpoints/`` or a step directory); ``num_flow_steps`` None: the
         scheduler's own number of steps; ``batch_sizes``: the batch sizes compiled at load (a larger batch of
-        sessions is split, a smaller one padded to the next size)."""
+        sessions is split, a smaller one padded to the next size); ``pin_cpu_threads``: on the CPU backend, pin
+        XLA's worker threads one per core (:mod:`~vla_foundry_jax.cpu_threads`), which keeps a call after an idle
+        gap as fast as back-to-back calls."""
         model, exp, _ = load_run_model(run_dir, use_ema=use_ema)
         if exp.model.type != "diffusion_policy" or exp.data.type != "robotics":
             raise UsageError(
@@ -250,7 +257,16 @@ class Policy:
                 "not build such observations yet: evaluate it with launch.eval_policy_offline."
             )
         pre = run_preprocessing_config(run_dir_of(run_dir))
-        return cls(model, exp, transform, pre, num_flow_steps=num_flow_steps, seed=seed, batch_sizes=batch_sizes)
+        return cls(
+            model,
+            exp,
+            transform,
+            pre,
+            num_flow_steps=num_flow_steps,
+            seed=seed,
+            batch_sizes=batch_sizes,
+            pin_cpu_threads=pin_cpu_threads,
+        )
 
     # ------------------------------------------------------------------ metadata and checks
 

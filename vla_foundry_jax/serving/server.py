@@ -234,11 +234,19 @@ def serve_policy(
     max_batch: int = 16,
     batch_window_ms: float = 2.0,
     seed: int = 0,
+    pin_cpu_threads: bool = True,
 ) -> None:
-    """Load the run's policy (compiled for batch sizes 1, 2, 4, .. up to ``max_batch``) and serve it until SIGINT
-    or SIGTERM."""
+    """Load the run's policy (compiled for batch sizes 1, 2, 4, .. up to ``max_batch``; ``pin_cpu_threads``: see
+    :meth:`Policy.from_run`) and serve it until SIGINT or SIGTERM."""
     sizes = sorted({min(2**i, max_batch) for i in range(max(max_batch, 1).bit_length() + 1)})
-    policy = Policy.from_run(run_dir, num_flow_steps=num_flow_steps, use_ema=use_ema, seed=seed, batch_sizes=sizes)
+    policy = Policy.from_run(
+        run_dir,
+        num_flow_steps=num_flow_steps,
+        use_ema=use_ema,
+        seed=seed,
+        batch_sizes=sizes,
+        pin_cpu_threads=pin_cpu_threads,
+    )
     server = PolicyServer(policy, execution=Execution(execute_steps=execute_steps), batch_window_ms=batch_window_ms)
 
     def ready(bound: int) -> None:

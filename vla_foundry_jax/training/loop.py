@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from vla_foundry_jax import checkpoint as ckpt_lib
 from vla_foundry_jax import parallel, paths
+from vla_foundry_jax.cpu_threads import pin_xla_cpu_workers
 from vla_foundry_jax.data.pipeline import build_train_iterator
 from vla_foundry_jax.models import load_weights
 from vla_foundry_jax.models.build import submodels
@@ -191,6 +192,7 @@ def train(
     parallel.initialize_distributed(exp.distributed)
     exp = resolve_experiment(exp)
     mesh = parallel.make_mesh(exp.distributed)
+    pin_xla_cpu_workers()  # CPU backend: no slow steps after eval / checkpoint pauses (cpu_threads)
     budget = make_budget(exp, mesh)
     output_dir = default_output_dir(exp)
     paths.check_writable(output_dir, "experiment.output_dir")
