@@ -11,7 +11,9 @@ One table row per workload: ours and PyTorch median seconds per step (median ove
 and ``torch / ours`` (> 1: ours faster) as the min and median of the per-round ratios. Also printed: our compile
 time and our peak host RSS after the first step (before PyTorch is built). Threads are set equal on both sides:
 ``torch.set_num_threads(N)`` and XLA:CPU's intra-op pool (``--threads``, default: all cores). Both sides run under
-the host allocator setting that importing ``vla_foundry_jax`` applies on CPU (``host_memory``; process-wide).
+the host allocator setting that importing ``vla_foundry_jax`` applies on CPU (``host_memory``; process-wide). Our
+XLA:CPU worker threads are pinned one per core, as the training loop and the policy server pin them (``cpu_threads``);
+PyTorch's threads keep its defaults.
 
 The PyTorch side (benchmarks/torch_original.py) follows the original's numerics: its decoder / ViT / VLM / policy /
 UNet, float32, its loss and its AdamW (two groups, warmup + cosine). ``--json`` prints one JSON line per workload
@@ -350,12 +352,14 @@ def run_one(name: str, *, quick: bool, rounds: int, steps: int, threads: int) ->
     import torch
 
     import vla_foundry_jax  # noqa: F401  (the import sets the host allocator, process-wide: PyTorch runs under it too)
+    from vla_foundry_jax.cpu_threads import pin_xla_cpu_workers
 
     torch.set_num_threads(threads)
     with tempfile.TemporaryDirectory() as tmp:
         if name == "hf_llama_11m":
             _llama_config(tmp, quick)
         run_ours, info = ours(name, quick, tmp)
+        pin_xla_cpu_workers()  # as the training loop and the policy server do on the CPU backend
         run_ours()
         ours_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         run_torch = theirs(name, quick, tmp)

@@ -7,6 +7,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -34,3 +36,12 @@ def test_compare_rejects_an_unknown_workload():
 def test_mfu_cpu_small_prints_flops_and_throughput():
     (row,) = _run("benchmarks/mfu.py", "--cpu_small", "--models=transformer_1b", "--steps=1", "--precision=fp32")
     assert row["model"] == "transformer_1b" and row["tokens_per_s"] > 0 and row["model_tflops_per_step"] > 0
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="thread affinity is Linux")
+def test_idle_latency_quick_times_pinned_and_unpinned_for_each_gap():
+    rows = _run("benchmarks/idle_latency.py", "--quick", "--gaps_ms=0,30", "--rounds=2", "--calls=2")
+    assert [r["gap_ms"] for r in rows] == [0.0, 30.0]
+    for r in rows:
+        assert 0 < r["pinned_ms_median"] <= r["pinned_ms_p90"] and 0 < r["unpinned_ms_median"] <= r["unpinned_ms_p90"]
+        assert r["unpinned_over_pinned"] == round(r["unpinned_ms_median"] / r["pinned_ms_median"], 2)
