@@ -25,6 +25,11 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
+def _fail(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    sys.exit(2)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--gaps_ms", default="0,20,50,100", help="comma-separated idle gaps before each call")
@@ -32,6 +37,15 @@ def main() -> None:
     ap.add_argument("--calls", type=int, default=10, help="timed calls per round and setting")
     ap.add_argument("--quick", action="store_true", help="scaled-down policy (CI time)")
     args = ap.parse_args()
+    try:
+        gaps = [float(g) / 1e3 for g in args.gaps_ms.split(",")]
+    except ValueError:
+        gaps = []
+    if not gaps or min(gaps) < 0 or args.rounds < 1 or args.calls < 1:
+        _fail(
+            f"--gaps_ms={args.gaps_ms!r} --rounds={args.rounds} --calls={args.calls}: give comma-separated gaps >= 0 "
+            "in milliseconds (e.g. --gaps_ms=0,50,100) and --rounds / --calls >= 1"
+        )
 
     import compare
 
@@ -47,8 +61,8 @@ def main() -> None:
 
     settings = {"pinned": pin_xla_cpu_workers, "unpinned": unpin}
     if not pin_xla_cpu_workers():
-        sys.exit("error: nothing to pin here (not the CPU backend on Linux, or more XLA workers than cores)")
-    for gap in (float(g) / 1e3 for g in args.gaps_ms.split(",")):
+        _fail("nothing to pin here: this needs the CPU backend on Linux with no more XLA workers than allowed cores")
+    for gap in gaps:
         times: dict[str, list[float]] = {name: [] for name in settings}
         for r in range(args.rounds):
             for name in sorted(settings, reverse=r % 2 == 1):

@@ -45,3 +45,12 @@ def test_idle_latency_quick_times_pinned_and_unpinned_for_each_gap():
     for r in rows:
         assert 0 < r["pinned_ms_median"] <= r["pinned_ms_p90"] and 0 < r["unpinned_ms_median"] <= r["unpinned_ms_p90"]
         assert r["unpinned_over_pinned"] == round(r["unpinned_ms_median"] / r["pinned_ms_median"], 2)
+
+
+def test_idle_latency_rejects_bad_gaps_in_one_line():
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    for bad in ("--gaps_ms=abc", "--gaps_ms=-5", "--gaps_ms="):
+        cmd = [sys.executable, "benchmarks/idle_latency.py", bad]
+        done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 2 and done.stderr.startswith(f"error: --gaps_ms={bad.split('=')[1]!r}"), done.stderr
+        assert "Traceback" not in done.stderr
